@@ -1,0 +1,252 @@
+"""The phase engine: executes a resolved schedule on a model's parameters and one optimizer.
+
+It freezes and thaws, builds each phase's parameter groups, installs the optimizers and lr schedulers
+phases ask for, and replays transitions when a run resumes. It knows nothing about Lightning or about
+*when* to transition (see :mod:`phasetune.transitions`); the Lightning callback and the plain-loop
+:class:`~phasetune.loop.ScheduledFinetuning` both drive it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from phasetune import param_groups as pg
+from phasetune import specs, thaw
+from phasetune.schedule import Phase, Schedule
+
+
+@dataclass
+class Transition:
+    """What one call of :meth:`PhaseEngine.advance` did."""
+
+    depth: int
+    thawed: list[str]
+    lr: float
+    groups_added: int
+    optimizer: Optimizer
+    new_optimizer: bool = False
+    new_scheduler: Any = None
+    scheduler_cfg: dict[str, Any] = field(default_factory=dict)
+    already_in_optimizer: list[str] = field(default_factory=list)
+
+
+class PhaseEngine:
+    """Applies a :class:`~phasetune.schedule.Schedule` to ``params`` (logical name -> parameter).
+
+    Args:
+        schedule: the resolved schedule.
+        params: every parameter of the model by the name the schedule uses, in registration order.
+        base_lr: lr of phases >= 1 that set none; ``None`` means a tenth of the optimizer's first group lr.
+        max_depth: last phase to run (-1: all).
+        no_decay: parameter-name substrings whose parameters get ``weight_decay=0`` groups.
+        apply_lambdas_new_pgs: groups added to a LambdaLR/MultiplicativeLR follow its last lambda
+            (default: they keep their lr).
+    """
+
+    def __init__(
+        self,
+        schedule: Schedule,
+        params: Mapping[str, torch.Tensor],
+        *,
+        base_lr: float | None = 1e-5,
+        max_depth: int = -1,
+        no_decay: Sequence[str] | None = None,
+        apply_lambdas_new_pgs: bool = False,
+    ) -> None:
+        if max_depth < -1:
+            raise ValueError(f"max_depth must be -1 (all phases) or >= 0, got {max_depth}")
+        self.schedule = schedule
+        self.params = dict(params)
+        self.base_lr = base_lr
+        self.final_depth = len(schedule) - 1 if max_depth < 0 else min(max_depth, len(schedule) - 1)
+        self.no_decay = list(no_decay) if no_decay else None
+        self.apply_lambdas_new_pgs = apply_lambdas_new_pgs
+        self.layout: pg.GroupLayout | None = None
+        self.depth = 0
+
+    # ---------------------------------------------------------------- names and state
+    @property
+    def name_of(self) -> dict[int, str]:
+        return {id(p): n for n, p in self.params.items()}
+
+    @property
+    def phase(self) -> Phase:
+        return self.schedule[self.depth]
+
+    @property
+    def depth_remaining(self) -> int:
+        return self.final_depth - self.depth
+
+    @property
+    def is_final(self) -> bool:
+        return self.depth >= self.final_depth
+
+    def trainable(self) -> dict[str, torch.Tensor]:
+        """Parameters of phases 0..depth (the ones that can change now)."""
+        return {n: self.params[n] for n in self.schedule.params_through(self.depth)}
+
+    def lr_for(self, depth: int) -> float:
+        lr = self.schedule[depth].lr
+        if lr is not None:
+            return lr
+        if self.base_lr is None:
+            raise RuntimeError("base_lr=None is resolved from the optimizer; call prepare_optimizer first")
+        return self.base_lr
+
+    # ---------------------------------------------------------------- setup
+    def start(self) -> None:
+        """Freeze everything, then thaw phase 0."""
+        thaw.freeze(self.params)
+        thaw.thaw(self.params, self.schedule[0].params)
+        self.depth = 0
+
+    def prepare_optimizer(
+        self, optimizer: Optimizer, schedulers: Sequence[Any] = (), enforce: bool = True
+    ) -> pg.Phase0Report:
+        """Record how the user grouped parameters, then make the optimizer hold exactly phase 0's.
+
+        With ``enforce=False`` nothing changes; the report says what differs. With ``no_decay``, phase-0
+        parameters matching it move to extra groups with ``weight_decay=0``.
+        """
+        if self.base_lr is None:
+            self.base_lr = float(optimizer.param_groups[0]["lr"]) * 0.1
+        name_of = self.name_of
+        self.layout = pg.GroupLayout.capture(optimizer, name_of)
+        report = pg.restrict_to_phase0(optimizer, self.schedule[0].params, self.params, name_of, enforce)
+        if enforce and self.no_decay:
+            self._split_no_decay(optimizer, schedulers)
+        return report
+
+    def _split_no_decay(self, optimizer: Optimizer, schedulers: Sequence[Any]) -> None:
+        name_of = self.name_of
+        moved: list[dict[str, Any]] = []
+        for g in list(optimizer.param_groups):
+            nd = [p for p in g["params"] if pg.is_no_decay(name_of.get(id(p), ""), self.no_decay)]
+            if nd and len(nd) < len(g["params"]) and g.get("weight_decay", 0.0) != 0.0:
+                g["params"] = [p for p in g["params"] if all(p is not q for q in nd)]
+                extra = {k: v for k, v in g.items() if k not in ("params", "initial_lr")}
+                extra.update({"params": nd, "weight_decay": 0.0})
+                moved.append(extra)
+        pg.add_groups(optimizer, moved, schedulers, self.apply_lambdas_new_pgs)
+
+    def check_setup(self, optimizer: Optimizer, schedulers: Sequence[Any]) -> list[str]:
+        """Problems that would stop a transition later, found now (before training)."""
+        problems = []
+        for s in schedulers:
+            why = pg.check_scheduler_supported(s)
+            if why:
+                problems.append(f"lr scheduler {type(s).__name__}: {why}")
+        if isinstance(optimizer, torch.optim.LBFGS) and self.final_depth > 0:
+            problems.append(
+                "torch.optim.LBFGS supports one parameter group, but phases after 0 add groups; "
+                "use another optimizer or a one-phase schedule"
+            )
+        n_groups = len(optimizer.param_groups)
+        replaced_scheduler = False
+        for k in range(1, self.final_depth + 1):
+            phase = self.schedule[k]
+            if phase.new_lr_scheduler is not None:
+                replaced_scheduler = True
+                lrs_spec = phase.new_lr_scheduler
+                if lrs_spec.init_pg_lrs is not None and len(lrs_spec.init_pg_lrs) != n_groups:
+                    problems.append(
+                        f"phase {k}, key 'new_lr_scheduler', 'init_pg_lrs': {len(lrs_spec.init_pg_lrs)} values "
+                        f"given, but the optimizer will have {n_groups} param groups before phase {k}'s are added"
+                    )
+            if phase.new_optimizer is not None and schedulers and not replaced_scheduler and phase.new_lr_scheduler is None:
+                problems.append(
+                    f"phase {k}, key 'new_optimizer': the lr scheduler from configure_optimizers would keep "
+                    f"driving the old optimizer; add 'new_lr_scheduler' to phase {k} (or configure no scheduler)"
+                )
+            n_groups += len(self.groups_for(k, optimizer))
+        return problems
+
+    # ---------------------------------------------------------------- transitions
+    def groups_for(self, depth: int, optimizer: Optimizer | None = None) -> list[dict[str, Any]]:
+        """Param groups that phase ``depth`` adds (skipping parameters ``optimizer`` already holds)."""
+        names = list(self.schedule[depth].params)
+        if optimizer is not None:
+            held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            names = [n for n in names if id(self.params[n]) not in held]
+        if not names:
+            return []
+        return pg.phase_groups(depth, names, self.params, self.lr_for(depth), self.layout, self.no_decay)
+
+    def advance(self, optimizer: Optimizer, schedulers: Sequence[Any] = ()) -> Transition:
+        """Thaw the next phase and give it parameter groups (and a new optimizer/scheduler if it asks)."""
+        if self.is_final:
+            raise RuntimeError(f"already at the final phase {self.final_depth}")
+        k = self.depth + 1
+        phase = self.schedule[k]
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        already = [n for n in phase.params if id(self.params[n]) in held]
+        thawed = thaw.thaw(self.params, phase.params)
+        lr = self.lr_for(k)
+        groups = self.groups_for(k, optimizer)
+        existing = len(optimizer.param_groups)
+        t = Transition(depth=k, thawed=thawed, lr=lr, groups_added=len(groups), optimizer=optimizer,
+                       already_in_optimizer=already)
+        if phase.new_optimizer is not None:
+            t.optimizer = self._new_optimizer(phase.new_optimizer, optimizer, groups)
+            t.new_optimizer = True
+        elif phase.new_lr_scheduler is not None:
+            pg.add_groups(optimizer, groups, (), self.apply_lambdas_new_pgs)
+        else:
+            pg.add_groups(optimizer, groups, schedulers, self.apply_lambdas_new_pgs)
+        if phase.new_lr_scheduler is not None:
+            t.new_scheduler = self._new_scheduler(phase.new_lr_scheduler, t.optimizer, existing)
+            t.scheduler_cfg = dict(phase.new_lr_scheduler.pl_lrs_cfg)
+        self.depth = k
+        return t
+
+    def _new_optimizer(
+        self, spec: specs.ClassSpec, old: Optimizer, new_groups: list[dict[str, Any]]
+    ) -> Optimizer:
+        name_of = self.name_of
+        groups = []
+        for g in old.param_groups:
+            ng: dict[str, Any] = {"params": list(g["params"]), "lr": g["lr"], pg.PHASE_KEY: g.get(pg.PHASE_KEY, 0)}
+            names = [name_of.get(id(p), "") for p in g["params"]]
+            if self.no_decay and names and all(pg.is_no_decay(n, self.no_decay) for n in names):
+                ng["weight_decay"] = 0.0
+            groups.append(ng)
+        for g in new_groups:
+            ng = {"params": g["params"], "lr": g["lr"], pg.PHASE_KEY: g[pg.PHASE_KEY]}
+            if "weight_decay" in g and g["weight_decay"] == 0.0 and self.no_decay:
+                ng["weight_decay"] = 0.0
+            groups.append(ng)
+        return specs.build_optimizer(spec, groups)
+
+    def _new_scheduler(self, spec: specs.LRSchedulerSpec, optimizer: Optimizer, existing: int) -> Any:
+        if spec.init_pg_lrs is not None:
+            for g, lr in zip(optimizer.param_groups[:existing], spec.init_pg_lrs):
+                g["lr"] = lr
+                g["initial_lr"] = lr
+        elif spec.use_current_optimizer_pg_lrs:
+            for g in optimizer.param_groups:
+                g["initial_lr"] = g["lr"]
+        else:  # default: existing groups start the new schedule from the lr they were created with
+            for g in optimizer.param_groups:
+                if "initial_lr" in g:
+                    g["lr"] = g["initial_lr"]
+        return specs.build_lr_scheduler(spec.init, optimizer)
+
+    def replay(self, depth: int, optimizer: Optimizer, schedulers: Sequence[Any]) -> tuple[Optimizer, list[Any], dict[str, Any] | None]:
+        """Advance from the current depth to ``depth`` without training (used to resume a run).
+
+        Returns the optimizer, the lr schedulers and, when a phase replaced the scheduler, its
+        Lightning config fields.
+        """
+        scheds = list(schedulers)
+        cfg = None
+        while self.depth < depth:
+            t = self.advance(optimizer, scheds)
+            optimizer = t.optimizer
+            if t.new_scheduler is not None:
+                scheds, cfg = [t.new_scheduler], t.scheduler_cfg
+        return optimizer, scheds, cfg

@@ -1,0 +1,145 @@
+"""Implicit schedules: generate a reasonable schedule from a model's structure.
+
+Two styles:
+
+* ``"blocks"`` (the default) keeps modules whole: the head (everything registered after the last
+  repeated block) trains first, then one repeated block per phase from the top down (a transformer
+  layer, a ResNet stage, ...), then the stem (embeddings and anything registered before the first block).
+* ``"pairs"`` is the classic heuristic of the original scheduler: parameters in reverse registration
+  order, two per phase.
+
+Repeated blocks are modules whose class is listed in the model's ``_no_split_modules`` (Hugging Face
+models set it), else children of a ``ModuleList``/``Sequential`` that share a class and own parameters.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any, Literal
+
+from torch import nn
+
+Style = Literal["blocks", "pairs"]
+STYLES = ("blocks", "pairs")
+
+
+def generate_schedule(model: nn.Module, style: Style = "blocks", params_per_phase: int = 2) -> dict[int, dict[str, Any]]:
+    """Return a schedule dict (phase -> ``{"params": [...]}``) for ``model``; see the module docstring."""
+    names = [n for n, _ in model.named_parameters()]
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no parameters to schedule")
+    if style == "pairs":
+        if params_per_phase < 1:
+            raise ValueError(f"params_per_phase must be >= 1, got {params_per_phase}")
+        rev = names[::-1]
+        return {i: {"params": rev[j : j + params_per_phase]} for i, j in enumerate(range(0, len(rev), params_per_phase))}
+    if style != "blocks":
+        raise ValueError(f"unknown schedule style {style!r}; choose one of {', '.join(STYLES)}")
+
+    blocks = find_blocks(model)
+    units = _units(model, names, blocks)
+    units.reverse()  # top of the model first
+    phases: list[list[str]] = []
+    pending: list[str] = []  # a non-block run between blocks joins the block below it
+    for i, (kind, unit_names) in enumerate(units):
+        is_last = i == len(units) - 1
+        if kind == "run" and phases and not is_last:
+            pending.extend(unit_names)
+            continue
+        phases.append(pending + unit_names)
+        pending = []
+    if pending:
+        phases[-1].extend(pending)
+    return {i: {"params": _compress(model, p)} for i, p in enumerate(phases)}
+
+
+def find_blocks(model: nn.Module) -> list[str]:
+    """Names of the model's repeated blocks, outermost first, in registration order."""
+    no_split: set[str] = set()
+    for m in model.modules():
+        cls_names = getattr(m, "_no_split_modules", None)
+        if cls_names:
+            no_split.update(cls_names)
+    if no_split:
+        found = [n for n, m in model.named_modules() if n and type(m).__name__ in no_split]
+        outer = _outermost(found)
+        if len(outer) >= 2:
+            return outer
+    found = []
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        children = list(module.named_children())
+        repeated: set[str] = set()
+        if isinstance(module, (nn.ModuleList, nn.Sequential)):
+            by_cls: dict[type, list[str]] = {}
+            for name, child in children:
+                if any(True for _ in child.parameters()):
+                    by_cls.setdefault(type(child), []).append(name)
+            repeated = {n for names in by_cls.values() if len(names) >= 2 for n in names}
+        for name, child in children:
+            full = f"{prefix}{name}"
+            if name in repeated:
+                found.append(full)
+            else:
+                visit(f"{full}.", child)
+
+    visit("", model)
+    return found
+
+
+def _outermost(names: list[str]) -> list[str]:
+    out: list[str] = []
+    for n in names:
+        if not any(n.startswith(o + ".") for o in out):
+            out.append(n)
+    return out
+
+
+def _units(model: nn.Module, names: list[str], blocks: list[str]) -> list[tuple[str, list[str]]]:
+    """Split parameter names, in registration order, into block units and runs of non-block parameters."""
+    if not blocks:
+        # No repeated structure: keep top-level children whole, in registration order.
+        tops = [n for n, _ in model.named_children()]
+        blocks = [t for t in tops if any(nm.startswith(t + ".") for nm in names)]
+    units: list[tuple[str, list[str]]] = []
+    for name in names:
+        owner = next((b for b in blocks if name.startswith(b + ".")), None)
+        tag = f"block:{owner}" if owner is not None else "run"
+        if units and units[-1][0] == tag:
+            units[-1][1].append(name)
+        else:
+            units.append((tag, [name]))
+    return [("block" if tag.startswith("block:") else "run", members) for tag, members in units]
+
+
+def _compress(model: nn.Module, names: list[str]) -> list[str]:
+    """Replace the names of whole modules by one escaped pattern each (``a\\.b\\..*``), keep the rest exact."""
+    chosen = set(names)
+    module_params: dict[str, list[str]] = {}
+    for mod_name, module in model.named_modules():
+        if mod_name:
+            module_params[mod_name] = [f"{mod_name}.{p}" for p, _ in module.named_parameters()]
+    out: list[str] = []
+    covered: set[str] = set()
+    for name in names:
+        if name in covered:
+            continue
+        parts = name.split(".")
+        pattern = name
+        for depth in range(1, len(parts)):
+            prefix = ".".join(parts[:depth])
+            members = module_params.get(prefix)
+            if members and all(m in chosen for m in members):
+                pattern = re.escape(prefix) + r"\..*"
+                covered.update(members)
+                break
+        out.append(pattern)
+        covered.add(name)
+    return list(dict.fromkeys(out))
+
+
+def describe_schedule(schedule: dict[int, dict[str, Any]]) -> Iterable[str]:
+    """One line per phase: index and entries (used by the CLI and logs)."""
+    for idx, phase in schedule.items():
+        yield f"phase {idx}: {', '.join(phase['params'])}"

@@ -1,0 +1,132 @@
+"""Strategy adapters: what the callback needs to know about how a strategy holds the model.
+
+The default adapter serves single-device training; :class:`DDPStrategyAdapter` adds the one thing DDP
+needs: ``DistributedDataParallel`` only synchronises gradients of parameters that required grad when it
+was built, so after each thaw the model is wrapped again (``DDPStrategy.configure_ddp``) or the newly
+thawed parameters would silently train differently on each rank.
+
+Sharded strategies register their own adapters with :func:`register_adapter`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
+from lightning.pytorch.utilities.types import LRSchedulerConfig
+from torch.nn.parallel import DistributedDataParallel
+
+from phasetune.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+
+class StrategyAdapter:
+    """Default behaviour (single device). Subclass to support another strategy.
+
+    ``cfg`` comes from ``FinetuningScheduler(strategy_adapter_cfg=...)``; the default adapter takes none.
+    """
+
+    #: keys this adapter accepts in ``strategy_adapter_cfg``
+    config_keys: tuple[str, ...] = ()
+
+    def __init__(self, **cfg: Any) -> None:
+        unknown = sorted(set(cfg) - set(self.config_keys))
+        if unknown:
+            allowed = ", ".join(self.config_keys) or "none"
+            raise ConfigurationError(
+                f"strategy_adapter_cfg has keys {unknown} that {type(self).__name__} does not take "
+                f"(it accepts: {allowed})"
+            )
+        self.cfg = cfg
+        self.trainer: pl.Trainer | None = None
+
+    def connect(self, trainer: pl.Trainer) -> None:
+        self.trainer = trainer
+
+    # -- names ------------------------------------------------------------------------------------
+    def named_parameters(self, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
+        """Every parameter by its logical (schedule) name, in registration order."""
+        return dict(pl_module.named_parameters())
+
+    def named_buffers(self, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
+        return dict(pl_module.named_buffers())
+
+    def structure_module(self, pl_module: pl.LightningModule) -> torch.nn.Module:
+        """The module whose structure implicit schedules are generated from (logical names)."""
+        return pl_module
+
+    # -- lifecycle hooks ----------------------------------------------------------------------------
+    def defer_init(self, pl_module: pl.LightningModule) -> bool:
+        """Resolve the schedule at ``on_fit_start`` instead of ``setup`` (parameters made later)."""
+        return not any(True for _ in pl_module.parameters())
+
+    def after_thaw(self, trainer: pl.Trainer) -> None:
+        """Called after parameters were thawed (a transition or a resume)."""
+
+    def check(self, fts: Any, trainer: pl.Trainer) -> list[str]:
+        """Strategy-specific problems found before training (the callback raises them together)."""
+        return []
+
+    # -- optimizer and scheduler installation ---------------------------------------------------------
+    def install_optimizer(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
+        trainer.strategy.optimizers = [optimizer]
+
+    def install_scheduler(self, trainer: pl.Trainer, scheduler: Any, cfg: Mapping[str, Any]) -> None:
+        plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        fields = {"interval": "epoch", "frequency": 1, **cfg}
+        fields.setdefault("reduce_on_plateau", plateau)
+        if plateau and not fields.get("monitor"):
+            raise ConfigurationError(
+                "a ReduceLROnPlateau installed by new_lr_scheduler needs pl_lrs_cfg.monitor (e.g. monitor: val_loss)"
+            )
+        trainer.strategy.lr_scheduler_configs = [LRSchedulerConfig(scheduler=scheduler, **fields)]
+
+    # -- snapshots --------------------------------------------------------------------------------------
+    snapshot_copy: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+
+
+class DDPStrategyAdapter(StrategyAdapter):
+    """Re-wraps the model in DDP after each thaw so newly trainable parameters are synchronised."""
+
+    def after_thaw(self, trainer: pl.Trainer) -> None:
+        strategy = trainer.strategy
+        if isinstance(strategy.model, DistributedDataParallel):
+            assert isinstance(strategy, DDPStrategy)
+            strategy.model = strategy.lightning_module
+            strategy.configure_ddp()
+
+
+_REGISTRY: list[tuple[Callable[[Strategy], bool], type[StrategyAdapter]]] = []
+
+
+def register_adapter(matches: Callable[[Strategy], bool], adapter: type[StrategyAdapter]) -> None:
+    """Use ``adapter`` for strategies ``matches`` accepts (checked before the built-in ones)."""
+    _REGISTRY.insert(0, (matches, adapter))
+
+
+def _is_plain_ddp(strategy: Strategy) -> bool:
+    # DeepSpeed subclasses DDPStrategy but manages parameters and optimizers itself.
+    return isinstance(strategy, DDPStrategy) and type(strategy).__name__ != "DeepSpeedStrategy"
+
+
+register_adapter(_is_plain_ddp, DDPStrategyAdapter)
+register_adapter(lambda s: isinstance(s, SingleDeviceStrategy), StrategyAdapter)
+
+
+def select_adapter(strategy: Strategy, cfg: Mapping[str, Any] | None = None) -> StrategyAdapter:
+    """The adapter for ``strategy``, built with ``cfg``; refuses strategies phasetune does not support."""
+    for matches, adapter in _REGISTRY:
+        if matches(strategy):
+            return adapter(**dict(cfg or {}))
+    supported = "single-device and DDP strategies (ddp, ddp_spawn, ddp_notebook)"
+    extra = [a.__name__ for _, a in _REGISTRY if a not in (StrategyAdapter, DDPStrategyAdapter)]
+    if extra:
+        supported += " and those with adapters: " + ", ".join(sorted(set(extra)))
+    raise ConfigurationError(
+        f"FinetuningScheduler does not support the {type(strategy).__name__} strategy yet; it supports "
+        f"{supported}. Use one of those, or write and register a StrategyAdapter for it."
+    )

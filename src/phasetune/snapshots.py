@@ -1,0 +1,167 @@
+"""Best-state snapshots of what can change during a phase.
+
+Frozen parameters never change, so restoring the best state of a phase only needs the trainable
+parameters, their optimizer state, the optimizer's group hyperparameters, the lr schedulers' state and
+the module buffers (BatchNorm statistics move even when frozen). A snapshot holds exactly that, keyed by
+parameter name, so its size follows the trainable part of the model, not the model.
+"""
+
+from __future__ import annotations
+
+import copy as _copy_mod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+SNAPSHOT_FORMAT = 1
+
+
+def _copy(t: torch.Tensor, device: str | torch.device | None) -> torch.Tensor:
+    t = t.detach()
+    return t.to(device, copy=True) if device is not None else t.clone()
+
+
+def _nbytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        local = obj.to_local() if hasattr(obj, "to_local") else obj
+        return local.numel() * local.element_size()
+    if isinstance(obj, Mapping):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+@dataclass
+class Snapshot:
+    """The restorable state of one moment of a phase (see the module docstring)."""
+
+    depth: int
+    epoch: int
+    step: int
+    value: float
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+    optimizer_state: dict[str, dict[str, Any]] = field(default_factory=dict)
+    optimizer_devices: dict[str, dict[str, str]] = field(default_factory=dict)
+    group_hparams: list[dict[str, Any]] = field(default_factory=list)
+    schedulers: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor data held (what a write of this snapshot costs, roughly)."""
+        return _nbytes(self.params) + _nbytes(self.buffers) + _nbytes(self.optimizer_state)
+
+    def to_state(self) -> dict[str, Any]:
+        """Plain containers of tensors and numbers (loadable with ``torch.load(weights_only=True)``)."""
+        return {
+            "format": SNAPSHOT_FORMAT,
+            "depth": self.depth,
+            "epoch": self.epoch,
+            "step": self.step,
+            "value": self.value,
+            "params": self.params,
+            "buffers": self.buffers,
+            "optimizer_state": self.optimizer_state,
+            "optimizer_devices": self.optimizer_devices,
+            "group_hparams": self.group_hparams,
+            "schedulers": self.schedulers,
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> Snapshot:
+        if state.get("format") != SNAPSHOT_FORMAT:
+            raise ValueError(f"unsupported snapshot format {state.get('format')!r} (expected {SNAPSHOT_FORMAT})")
+        return cls(**{k: v for k, v in state.items() if k != "format"})
+
+
+def take_snapshot(
+    *,
+    depth: int,
+    epoch: int,
+    step: int,
+    value: float,
+    params: Mapping[str, torch.Tensor],
+    buffers: Mapping[str, torch.Tensor],
+    optimizer: Optimizer | None,
+    schedulers: Sequence[Any] = (),
+    device: str | torch.device | None = "cpu",
+) -> Snapshot:
+    """Copy the trainable ``params`` (name -> tensor), ``buffers`` and optimizer/scheduler state.
+
+    ``device=None`` keeps copies where the tensors live (fastest, costs accelerator memory); the default
+    ``"cpu"`` keeps accelerator memory free.
+    """
+    snap = Snapshot(depth=depth, epoch=epoch, step=step, value=float(value))
+    with torch.no_grad():
+        snap.params = {n: _copy(p, device) for n, p in params.items()}
+        snap.buffers = {n: _copy(b, device) for n, b in buffers.items()}
+        if optimizer is not None:
+            by_id = {id(p): n for n, p in params.items()}
+            for p, st in optimizer.state.items():
+                name = by_id.get(id(p))
+                if name is None:
+                    continue
+                snap.optimizer_state[name] = {
+                    k: _copy(v, device) if isinstance(v, torch.Tensor) else v for k, v in st.items()
+                }
+                snap.optimizer_devices[name] = {
+                    k: str(v.device) for k, v in st.items() if isinstance(v, torch.Tensor)
+                }
+            snap.group_hparams = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        snap.schedulers = [_copy_mod.deepcopy(s.state_dict()) for s in schedulers]
+    return snap
+
+
+def restore_snapshot(
+    snap: Snapshot,
+    *,
+    params: Mapping[str, torch.Tensor],
+    buffers: Mapping[str, torch.Tensor],
+    optimizer: Optimizer | None,
+    schedulers: Sequence[Any] = (),
+    copy_into: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+) -> list[str]:
+    """Write ``snap`` back into the live tensors; returns a list of problems (empty when exact).
+
+    ``params`` must be the parameters trainable now; a snapshot from the same phase has the same names.
+    """
+    problems = []
+    if set(snap.params) != set(params):
+        missing = sorted(set(params) - set(snap.params))
+        extra = sorted(set(snap.params) - set(params))
+        problems.append(f"trainable parameters differ from the snapshot's (missing {missing[:3]}, extra {extra[:3]})")
+        return problems
+    copy = copy_into or (lambda dst, src: dst.copy_(src))
+    with torch.no_grad():
+        for n, p in params.items():
+            copy(p.data, snap.params[n])
+        for n, b in buffers.items():
+            if n in snap.buffers:
+                copy(b, snap.buffers[n])
+        if optimizer is not None:
+            if len(snap.group_hparams) != len(optimizer.param_groups):
+                problems.append(
+                    f"optimizer has {len(optimizer.param_groups)} param groups, snapshot has {len(snap.group_hparams)}"
+                )
+            else:
+                for g, hp in zip(optimizer.param_groups, snap.group_hparams):
+                    g.update(hp)
+            for n, p in params.items():
+                saved = snap.optimizer_state.get(n)
+                if saved is None:
+                    optimizer.state.pop(p, None)
+                    continue
+                devices = snap.optimizer_devices.get(n, {})
+                optimizer.state[p] = {
+                    k: v.to(devices.get(k, v.device), copy=True) if isinstance(v, torch.Tensor) else v
+                    for k, v in saved.items()
+                }
+    for s, st in zip(schedulers, snap.schedulers):
+        s.load_state_dict(_copy_mod.deepcopy(st))
+    if len(snap.schedulers) != len(schedulers):
+        problems.append(f"{len(schedulers)} lr schedulers now, {len(snap.schedulers)} in the snapshot")
+    return problems

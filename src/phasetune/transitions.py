@@ -1,0 +1,83 @@
+"""When a phase ends: pure decision logic shared by the Lightning callback and the plain-loop engine."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+EPOCH = "max_transition_epoch reached"
+EARLY_STOPPING = "early stopping"
+
+
+def phase_end_reason(
+    *,
+    next_epoch: int,
+    phase_start_epoch: int,
+    max_transition_epoch: int,
+    early_stopping_done: bool,
+    epoch_transitions_only: bool = False,
+) -> str | None:
+    """Why the current phase should end before ``next_epoch`` starts, or None to keep training it.
+
+    Every phase trains at least one epoch. ``max_transition_epoch`` is absolute: the phase ends once the
+    next epoch would be at or past it. Early stopping counts unless ``epoch_transitions_only``.
+    """
+    if next_epoch <= phase_start_epoch:
+        return None
+    if max_transition_epoch >= 0 and next_epoch >= max_transition_epoch:
+        return EPOCH
+    if early_stopping_done and not epoch_transitions_only:
+        return EARLY_STOPPING
+    return None
+
+
+@dataclass
+class PatienceTracker:
+    """Phase-aware early stopping for plain loops: the phase is done after ``patience`` checks without
+    an improvement of at least ``min_delta`` (the same rule as Lightning's ``EarlyStopping``)."""
+
+    mode: Literal["min", "max"] = "min"
+    patience: int = 3
+    min_delta: float = 0.0
+    best: float = math.nan
+    wait: int = 0
+    done: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {self.mode!r}")
+        if self.patience < 1:
+            raise ValueError(f"patience must be >= 1, got {self.patience}")
+
+    def improved(self, value: float) -> bool:
+        if math.isnan(self.best):
+            return True
+        delta = abs(self.min_delta)
+        return value < self.best - delta if self.mode == "min" else value > self.best + delta
+
+    def update(self, value: float) -> bool:
+        """Record a monitored value; return True when it improved on the best so far."""
+        value = float(value)
+        if not math.isfinite(value):
+            self.wait += 1
+            self.done = self.done or self.wait >= self.patience
+            return False
+        if self.improved(value):
+            self.best, self.wait = value, 0
+            return True
+        self.wait += 1
+        if self.wait >= self.patience:
+            self.done = True
+        return False
+
+    def reset(self) -> None:
+        self.best, self.wait, self.done = math.nan, 0, False
+
+    def state_dict(self) -> dict[str, float | int | bool | str]:
+        return {"mode": self.mode, "patience": self.patience, "min_delta": self.min_delta,
+                "best": self.best, "wait": self.wait, "done": self.done}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k in ("best", "wait", "done"):
+            setattr(self, k, state[k])

@@ -1,0 +1,153 @@
+"""Small models and data shared by the tests (and the multi-process scripts they launch)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+D_IN, D_MODEL, N_CLASSES = 8, 16, 2
+
+
+class Block(nn.Module):
+    def __init__(self, d: int = D_MODEL, batchnorm: bool = False) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(d) if batchnorm else nn.LayerNorm(d)
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.tanh(self.lin(self.norm(x)))
+
+
+class Net(nn.Module):
+    """embed -> 4 blocks -> head: a transformer-shaped toy (20 parameter tensors)."""
+
+    def __init__(self, n_layers: int = 4, batchnorm: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Linear(D_IN, D_MODEL)
+        self.layers = nn.ModuleList(Block(batchnorm=batchnorm) for _ in range(n_layers))
+        self.head = nn.Linear(D_MODEL, N_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(h)
+
+
+SCHEDULE_3 = {
+    0: {"params": ["model.head.*"]},
+    1: {"params": [r"model\.layers\.3\..*", r"model\.layers\.2\..*"], "lr": 0.05},
+    2: {"params": [r"model\.layers\.[01]\..*", "model.embed.*"], "lr": 0.02},
+}
+
+
+def dataset(n: int = 64, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, D_IN, generator=g)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
+    return TensorDataset(x, y)
+
+
+class ToyModule(pl.LightningModule):
+    """A LightningModule over :class:`Net`.
+
+    ``val_losses`` scripts the logged ``val_loss`` per epoch (index = epoch; the last value repeats), so
+    early-stopping-driven transitions happen at known epochs regardless of training.
+    """
+
+    def __init__(
+        self,
+        val_losses: Sequence[float] | None = None,
+        lr: float = 0.1,
+        optimizer: str = "sgd",
+        scheduler: str | None = None,
+        batchnorm: bool = False,
+        n_layers: int = 4,
+        all_params_in_optimizer: bool = False,
+        batch_size: int = 16,
+    ) -> None:
+        super().__init__()
+        self.model = Net(n_layers=n_layers, batchnorm=batchnorm)
+        self.val_losses = list(val_losses) if val_losses is not None else None
+        self.lr = lr
+        self.optimizer_name = optimizer
+        self.scheduler_name = scheduler
+        self.all_params_in_optimizer = all_params_in_optimizer
+        self.batch_size = batch_size
+        self.seen_val_epochs: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        real = nn.functional.cross_entropy(self(x), y)
+        if self.val_losses is not None:
+            i = min(self.current_epoch, len(self.val_losses) - 1)
+            loss = torch.tensor(float(self.val_losses[i]))
+        else:
+            loss = real
+        self.log("val_loss", loss, on_epoch=True, prog_bar=True, sync_dist=True)
+        self.log("val_real_loss", real, on_epoch=True, sync_dist=True)
+
+    def configure_optimizers(self) -> Any:
+        params = self.parameters() if self.all_params_in_optimizer else [p for p in self.parameters() if p.requires_grad]
+        if self.optimizer_name == "adam":
+            opt = torch.optim.Adam(params, lr=self.lr)
+        else:
+            opt = torch.optim.SGD(params, lr=self.lr, momentum=0.9)
+        if self.scheduler_name is None:
+            return opt
+        if self.scheduler_name == "step":
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9)
+        elif self.scheduler_name == "lambda":
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.95**e)
+        elif self.scheduler_name == "plateau":
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val_loss"}}
+        else:
+            raise ValueError(self.scheduler_name)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(dataset(64, 0), batch_size=self.batch_size, shuffle=False)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(dataset(32, 1), batch_size=32)
+
+
+def trainer(tmp_path: Any, callbacks: list, **kwargs: Any) -> pl.Trainer:
+    """A quiet CPU trainer for tests."""
+    defaults: dict[str, Any] = dict(
+        default_root_dir=str(tmp_path),
+        accelerator="cpu",
+        devices=1,
+        max_epochs=6,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        num_sanity_val_steps=0,
+        deterministic=True,
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(callbacks=callbacks, **defaults)
+
+
+def snapshot_params(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def set_threads() -> None:
+    torch.set_num_threads(int(os.environ.get("PHASETUNE_TEST_THREADS", "1")))
