@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from helpers import ToyModule, trainer
 from phasetune import ConfigurationError, FinetuningScheduler, FTSCheckpoint, FTSEarlyStopping
@@ -152,3 +153,26 @@ def test_disk_snapshots_resume_exactly_and_say_when_they_were_lost(tmp_path, ref
         module, _, t = run(tmp_path / "r2", ckpt_path=ref_root / "ckpts" / "epoch=3.ckpt", storage="disk", quiet=False)
     lost = final_state(module, t)
     assert any(not torch.equal(lost[0][n], expected[0][n]) for n in expected[0])
+
+
+class LateRestoreStrategy(SingleDeviceStrategy):
+    """Restores checkpoints after on_fit_start, as Lightning's FSDP and ModelParallel strategies do."""
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True
+
+
+def test_resume_is_exact_when_the_strategy_restores_after_fit_start(tmp_path, reference):
+    root, expected, _ = reference
+    pl.seed_everything(7)
+    module = ToyModule(val_losses=LOSSES, optimizer="adam", lr=0.01, scheduler="step")
+    fts = FinetuningScheduler(ft_schedule=SCHEDULE)
+    t = trainer(tmp_path, [fts, FTSEarlyStopping(monitor="val_loss", patience=2),
+                           FTSCheckpoint(monitor="val_loss", dirpath=str(tmp_path / "ck"))],
+                max_epochs=30, enable_checkpointing=True, strategy=LateRestoreStrategy(device=torch.device("cpu")))
+    assert t.strategy.restore_checkpoint_after_setup
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t.fit(module, ckpt_path=root / "ckpts" / "epoch=7.ckpt")  # phase 2: AdamW and ExponentialLR
+    assert_same(final_state(module, t), expected)

@@ -168,6 +168,7 @@ class FinetuningScheduler(Callback):
         self._phase_clock: float | None = None
         self._log_dir: str | None = None
         self._validated_this_epoch = False
+        self._fit_started = False
 
     # ------------------------------------------------------------------ public read-only state
     @property
@@ -207,6 +208,7 @@ class FinetuningScheduler(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._fit_started = False
         self.adapter = select_adapter(trainer.strategy, self.strategy_adapter_cfg)
         self.adapter.connect(trainer)
         self._log_dir = self._resolve_log_dir(trainer)
@@ -405,6 +407,13 @@ class FinetuningScheduler(Callback):
                 f"phasetune reads format {STATE_FORMAT}"
             )
         self._restored_state = dict(state_dict)
+        trainer = self.adapter.trainer if self.adapter is not None else None
+        if self._fit_started and trainer is not None:
+            # Strategies with restore_checkpoint_after_setup (FSDP, ModelParallel) restore callbacks after
+            # on_fit_start. Rebuild the saved phase's thawed set and groups now, before Lightning loads the
+            # optimizer state; plain Lightning would silently drop them.
+            optimizer, schedulers = self._optimizer_and_schedulers(trainer)
+            self._resume(trainer, trainer.lightning_module, optimizer, schedulers)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.adapter is not None
@@ -422,6 +431,7 @@ class FinetuningScheduler(Callback):
         else:
             self.history = [self._new_record(trainer, 0)]
         self._phase_clock = time.perf_counter()
+        self._fit_started = True
 
     def _optimizer_and_schedulers(self, trainer: pl.Trainer) -> tuple[torch.optim.Optimizer, list[Any]]:
         optimizers = trainer.optimizers
