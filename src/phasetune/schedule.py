@@ -305,19 +305,23 @@ def _parse_phases(raw: Any, names: list[str], epoch_only: bool) -> tuple[list[Ph
                 continue
             loose = [n for n in hits if _dot_hint(entry, n)]
             if loose:
-                notes.append(f"{where}, key 'params': {entry!r} matches {_few(loose)} too{_dot_hint(entry, loose[0])}")
+                notes.append(f"{where}, key 'params': {_q(entry)} matches {_few(loose)} too{_dot_hint(entry, loose[0])}")
+            clashes: dict[tuple[int, str], list[str]] = {}
             for n in hits:
                 if n in owner and owner[n] != idx:
-                    problems.append(
-                        f"{where}, key 'params': parameter {n!r} (matched by {entry!r}) is already in phase "
-                        f"{owner[n]} (matched by {owner_entry[n]!r}); a parameter may belong to one phase only"
-                        + _dot_hint(entry, n)
-                        + _dot_hint(owner_entry[n], n)
-                    )
+                    clashes.setdefault((owner[n], owner_entry[n]), []).append(n)
                 elif n not in owner:
                     owner[n] = idx
                     owner_entry[n] = entry
                 matched_here.add(n)
+            for (other, other_entry), clashing in clashes.items():
+                count = f"{len(clashing)} parameters" if len(clashing) > 1 else "parameter"
+                problems.append(
+                    f"{where}, key 'params': {count} {_few(clashing)} (matched by {_q(entry)}) already in phase "
+                    f"{other} (matched by {_q(other_entry)}); a parameter may belong to one phase only"
+                    + _dot_hint(entry, clashing[0])
+                    + _dot_hint(other_entry, clashing[0])
+                )
         resolved = [n for n in names if n in matched_here and owner.get(n) == idx]
 
         # lr
@@ -399,7 +403,7 @@ def _match_entry(entry: str, names: list[str], name_set: set[str]) -> tuple[list
     try:
         pattern = re.compile(entry)
     except re.error as e:
-        return [], f"{entry!r} is neither a parameter name nor a valid regex ({e})"
+        return [], f"{_q(entry)} is neither a parameter name nor a valid regex ({e})"
     hits = [n for n in names if pattern.fullmatch(n)]
     if hits:
         return hits, None
@@ -407,12 +411,17 @@ def _match_entry(entry: str, names: list[str], name_set: set[str]) -> tuple[list
     if prefixed:
         suggestion = entry + ("*" if entry.endswith(".") else ".*")
         return [], (
-            f"{entry!r} matches no parameter name as a whole, but starts {len(prefixed)} "
-            f"(e.g. {prefixed[0]!r}); to match them write {suggestion!r}"
+            f"{_q(entry)} matches no parameter name as a whole, but starts {len(prefixed)} "
+            f"(e.g. {prefixed[0]!r}); to match them write {_q(suggestion)}"
         )
     close = difflib.get_close_matches(entry, names, n=1, cutoff=0.75)
     tip = f"; did you mean {close[0]!r}?" if close else "; check the names with `phasetune schedule show` or model.named_parameters()"
-    return [], f"{entry!r} matches no parameter{tip}"
+    return [], f"{_q(entry)} matches no parameter{tip}"
+
+
+def _q(text: str) -> str:
+    """Quote a schedule entry as the user wrote it (``repr`` would double regex backslashes)."""
+    return f"'{text}'"
 
 
 def _dot_hint(entry: str, name: str) -> str:
@@ -420,7 +429,7 @@ def _dot_hint(entry: str, name: str) -> str:
     literal = re.sub(r"\.\*$", "", entry)
     if re.fullmatch(r"[\w.]+", literal) and "." in literal and not name.startswith(literal + "."):
         escaped = re.escape(literal) + r"\..*"
-        return f" (note: '.' in a regex matches any character, so {entry!r} also matches {name!r}; write '{escaped}')"
+        return f" (note: '.' in a regex matches any character, so {_q(entry)} also matches {name!r}; write {_q(escaped)})"
     return ""
 
 
