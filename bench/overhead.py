@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 import warnings
 
@@ -102,6 +103,7 @@ def run(kind: str, width: int, epochs: int, loader: DataLoader) -> tuple[float, 
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_epochs=epochs, callbacks=[timer, finetune], logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        default_root_dir=tempfile.mkdtemp(prefix="phasetune-bench-"),
     )
     start = time.perf_counter()
     trainer.fit(module, loader)
