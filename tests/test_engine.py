@@ -201,3 +201,17 @@ def test_snapshot_restores_trainable_params_optimizer_and_scheduler_state_exactl
     assert sched.last_epoch == 1
     frozen_bytes = sum(p.numel() * 4 for n, p in params.items() if n not in engine.trainable())
     assert snap.nbytes < sum(p.numel() * 4 for p in params.values()) * 3 - frozen_bytes
+
+
+def test_import_phasetune_stays_light():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, phasetune; "
+        "heavy = [m for m in ('lightning', 'torch.distributed.checkpoint', 'transformers') if m in sys.modules]; "
+        "assert not heavy, heavy; "
+        "assert set(phasetune.__all__) <= set(dir(phasetune)); "
+        "from phasetune import FSDP2Strategy, ScheduledFinetuning"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

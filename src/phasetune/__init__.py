@@ -1,8 +1,9 @@
 """phasetune: multi-phase scheduled fine-tuning (gradual unfreezing) for PyTorch and Lightning.
 
 The core (schedules, the phase engine, transitions, snapshots) needs only torch. The Lightning names
-(``FinetuningScheduler``, ``FTSEarlyStopping``, ``FTSCheckpoint``) are imported on first use, so
-``import phasetune`` stays light for plain-PyTorch users.
+(``FinetuningScheduler``, ``FTSEarlyStopping``, ``FTSCheckpoint``, ...) and the distributed ones
+(``FSDP2Strategy``, ``ScheduledFinetuning``) are imported on first use, so ``import phasetune`` stays
+light and never imports Lightning or ``torch.distributed.checkpoint`` by itself.
 """
 
 from __future__ import annotations
@@ -18,45 +19,67 @@ from phasetune.transitions import PatienceTracker, phase_end_reason
 
 __version__ = "0.1.0.dev0"
 
-_LIGHTNING = {
+_LAZY = {
+    "ScheduledFinetuning": "phasetune.loop",
+    "FSDP2Strategy": "phasetune.strategy",
     "FinetuningScheduler": "phasetune.lightning.callback",
     "PhaseRecord": "phasetune.lightning.callback",
     "FTSEarlyStopping": "phasetune.lightning.early_stopping",
     "FTSCheckpoint": "phasetune.lightning.checkpoint",
     "StrategyAdapter": "phasetune.lightning.adapters",
     "DDPStrategyAdapter": "phasetune.lightning.adapters",
+    "ModelParallelStrategyAdapter": "phasetune.lightning.fsdp2",
+    "FSDPStrategyAdapter": "phasetune.lightning.fsdp",
+    "export_full_model": "phasetune.lightning.fsdp2",
+    "PhasetuneCLI": "phasetune.lightning.cli",
+    "ValidationHistory": "phasetune.lightning.summary",
+    "plot_phases": "phasetune.lightning.summary",
+    "summary_table": "phasetune.lightning.summary",
 }
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LIGHTNING:
+    if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LIGHTNING[name]), name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'phasetune' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
 
 
 __all__ = [
     "ConfigurationError",
     "DDPStrategyAdapter",
+    "FSDP2Strategy",
+    "FSDPStrategyAdapter",
     "FTSCheckpoint",
     "FTSEarlyStopping",
     "FinetuningScheduler",
+    "ModelParallelStrategyAdapter",
     "PatienceTracker",
     "Phase",
     "PhaseEngine",
     "PhaseRecord",
+    "PhasetuneCLI",
     "PhasetuneError",
     "Schedule",
     "ScheduleError",
     "ScheduleGenerated",
+    "ScheduledFinetuning",
     "Snapshot",
     "StrategyAdapter",
     "Transition",
+    "ValidationHistory",
     "__version__",
+    "export_full_model",
     "generate_schedule",
     "phase_end_reason",
+    "plot_phases",
     "resolve_schedule",
     "restore_snapshot",
+    "summary_table",
     "take_snapshot",
 ]

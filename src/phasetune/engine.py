@@ -8,7 +8,7 @@ phases ask for, and replays transitions when a run resumes. It knows nothing abo
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +40,8 @@ class PhaseEngine:
 
     Args:
         schedule: the resolved schedule.
-        params: every parameter of the model by the name the schedule uses, in registration order.
+        params: every parameter of the model by the name the schedule uses, in registration order; several
+            names may map to one tensor (an FSDP1 FlatParameter), which is then thawed and grouped once.
         base_lr: lr of phases >= 1 that set none; ``None`` means a tenth of the optimizer's first group lr.
         max_depth: last phase to run (-1: all).
         no_decay: parameter-name substrings whose parameters get ``weight_decay=0`` groups.
@@ -62,17 +63,28 @@ class PhaseEngine:
             raise ValueError(f"max_depth must be -1 (all phases) or >= 0, got {max_depth}")
         self.schedule = schedule
         self.params = dict(params)
+        # Several names may share one tensor (FSDP1 flattens a unit's parameters into one FlatParameter): the
+        # engine freezes, groups and snapshots each tensor once, under the first name that maps to it.
+        first: dict[int, str] = {}
+        self._canonical = {n: first.setdefault(id(p), n) for n, p in self.params.items()}
         self.base_lr = base_lr
         self.final_depth = len(schedule) - 1 if max_depth < 0 else min(max_depth, len(schedule) - 1)
         self.no_decay = list(no_decay) if no_decay else None
         self.apply_lambdas_new_pgs = apply_lambdas_new_pgs
         self.layout: pg.GroupLayout | None = None
+        #: optional ``groups -> groups`` applied to each phase's new groups (sharded strategies split groups
+        #: so each holds one dtype and one device mesh; see :func:`phasetune.sharding.split_groups`)
+        self.group_splitter: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None
         self.depth = 0
 
     # ---------------------------------------------------------------- names and state
     @property
     def name_of(self) -> dict[int, str]:
-        return {id(p): n for n, p in self.params.items()}
+        return {id(self.params[c]): c for c in dict.fromkeys(self._canonical.values())}
+
+    def distinct(self, names: Sequence[str]) -> list[str]:
+        """``names`` with each tensor once (by the first name mapping to it), in order."""
+        return list(dict.fromkeys(self._canonical[n] for n in names))
 
     @property
     def phase(self) -> Phase:
@@ -88,7 +100,7 @@ class PhaseEngine:
 
     def trainable(self) -> dict[str, torch.Tensor]:
         """Parameters of phases 0..depth (the ones that can change now)."""
-        return {n: self.params[n] for n in self.schedule.params_through(self.depth)}
+        return {n: self.params[n] for n in self.distinct(self.schedule.params_through(self.depth))}
 
     def lr_for(self, depth: int) -> float:
         lr = self.schedule[depth].lr
@@ -117,7 +129,7 @@ class PhaseEngine:
             self.base_lr = float(optimizer.param_groups[0]["lr"]) * 0.1
         name_of = self.name_of
         self.layout = pg.GroupLayout.capture(optimizer, name_of)
-        report = pg.restrict_to_phase0(optimizer, self.schedule[0].params, self.params, name_of, enforce)
+        report = pg.restrict_to_phase0(optimizer, self.distinct(self.schedule[0].params), self.params, name_of, enforce)
         if enforce and self.no_decay:
             self._split_no_decay(optimizer, schedulers)
         return report
@@ -169,13 +181,14 @@ class PhaseEngine:
     # ---------------------------------------------------------------- transitions
     def groups_for(self, depth: int, optimizer: Optimizer | None = None) -> list[dict[str, Any]]:
         """Param groups that phase ``depth`` adds (skipping parameters ``optimizer`` already holds)."""
-        names = list(self.schedule[depth].params)
+        names = self.distinct(self.schedule[depth].params)
         if optimizer is not None:
             held = {id(p) for g in optimizer.param_groups for p in g["params"]}
             names = [n for n in names if id(self.params[n]) not in held]
         if not names:
             return []
-        return pg.phase_groups(depth, names, self.params, self.lr_for(depth), self.layout, self.no_decay)
+        groups = pg.phase_groups(depth, names, self.params, self.lr_for(depth), self.layout, self.no_decay)
+        return self.group_splitter(groups) if self.group_splitter is not None else groups
 
     def advance(self, optimizer: Optimizer, schedulers: Sequence[Any] = ()) -> Transition:
         """Thaw the next phase and give it parameter groups (and a new optimizer/scheduler if it asks)."""
@@ -185,7 +198,8 @@ class PhaseEngine:
         phase = self.schedule[k]
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         already = [n for n in phase.params if id(self.params[n]) in held]
-        thawed = thaw.thaw(self.params, phase.params)
+        thawed = [n for n in phase.params if not self.params[n].requires_grad]  # names sharing a tensor too
+        thaw.thaw(self.params, phase.params)
         lr = self.lr_for(k)
         groups = self.groups_for(k, optimizer)
         existing = len(optimizer.param_groups)

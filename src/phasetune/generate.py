@@ -15,10 +15,12 @@ models set it), else children of a ``ModuleList``/``Sequential`` that share a cl
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 from torch import nn
+
+from phasetune.report import whole_modules
 
 Style = Literal["blocks", "pairs"]
 STYLES = ("blocks", "pairs")
@@ -115,31 +117,46 @@ def _units(model: nn.Module, names: list[str], blocks: list[str]) -> list[tuple[
 
 def _compress(model: nn.Module, names: list[str]) -> list[str]:
     """Replace the names of whole modules by one escaped pattern each (``a\\.b\\..*``), keep the rest exact."""
-    chosen = set(names)
-    module_params: dict[str, list[str]] = {}
-    for mod_name, module in model.named_modules():
-        if mod_name:
-            module_params[mod_name] = [f"{mod_name}.{p}" for p, _ in module.named_parameters()]
-    out: list[str] = []
-    covered: set[str] = set()
-    for name in names:
-        if name in covered:
-            continue
-        parts = name.split(".")
-        pattern = name
-        for depth in range(1, len(parts)):
-            prefix = ".".join(parts[:depth])
-            members = module_params.get(prefix)
-            if members and all(m in chosen for m in members):
-                pattern = re.escape(prefix) + r"\..*"
-                covered.update(members)
-                break
-        out.append(pattern)
-        covered.add(name)
-    return list(dict.fromkeys(out))
+    all_names = [n for n, _ in model.named_parameters()]
+    members = set(all_names)
+    return [item if item in members else re.escape(item) + r"\..*" for item in whole_modules(names, all_names)]
 
 
-def describe_schedule(schedule: dict[int, dict[str, Any]]) -> Iterable[str]:
-    """One line per phase: index and entries (used by the CLI and logs)."""
-    for idx, phase in schedule.items():
-        yield f"phase {idx}: {', '.join(phase['params'])}"
+def stand_in_tree(
+    root: nn.Module,
+    *,
+    unwrap: Callable[[nn.Module], nn.Module] = lambda m: m,
+    class_of: Callable[[nn.Module], type] = type,
+    own_params: Callable[[nn.Module], Iterable[tuple[str, Any]]] | None = None,
+) -> tuple[nn.Module, dict[str, nn.Module]]:
+    """A stand-in copy of ``root``'s module tree for reading its structure, not for running.
+
+    Sharding wrappers rename modules and classes (``FSDPBlock``) or insert wrapper levels; schedule
+    generation needs the original tree. Every node gets a class named like ``class_of(module)`` (a
+    ``ModuleList``/``ModuleDict``/``Sequential`` stays one), keeps ``_no_split_modules``, and holds
+    ``own_params(module)`` when given. ``unwrap`` skips wrapper levels. Returns the top node and every node
+    by (logical) name, so callers can register parameters afterwards.
+    """
+    classes: dict[type, type] = {}
+    views: dict[str, nn.Module] = {}
+
+    def view_class(cls: type) -> type:
+        if cls not in classes:
+            base = next((b for b in (nn.ModuleList, nn.ModuleDict, nn.Sequential) if issubclass(cls, b)), nn.Module)
+            classes[cls] = type(cls.__name__, (base,), {})
+        return classes[cls]
+
+    def build(prefix: str, m: nn.Module) -> nn.Module:
+        m = unwrap(m)
+        view = view_class(class_of(m))()
+        if getattr(m, "_no_split_modules", None):
+            view._no_split_modules = m._no_split_modules
+        if own_params is not None:
+            for name, p in own_params(m):
+                view.register_parameter(name, p)
+        views[prefix] = view
+        for name, child in m.named_children():
+            view.add_module(name, build(f"{prefix}.{name}" if prefix else name, child))
+        return view
+
+    return build("", root), views

@@ -19,8 +19,17 @@ from torch.optim import Optimizer
 SNAPSHOT_FORMAT = 1
 
 
+def _is_dtensor(t: Any) -> bool:
+    return hasattr(t, "to_local") and getattr(t, "device_mesh", None) is not None
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's own shard (sharing its storage); other tensors as they are."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
 def _copy(t: torch.Tensor, device: str | torch.device | None) -> torch.Tensor:
-    t = t.detach()
+    t = _local(t).detach()  # sharded tensors: each rank keeps its own shard
     return t.to(device, copy=True) if device is not None else t.clone()
 
 
@@ -47,6 +56,7 @@ class Snapshot:
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)
     optimizer_state: dict[str, dict[str, Any]] = field(default_factory=dict)
     optimizer_devices: dict[str, dict[str, str]] = field(default_factory=dict)
+    optimizer_dtensors: dict[str, list[str]] = field(default_factory=dict)  # state keys that were DTensors
     group_hparams: list[dict[str, Any]] = field(default_factory=list)
     schedulers: list[dict[str, Any]] = field(default_factory=list)
 
@@ -67,6 +77,7 @@ class Snapshot:
             "buffers": self.buffers,
             "optimizer_state": self.optimizer_state,
             "optimizer_devices": self.optimizer_devices,
+            "optimizer_dtensors": self.optimizer_dtensors,
             "group_hparams": self.group_hparams,
             "schedulers": self.schedulers,
         }
@@ -111,9 +122,21 @@ def take_snapshot(
                 snap.optimizer_devices[name] = {
                     k: str(v.device) for k, v in st.items() if isinstance(v, torch.Tensor)
                 }
+                dtensors = [k for k, v in st.items() if _is_dtensor(v)]
+                if dtensors:
+                    snap.optimizer_dtensors[name] = dtensors
             snap.group_hparams = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         snap.schedulers = [_copy_mod.deepcopy(s.state_dict()) for s in schedulers]
     return snap
+
+
+def _as_dtensor_like(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``local`` (this rank's shard of a state tensor of ``param``) as a DTensor laid out like ``param``."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(
+        local, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
+    )
 
 
 def restore_snapshot(
@@ -128,6 +151,7 @@ def restore_snapshot(
     """Write ``snap`` back into the live tensors; returns a list of problems (empty when exact).
 
     ``params`` must be the parameters trainable now; a snapshot from the same phase has the same names.
+    Sharded (DTensor) parameters and optimizer state get back this rank's shard.
     """
     problems = []
     if set(snap.params) != set(params):
@@ -135,7 +159,7 @@ def restore_snapshot(
         extra = sorted(set(snap.params) - set(params))
         problems.append(f"trainable parameters differ from the snapshot's (missing {missing[:3]}, extra {extra[:3]})")
         return problems
-    copy = copy_into or (lambda dst, src: dst.copy_(src))
+    copy = copy_into or (lambda dst, src: _local(dst).copy_(src))
     with torch.no_grad():
         for n, p in params.items():
             copy(p.data, snap.params[n])
@@ -156,10 +180,13 @@ def restore_snapshot(
                     optimizer.state.pop(p, None)
                     continue
                 devices = snap.optimizer_devices.get(n, {})
-                optimizer.state[p] = {
+                state = {
                     k: v.to(devices.get(k, v.device), copy=True) if isinstance(v, torch.Tensor) else v
                     for k, v in saved.items()
                 }
+                for k in snap.optimizer_dtensors.get(n, ()):
+                    state[k] = _as_dtensor_like(state[k], p)
+                optimizer.state[p] = state
     for s, st in zip(schedulers, snap.schedulers):
         s.load_state_dict(_copy_mod.deepcopy(st))
     if len(snap.schedulers) != len(schedulers):

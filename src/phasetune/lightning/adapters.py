@@ -49,11 +49,19 @@ class StrategyAdapter:
 
     # -- names ------------------------------------------------------------------------------------
     def named_parameters(self, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
-        """Every parameter by its logical (schedule) name, in registration order."""
+        """Every parameter by its logical (schedule) name, in registration order: the tensor that trains it
+        (several names may share one, e.g. an FSDP1 FlatParameter)."""
         return dict(pl_module.named_parameters())
 
     def named_buffers(self, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
         return dict(pl_module.named_buffers())
+
+    def param_shapes(self, pl_module: pl.LightningModule) -> dict[str, tuple[int, ...]]:
+        """Every parameter's logical (unsharded) shape, by logical name, in registration order.
+
+        Override when :meth:`named_parameters` maps names to tensors of another shape (FSDP1 FlatParameters).
+        """
+        return {n: tuple(p.shape) for n, p in self.named_parameters(pl_module).items()}
 
     def structure_module(self, pl_module: pl.LightningModule) -> torch.nn.Module:
         """The module whose structure implicit schedules are generated from (logical names)."""
@@ -66,6 +74,19 @@ class StrategyAdapter:
 
     def after_thaw(self, trainer: pl.Trainer) -> None:
         """Called after parameters were thawed (a transition or a resume)."""
+
+    def hook_module(self, pl_module: pl.LightningModule, name: str, fn: Callable[..., Any]) -> None:
+        """Give ``pl_module`` an instance-level hook ``name`` for this fit (removed by :meth:`release`)."""
+        setattr(pl_module, name, fn)
+        self._module_hooks = [*getattr(self, "_module_hooks", []), (pl_module, name, fn)]
+
+    def release(self) -> None:
+        """Remove the instance-level hooks set on the LightningModule (at the end of a fit), so the module is
+        left as the user gave it (picklable, no phasetune closures)."""
+        for pl_module, name, fn in getattr(self, "_module_hooks", []):
+            if pl_module.__dict__.get(name) is fn:
+                del pl_module.__dict__[name]
+        self._module_hooks = []
 
     def check(self, fts: Any, trainer: pl.Trainer) -> list[str]:
         """Strategy-specific problems found before training (the callback raises them together)."""
@@ -87,6 +108,15 @@ class StrategyAdapter:
 
     # -- snapshots --------------------------------------------------------------------------------------
     snapshot_copy: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+
+    def rank_local_state(self, value: Any) -> Any:
+        """What a checkpoint stores for ``value``, callback state that may differ per rank (a snapshot of
+        shards). All ranks call it together. Default: ``value`` itself (every rank holds the same)."""
+        return value
+
+    def own_rank_state(self, stored: Any) -> Any:
+        """This rank's value out of what :meth:`rank_local_state` stored (None: nothing usable)."""
+        return stored
 
 
 class DDPStrategyAdapter(StrategyAdapter):

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
 from phasetune import generate, snapshots, thaw, transitions
@@ -33,6 +34,8 @@ from phasetune.io import atomic_torch_save
 from phasetune.lightning.adapters import StrategyAdapter, select_adapter
 from phasetune.lightning.checkpoint import FTSCheckpoint
 from phasetune.lightning.early_stopping import FTSEarlyStopping
+from phasetune.memory import PeakMemory
+from phasetune.report import covering_modules, fmt_count
 from phasetune.schedule import Schedule, diff_fingerprints, resolve_schedule
 
 if TYPE_CHECKING:
@@ -64,7 +67,8 @@ class PhaseRecord:
     best_epoch: int | None = None
     restored_best: bool = False
     wall_time: float = 0.0
-    peak_memory: int | None = None
+    peak_memory: int | None = None  # bytes; what was measured: peak_memory_kind (see phasetune.memory)
+    peak_memory_kind: str | None = None
 
     @property
     def epochs(self) -> int | None:
@@ -165,7 +169,9 @@ class FinetuningScheduler(Callback):
         self._snapshot: snapshots.Snapshot | None = None
         self._snapshot_ref: dict[str, Any] | None = None
         self._restored_state: dict[str, Any] | None = None
+        self._resumed_early = False
         self._phase_clock: float | None = None
+        self._memory: PeakMemory | None = None
         self._log_dir: str | None = None
         self._validated_this_epoch = False
         self._fit_started = False
@@ -209,6 +215,8 @@ class FinetuningScheduler(Callback):
         if stage != "fit":
             return
         self._fit_started = False
+        self._resumed_early = False
+        self._restored_state = None  # a checkpoint loaded by an earlier validate/test is not a resume
         self.adapter = select_adapter(trainer.strategy, self.strategy_adapter_cfg)
         self.adapter.connect(trainer)
         self._log_dir = self._resolve_log_dir(trainer)
@@ -328,7 +336,7 @@ class FinetuningScheduler(Callback):
     def _init_engine(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.adapter is not None
         params = self.adapter.named_parameters(pl_module)
-        shapes = {n: tuple(p.shape) for n, p in params.items()}
+        shapes = self.adapter.param_shapes(pl_module)
         source = self.ft_schedule if self.ft_schedule is not None else self._generated_raw(pl_module)
         schedule = resolve_schedule(source, shapes, epoch_transitions_only=self.epoch_transitions_only)
         for note in schedule.warnings:
@@ -392,10 +400,11 @@ class FinetuningScheduler(Callback):
             "snapshot": None,
         }
         if self._snapshot is not None:
+            assert self.adapter is not None  # sharded strategies keep each rank's snapshot (all ranks call this)
             if self.snapshot_storage == "memory":
-                state["snapshot"] = self._snapshot.to_state()
+                state["snapshot"] = self.adapter.rank_local_state(self._snapshot.to_state())
             elif self._snapshot_ref is not None:
-                state["snapshot_ref"] = dict(self._snapshot_ref)
+                state["snapshot_ref"] = self.adapter.rank_local_state(dict(self._snapshot_ref))
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -406,8 +415,13 @@ class FinetuningScheduler(Callback):
                 f"this checkpoint's FinetuningScheduler state has format {state_dict.get('format')!r}; this "
                 f"phasetune reads format {STATE_FORMAT}"
             )
-        self._restored_state = dict(state_dict)
+        if self._resumed_early:  # resume_early already applied this checkpoint's state
+            self._resumed_early = False
+            return
         trainer = self.adapter.trainer if self.adapter is not None else None
+        if trainer is not None and trainer.state.fn != TrainerFn.FITTING:
+            return  # validate/test with ckpt_path after a fit: they load weights; the phase state is fit's alone
+        self._restored_state = dict(state_dict)
         if self._fit_started and trainer is not None:
             # Strategies with restore_checkpoint_after_setup (FSDP, ModelParallel) restore callbacks after
             # on_fit_start. Rebuild the saved phase's thawed set and groups now, before Lightning loads the
@@ -415,22 +429,33 @@ class FinetuningScheduler(Callback):
             optimizer, schedulers = self._optimizer_and_schedulers(trainer)
             self._resume(trainer, trainer.lightning_module, optimizer, schedulers)
 
+    def resume_early(self, state_dict: dict[str, Any]) -> None:
+        """Apply a checkpoint's state now, after ``on_fit_start``: strategy adapters call this when the strategy
+        loads optimizer state before restoring callbacks (ModelParallel). Lightning's later
+        ``load_state_dict`` with the same state is then skipped."""
+        self.load_state_dict(state_dict)
+        self._resumed_early = True
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.adapter is not None
-        if self.engine is None:
+        deferred = self.engine is None
+        if deferred:
             self._init_engine(trainer, pl_module)
         assert self.engine is not None
         optimizer, schedulers = self._optimizer_and_schedulers(trainer)
         report = self.engine.prepare_optimizer(optimizer, schedulers, enforce=self.enforce_phase0_params)
-        self._warn_phase0(report)
-        problems = self.engine.check_setup(optimizer, schedulers) + self.adapter.check(self, trainer)
+        self._warn_phase0(report, expected=deferred, is_zero=trainer.is_global_zero)
+        # the adapter first: it may set how groups are split, which the engine's group count depends on
+        problems = self.adapter.check(self, trainer)
+        problems += self.engine.check_setup(optimizer, schedulers)
         if problems:
             raise ConfigurationError(problems)
         if self._restored_state is not None:
             self._resume(trainer, pl_module, optimizer, schedulers)
         else:
             self.history = [self._new_record(trainer, 0)]
-        self._phase_clock = time.perf_counter()
+        self._memory = PeakMemory(pl_module.device)
+        self._start_clock()
         self._fit_started = True
 
     def _optimizer_and_schedulers(self, trainer: pl.Trainer) -> tuple[torch.optim.Optimizer, list[Any]]:
@@ -442,8 +467,20 @@ class FinetuningScheduler(Callback):
             )
         return optimizers[0], [c.scheduler for c in trainer.lr_scheduler_configs]
 
-    def _warn_phase0(self, report: Any) -> None:
+    def _warn_phase0(self, report: Any, expected: bool = False, is_zero: bool = True) -> None:
+        """Say how the optimizer from configure_optimizers differed from phase 0 (and what was done).
+
+        ``expected``: the schedule was resolved after configure_optimizers (sharded strategies), so the
+        optimizer could not know the frozen set; fitting it to phase 0 is routine and said at INFO level.
+        """
         if not report.changed:
+            return
+        if expected and self.enforce_phase0_params and not report.unnamed:
+            if is_zero:
+                log.info(
+                    "phasetune: fitted the optimizer from configure_optimizers to phase 0 (it was built before the "
+                    "strategy wrapped the model, so it also held %d tensors of later phases)", len(report.extra),
+                )
             return
         parts = []
         if report.extra:
@@ -494,11 +531,12 @@ class FinetuningScheduler(Callback):
             self.adapter.after_thaw(trainer)
             thaw.apply_frozen_batchnorm_mode(pl_module, self.frozen_bn_track_running_stats)
         self.history = [PhaseRecord(**r) for r in state.get("history", [])] or [self._new_record(trainer, depth)]
-        snap = state.get("snapshot")
+        snap = self.adapter.own_rank_state(state.get("snapshot"))
+        ref = self.adapter.own_rank_state(state.get("snapshot_ref"))
         if snap is not None:
             self._snapshot = snapshots.Snapshot.from_state(snap)
-        elif state.get("snapshot_ref"):
-            self._snapshot = self._load_snapshot_ref(state["snapshot_ref"])
+        elif ref:
+            self._snapshot = self._load_snapshot_ref(ref)
         if self._snapshot is not None and self._snapshot.depth != depth:
             self._snapshot = None
         if trainer.is_global_zero:
@@ -589,6 +627,10 @@ class FinetuningScheduler(Callback):
                 "max_epochs or lower the phases' max_transition_epoch to run the whole schedule"
             )
 
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.adapter is not None:
+            self.adapter.release()
+
     # ------------------------------------------------------------------ restore-best bookkeeping
     def _observe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Record the monitored value of this check; snapshot the state if it is the phase's best."""
@@ -647,11 +689,13 @@ class FinetuningScheduler(Callback):
         self._snapshot = None
         self._snapshot_ref = None
         self.history.append(self._new_record(trainer, t.depth))
-        self._phase_clock = time.perf_counter()
+        self._start_clock()
         if trainer.is_global_zero:
-            restored = "restored the phase's best state" if rec.restored_best else "kept the current state"
-            if rec.restored_best and rec.best_epoch is not None:
-                restored += f" (epoch {rec.best_epoch}, {self.monitor}={rec.best_value:.4g})"
+            if rec.restored_best:
+                state = f"restored phase {old}'s best state (epoch {rec.best_epoch}, {self.monitor}={rec.best_value:.4g})"
+            else:
+                state = "kept the last state (" + ("no best state was recorded" if self.restore_best else "restore_best=False") + ")"
+            now = self.history[-1]
             extras = []
             if t.new_optimizer:
                 extras.append(f"new optimizer {type(t.optimizer).__name__}")
@@ -660,10 +704,11 @@ class FinetuningScheduler(Callback):
             if t.already_in_optimizer:
                 extras.append(f"{len(t.already_in_optimizer)} already in the optimizer")
             log.info(
-                "phasetune: phase %d -> %d at epoch %d (%s): thawed %d tensors (%s params, %s), lr %.3g%s; %s",
-                old, t.depth, trainer.current_epoch, reason, len(t.thawed),
-                f"{self.history[-1].trainable_params - rec.trainable_params:,}", _few(t.thawed), t.lr,
-                "; " + ", ".join(extras) if extras else "", restored,
+                "phasetune: phase %d -> %d at epoch %d (%s): %s; thawed %s (%s params in %d tensors) at lr %.3g; "
+                "%.1f%% of the parameters now train%s",
+                old, t.depth, trainer.current_epoch, reason, state, covering_modules(t.thawed, list(self.engine.params)),
+                fmt_count(now.trainable_params - rec.trainable_params), len(t.thawed), t.lr,
+                100.0 * now.trainable_params / max(now.total_params, 1), "; " + ", ".join(extras) if extras else "",
             )
 
     def _restore_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any, schedulers: Sequence[Any]) -> bool:
@@ -691,16 +736,27 @@ class FinetuningScheduler(Callback):
     def _new_record(self, trainer: pl.Trainer, depth: int) -> PhaseRecord:
         assert self.engine is not None
         names = self.engine.schedule.params_through(depth)
-        trainable = sum(_numel(self.engine.params[n]) for n in names)
-        total = sum(_numel(p) for p in self.engine.params.values())
+        shapes = self.engine.schedule.shapes  # logical shapes: tensors may be shards or shared FlatParameters
+        trainable = sum(math.prod(shapes[n]) for n in names)
+        total = sum(math.prod(s) for s in shapes.values())
         lr = None if depth == 0 else self.engine.lr_for(depth)
         return PhaseRecord(depth, trainer.current_epoch, trainer.global_step, lr, trainable, total)
+
+    def _start_clock(self) -> None:
+        self._phase_clock = time.perf_counter()
+        if self._memory is not None:
+            self._memory.reset()
 
     def _close_clock(self) -> None:
         if self._phase_clock is not None and self.history:
             now = time.perf_counter()
-            self.history[-1].wall_time += now - self._phase_clock
+            rec = self.history[-1]
+            rec.wall_time += now - self._phase_clock
             self._phase_clock = now
+            peak = self._memory.read() if self._memory is not None else None
+            if peak is not None:
+                rec.peak_memory = max(rec.peak_memory or 0, peak)
+                rec.peak_memory_kind = self._memory.kind  # type: ignore[union-attr]
 
 
 def _show_phase_in_progress_bar(trainer: pl.Trainer, fts: FinetuningScheduler) -> None:
@@ -724,18 +780,6 @@ def _show_phase_in_progress_bar(trainer: pl.Trainer, fts: FinetuningScheduler) -
 
     bar.get_metrics = get_metrics  # type: ignore[method-assign]
     bar._phasetune_metrics = True  # type: ignore[attr-defined]
-
-
-def _numel(t: torch.Tensor) -> int:
-    shape = getattr(t, "shape", None)
-    return int(math.prod(shape)) if shape is not None else t.numel()
-
-
-def _few(names: Sequence[str], n: int = 2) -> str:
-    if not names:
-        return "none"
-    shown = ", ".join(names[:n])
-    return shown + (f" +{len(names) - n} more" if len(names) > n else "")
 
 
 __all__ = ["FinetuningScheduler", "PhaseRecord", "ScheduleError"]

@@ -1,0 +1,74 @@
+"""What the sharded-strategy adapters (FSDP1 and FSDP2) share.
+
+- The schedule is resolved at ``on_fit_start``: wrapping or sharding replaces every parameter after setup.
+- Restore-best snapshots hold each rank's own shards. A checkpoint's callback state is written by rank 0,
+  so the snapshots of all ranks are gathered to rank 0 when the state is saved, and each rank takes its own
+  part back on resume.
+- Both strategies load optimizer state in ``load_checkpoint``, before Lightning restores callbacks; the
+  adapters read the callback's saved state from the checkpoint first (:func:`read_callback_state`) to
+  rebuild the saved phase.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_warn
+
+from phasetune.lightning._compat import checkpoint_metadata_file
+from phasetune.lightning.adapters import StrategyAdapter
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+
+class ShardedStrategyAdapter(StrategyAdapter):
+    """Base of the FSDP1 and FSDP2 adapters: deferred schedule resolution and per-rank snapshot state."""
+
+    def defer_init(self, pl_module: pl.LightningModule) -> bool:
+        return True  # wrapping/sharding replaces every parameter after setup
+
+    def rank_local_state(self, value: Any) -> Any:
+        """Every rank's ``value`` (its shards) gathered on rank 0, which writes the checkpoint.
+
+        All ranks call this together (Lightning builds the checkpoint dict on every rank); ranks other
+        than 0 return None, which nobody writes.
+        """
+        if value is None or not dist.is_initialized() or dist.get_world_size() == 1:
+            return value
+        rank, world = dist.get_rank(), dist.get_world_size()
+        gathered: list[Any] | None = [None] * world if rank == 0 else None
+        dist.gather_object(value, gathered, dst=0)
+        return {"per_rank": gathered} if rank == 0 else None
+
+    def own_rank_state(self, stored: Any) -> Any:
+        """This rank's part of what :meth:`rank_local_state` stored (None when the world size changed)."""
+        if not (isinstance(stored, Mapping) and "per_rank" in stored):
+            return stored
+        per_rank = stored["per_rank"]
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if len(per_rank) != world:
+            rank_zero_warn(
+                f"the checkpoint's restore-best snapshot was taken on {len(per_rank)} ranks, this run has {world}; "
+                "the phase restores the best state seen after resuming"
+            )
+            return None
+        return per_rank[dist.get_rank() if world > 1 else 0]
+
+
+def read_callback_state(checkpoint_path: Path, state_key: str) -> dict[str, Any] | None:
+    """The callback state ``state_key`` saved in a checkpoint: a sharded directory or a single file."""
+    if checkpoint_path.is_dir():
+        meta = checkpoint_metadata_file(checkpoint_path)
+        if not meta.is_file():
+            return None
+        ckpt = torch.load(meta, map_location="cpu", weights_only=True)
+    elif checkpoint_path.is_file():
+        ckpt = torch.load(checkpoint_path, map_location="cpu", mmap=True, weights_only=True)
+    else:
+        return None
+    return (ckpt.get("callbacks") or {}).get(state_key)

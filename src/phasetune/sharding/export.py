@@ -1,0 +1,92 @@
+"""Full (unsharded) weights out of a sharded model: gather on rank 0, write safetensors.
+
+A sharded model's ``state_dict`` holds each rank's shards (DTensors). For inference or the Hugging Face hub
+you want the plain full tensors: :func:`full_state_dict` gathers them (a collective: every rank calls it;
+by default only rank 0 receives them, on CPU), :func:`save_full_model` writes them -- with
+``save_pretrained`` (safetensors) for Hugging Face models, else ``model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from phasetune.sharding.plan import logical_name
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if _distributed() else 0
+
+
+def _prefix_of(module: nn.Module, submodule: nn.Module | None) -> str:
+    if submodule is None or submodule is module:
+        return ""
+    for name, m in module.named_modules():
+        if m is submodule:
+            return logical_name(name) + "."
+    raise ValueError(f"{type(submodule).__name__} is not a submodule of {type(module).__name__}")
+
+
+def full_state_dict(
+    module: nn.Module, *, submodule: nn.Module | None = None, rank0_only: bool = True
+) -> dict[str, torch.Tensor]:
+    """The full state dict of ``module`` (or of its ``submodule``, with names relative to it) on CPU.
+
+    Names are logical (no wrapper segments). With ``rank0_only`` the other ranks get ``{}`` and no rank
+    ever holds the full model on its accelerator. Every rank must call this when the model is sharded.
+    """
+    prefix = _prefix_of(module, submodule)
+    sharded = any(getattr(p, "device_mesh", None) is not None for p in module.parameters())
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True) if rank0_only else StateDictOptions(full_state_dict=True)
+        sd = get_model_state_dict(module, options=opts)
+        sd = {logical_name(k): v.cpu() for k, v in sd.items()}
+    else:
+        sd = {logical_name(k): v.detach().cpu() for k, v in module.state_dict().items()}
+        if rank0_only and _rank() != 0:
+            sd = {}
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def save_full_model(
+    module: nn.Module,
+    out_dir: str | os.PathLike[str],
+    *,
+    submodule: nn.Module | None = None,
+) -> Path | None:
+    """Gather the full weights and write them on rank 0; returns the directory written (None on other ranks).
+
+    ``submodule`` (e.g. the Hugging Face model inside a LightningModule) is what gets saved; with a
+    ``save_pretrained`` method it writes ``config.json`` + ``model.safetensors`` loadable by
+    ``from_pretrained``, otherwise ``model.safetensors`` with the state dict. Every rank must call this.
+    """
+    target = submodule if submodule is not None else module
+    sd = full_state_dict(module, submodule=submodule, rank0_only=True)
+    out = Path(out_dir)
+    written = None
+    if _rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if hasattr(target, "save_pretrained"):
+            target.save_pretrained(str(out), state_dict=sd, safe_serialization=True)
+        else:
+            from safetensors.torch import save_file
+
+            tmp = out / ".model.safetensors.tmp"
+            save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp))
+            tmp.replace(out / "model.safetensors")
+        written = out
+    if _distributed():
+        torch.distributed.barrier()
+    return written
+
+
+__all__ = ["full_state_dict", "save_full_model"]

@@ -1,0 +1,587 @@
+"""FSDP2Strategy: fully sharded data-parallel training for plain PyTorch loops (torchrun + ``fully_shard``).
+
+One object holds what a loop needs around the model: the process group and device, sharding (by transformer
+block classes or an ``fsdp_plan``, shared with the Lightning adapter through :mod:`phasetune.sharding`),
+homogeneous optimizer groups, gradient accumulation, one global gradient norm for clipping, sharded DCP
+checkpoints with rotation, full-weights export and optimizer-state offload. It drives nothing by itself:
+the loop stays yours (see ``docs/plain_pytorch.md``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
+from torch.optim import Optimizer
+
+from phasetune.errors import ConfigurationError
+from phasetune.sharding import clip_grad_norm_, grad_norm, save_full_model, split_groups
+from phasetune.sharding.plan import apply_plan, logical_name, match_plan, parse_plan, root_name
+from phasetune.strategy import checkpoint as ckpt
+from phasetune.strategy import optim_state
+from phasetune.strategy.distributed import DistEnv, barrier, init_distributed
+from phasetune.strategy.materialize import has_meta_params, materialize, materialize_problems, params_on_meta
+
+log = logging.getLogger("phasetune")
+
+
+class FSDP2Strategy:
+    """Sharded training with FSDP2 in your own loop, on one process or many (``torchrun``).
+
+    Args:
+        seed: seeds Python and torch now and again when a model is built in :meth:`init_model_context`,
+            so every rank starts from the same weights.
+        max_norm: clip gradients to this global norm (one norm over all parameters and meshes); 0: no clipping.
+        micro_batch_size: samples per rank per forward/backward.
+        global_batch_size: samples per optimizer step over all ranks; must be a multiple of
+            ``micro_batch_size * world_size``. The ratio is the number of accumulation micro-steps.
+        bf16: compute in bfloat16 (parameters gathered as bf16, gradients reduced in fp32, fp32 master weights).
+        optimizer_offload: :meth:`maybe_offload_optimizer` / :meth:`maybe_load_optimizer` move optimizer
+            state to CPU and back (they do nothing when False).
+        reshard_after_forward: free gathered parameters after forward (less memory, one more all-gather in
+            backward); ``None``: FSDP2's default (True for every unit but the root, whose parameters backward
+            needs first).
+        backend, device: override the process-group backend (``nccl``/``gloo``) and this rank's device.
+    """
+
+    def __init__(
+        self,
+        seed: int = 42,
+        max_norm: float = 0.0,
+        micro_batch_size: int = 1,
+        global_batch_size: int = 1,
+        bf16: bool = False,
+        *,
+        optimizer_offload: bool = False,
+        reshard_after_forward: bool | None = None,
+        backend: str | None = None,
+        device: str | torch.device | None = None,
+    ) -> None:
+        problems = []
+        if not (isinstance(max_norm, (int, float)) and max_norm >= 0 and math.isfinite(max_norm)):
+            problems.append(f"max_norm must be a finite number >= 0 (0 disables clipping), got {max_norm!r}")
+        for name, v in (("micro_batch_size", micro_batch_size), ("global_batch_size", global_batch_size)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                problems.append(f"{name} must be an integer >= 1, got {v!r}")
+        if problems:
+            raise ConfigurationError(problems)
+        self.env: DistEnv = init_distributed(backend, device)
+        per_step = micro_batch_size * self.env.world_size
+        if global_batch_size % per_step:
+            self.teardown()
+            lower = max(per_step, global_batch_size // per_step * per_step)
+            raise ConfigurationError(
+                f"global_batch_size={global_batch_size} is not a multiple of micro_batch_size * world_size = "
+                f"{micro_batch_size} * {self.env.world_size} = {per_step}; use {lower} or {lower + per_step}, or "
+                "change micro_batch_size"
+            )
+        self.seed = seed
+        self.max_norm = float(max_norm)
+        self.micro_batch_size = micro_batch_size
+        self.global_batch_size = global_batch_size
+        self.accumulation_steps = global_batch_size // per_step
+        self.bf16 = bf16
+        self.optimizer_offload = optimizer_offload
+        self.reshard_after_forward = reshard_after_forward
+        self.micro_step = 0
+        self.global_step = 0
+        self.skipped_steps = 0
+        self.last_grad_norm: float | None = None
+        self._offloaded: dict[int, dict[int, dict[str, torch.device]]] = {}
+        self._units: dict[int, list[FSDPModule]] = {}
+        _seed_everything(seed)
+
+    # ------------------------------------------------------------------ where we run
+    @property
+    def rank(self) -> int:
+        return self.env.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.env.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.env.rank == 0
+
+    def all_reduce(self, value: float | torch.Tensor, op: str = "mean") -> float:
+        """``value`` reduced over all ranks (``"mean"``, ``"sum"``, ``"max"`` or ``"min"``), as a float."""
+        ops = {"mean": dist.ReduceOp.SUM, "sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+        if op not in ops:
+            raise ValueError(f"op must be one of {', '.join(ops)}, got {op!r}")
+        t = torch.as_tensor(value, dtype=torch.float64).detach().clone().to(self.device)
+        if self.world_size > 1:
+            dist.all_reduce(t, op=ops[op])
+        if op == "mean":
+            t /= self.world_size
+        return float(t)
+
+    def teardown(self) -> None:
+        """Destroy the process group if this strategy created it."""
+        if self.env.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+    # ------------------------------------------------------------------ model
+    @contextlib.contextmanager
+    def init_model_context(self, meta_init: bool = False) -> Iterator[None]:
+        """Build the model inside: seeded identically on every rank, on the meta device with ``meta_init``.
+
+        With ``meta_init`` parameters take no memory until :meth:`prepare_model` materializes each rank's
+        shards from a state dict; buffers are created for real (non-persistent ones are in no checkpoint).
+        """
+        _seed_everything(self.seed)
+        if meta_init:
+            with params_on_meta():
+                yield
+        elif self.device.type != "cpu":
+            with torch.device(self.device):
+                yield
+        else:
+            yield
+
+    def prepare_model(
+        self,
+        model: nn.Module,
+        *,
+        block_classes: Sequence[str | type[nn.Module]] | None = None,
+        fsdp_plan: Mapping[str, Any] | None = None,
+        fsdp_default_kwargs: Mapping[str, Any] | None = None,
+        state_dict: Mapping[str, Any] | None = None,
+        broadcast_from_rank0: bool = False,
+    ) -> nn.Module:
+        """Shard ``model`` with ``fully_shard``, embeddings and output head as their own units, the root last.
+
+        Units come from ``fsdp_plan`` (module name or regex -> ``fully_shard`` kwargs, with the ``act_ckpt``
+        and ``cpu_offload_policy`` aliases; the same format as the Lightning adapter's) or, without a plan,
+        from transformer block classes: ``block_classes`` (names or types) or the model's
+        ``_no_split_modules``. A meta-initialized model is then materialized from the full ``state_dict``
+        (only rank 0's is read with ``broadcast_from_rank0``); a real one loads it if given.
+        """
+        defaults = dict(fsdp_default_kwargs or {})
+        if self.reshard_after_forward is not None:
+            defaults.setdefault("reshard_after_forward", self.reshard_after_forward)
+        if self.bf16:
+            defaults.setdefault("mp_policy", MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+        if fsdp_plan is not None and block_classes is not None:
+            raise ConfigurationError("give prepare_model either fsdp_plan or block_classes, not both")
+        if fsdp_plan is None:
+            fsdp_plan = block_plan(model, block_classes)
+        entries = parse_plan(fsdp_plan, defaults)
+        units = [n for _, names in match_plan(model, entries) for n in names] + [root_name(model)]
+        problems = unit_dtype_problems(model, units) + materialize_problems(model, state_dict, broadcast_from_rank0)
+        if problems:
+            raise ConfigurationError(problems)
+        meta = has_meta_params(model)
+        if not meta and self.device.type != "cpu":
+            model.to(self.device)
+        report = apply_plan(model, entries, mesh=None, default_kwargs=defaults)
+        for note in report.notes:
+            log.info("phasetune: %s", note)
+        if self.is_main:
+            log.info("phasetune: sharded %d unit(s) over %d rank(s): %s", len(report.sharded), self.world_size,
+                     _few([n or "<root>" for n in report.sharded], 4))
+        if meta:
+            materialize(model, self.device, state_dict, broadcast_from_rank0)
+        elif state_dict is not None or broadcast_from_rank0:
+            options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast_from_rank0)
+            set_model_state_dict(model, dict(state_dict or {}), options=options)
+        return model
+
+    # ------------------------------------------------------------------ optimizer
+    def create_optimizer(
+        self,
+        model: nn.Module,
+        optimizer_cls: type[Optimizer] = torch.optim.AdamW,
+        *,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        **kwargs: Any,
+    ) -> Optimizer:
+        """An optimizer over the trainable parameters, grouped so each group has one dtype and one mesh.
+
+        Biases and norm weights (parameters with fewer than 2 dimensions) get ``weight_decay=0``.
+        """
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ConfigurationError(f"{type(model).__name__} has no trainable parameters to optimize")
+        decay = [p for n, p in named if decays(n, p)]
+        no_decay = [p for n, p in named if not decays(n, p)]
+        groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+        groups, _ = split_groups(groups)
+        return optimizer_cls(groups, lr=lr, weight_decay=weight_decay, **kwargs)
+
+    # ------------------------------------------------------------------ stepping
+    @property
+    def is_accumulating(self) -> bool:
+        """True between the first and the last micro-step of an accumulation cycle."""
+        return self.micro_step % self.accumulation_steps != 0
+
+    def backward(self, loss: torch.Tensor, model: nn.Module, optimizer: Optimizer | None = None) -> None:
+        """Backward of ``loss / accumulation_steps``; gradients are synchronised only on the cycle's last micro-step."""
+        last = (self.micro_step + 1) % self.accumulation_steps == 0
+        for unit in self._outer_units(model):
+            unit.set_requires_gradient_sync(last)
+        (loss / self.accumulation_steps).backward()
+
+    def _outer_units(self, model: nn.Module) -> list[FSDPModule]:
+        """The outermost FSDP modules of ``model`` (``model`` itself when it is one), looked up once."""
+        if isinstance(model, FSDPModule):
+            return [model]
+        units = self._units.get(id(model))
+        if units is None:
+            units, inner = [], set()
+            for m in model.modules():
+                if isinstance(m, FSDPModule) and id(m) not in inner:
+                    units.append(m)
+                    inner.update(id(x) for x in m.modules())
+            self._units[id(model)] = units
+        return units
+
+    def optimizer_step(self, optimizer: Optimizer, model: nn.Module, scheduler: Any = None) -> bool:
+        """Count a micro-step; at the end of an accumulation cycle clip, step, zero the gradients and step
+        ``scheduler``. Returns True when the optimizer stepped.
+
+        The gradient norm (:attr:`last_grad_norm`) is one norm over every parameter of every mesh. When it is
+        not finite the step is skipped (gradients dropped, ``scheduler`` not stepped) with a warning.
+        """
+        self.micro_step += 1
+        if self.is_accumulating:
+            return False
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        total = clip_grad_norm_(params, self.max_norm) if self.max_norm > 0 else grad_norm(params)
+        self.last_grad_norm = float(total)
+        if not math.isfinite(self.last_grad_norm):
+            self.skipped_steps += 1
+            optimizer.zero_grad(set_to_none=True)
+            log.warning("phasetune: optimizer step %d skipped: the gradient norm is %s (gradients dropped; %d "
+                        "step(s) skipped so far)", self.global_step, self.last_grad_norm, self.skipped_steps)
+            return False
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
+        self.global_step += 1
+        return True
+
+    # ------------------------------------------------------------------ optimizer offload
+    def maybe_offload_optimizer(self, optimizer: Optimizer) -> Optimizer:
+        """With ``optimizer_offload``, move the optimizer state to CPU (e.g. around generation in RL loops)."""
+        if self.optimizer_offload and id(optimizer) not in self._offloaded:
+            self._offloaded[id(optimizer)] = optim_state.offload_state(optimizer)
+        return optimizer
+
+    def maybe_load_optimizer(self, optimizer: Optimizer, device: str | torch.device | None = None) -> Optimizer:
+        """Bring state moved by :meth:`maybe_offload_optimizer` back where it was (accelerator state to ``device``
+        if given)."""
+        if self.optimizer_offload and id(optimizer) in self._offloaded:
+            devices = self._offloaded.pop(id(optimizer))
+            optim_state.load_state(optimizer, devices, self.device, override=device)
+        return optimizer
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_ckpt(
+        self,
+        model: nn.Module,
+        save_dir: str | os.PathLike[str],
+        tag: str | None = None,
+        *,
+        optimizer: Optimizer | None = None,
+        scheduler: Any = None,
+        finetuning: Any = None,
+        client_state: Mapping[str, Any] | None = None,
+        max_num: int = 3,
+        max_mem: float = 1000,
+    ) -> Path:
+        """Save a sharded checkpoint ``save_dir/tag`` atomically; keep at most ``max_num`` using ``max_mem`` GiB.
+
+        Saves the model, the optimizer and lr scheduler (``finetuning``'s current ones unless given), the
+        :class:`~phasetune.loop.ScheduledFinetuning` state, RNG states, step counters and ``client_state``
+        (plain containers of numbers, strings and tensors). Every rank must call it. Optimizer state of
+        parameters a transition just added is saved too (see :mod:`phasetune.strategy.optim_state`).
+        """
+        if max_num < 1 or not max_mem > 0:
+            raise ConfigurationError(f"save_ckpt needs max_num >= 1 and max_mem > 0 (GiB), got max_num={max_num}, "
+                                     f"max_mem={max_mem}")
+        if self.is_accumulating:
+            raise RuntimeError(
+                f"save_ckpt called at micro-step {self.micro_step % self.accumulation_steps} of an accumulation cycle "
+                f"of {self.accumulation_steps}; accumulated gradients are not saved, so save after optimizer_step "
+                "returned True"
+            )
+        optimizer, schedulers = _resolve_optim(optimizer, scheduler, finetuning)
+        started = time.perf_counter()
+        app_state: dict[str, Any] = {"model": get_model_state_dict(model)}
+        fresh: list[str] = []
+        if optimizer is not None:
+            if id(optimizer) in self._offloaded:
+                raise RuntimeError("save_ckpt: the optimizer state is offloaded; call maybe_load_optimizer first")
+            filled = optim_state.fill_missing_state(optimizer)
+            try:
+                app_state["optim"] = get_optimizer_state_dict(model, optimizer)
+            finally:
+                optim_state.drop_state(optimizer, filled)
+            name_of = {id(p): n for n, p in model.named_parameters()}
+            fresh = [name_of[id(p)] for p in filled]
+        shared = {
+            "schedulers": [s.state_dict() for s in schedulers],
+            "client": dict(client_state or {}),
+            "counters": {"global_step": self.global_step, "micro_step": self.micro_step,
+                         "skipped_steps": self.skipped_steps},
+        }
+        rank_state = {"rng": _rng_state(), "finetuning": finetuning.state_dict() if finetuning is not None else None}
+        meta = {"world_size": self.world_size, "global_step": self.global_step, "has_optimizer": optimizer is not None,
+                "stateless_params": fresh, "depth": getattr(finetuning, "depth", None),
+                "num_schedulers": len(schedulers)}
+        tag = tag or f"step_{self.global_step}"
+        path = ckpt.save(save_dir, tag, app_state, rank_state, shared, meta, max_num, max_mem)
+        if self.is_main:
+            log.info("phasetune: saved checkpoint %s in %.2fs", path, time.perf_counter() - started)
+        return path
+
+    def load_ckpt(
+        self,
+        model: nn.Module,
+        load_dir: str | os.PathLike[str],
+        *,
+        optimizer: Optimizer | None = None,
+        scheduler: Any = None,
+        finetuning: Any = None,
+        tag: str | None = None,
+        load_module_strict: bool = True,
+        load_optimizer_states: bool = True,
+        load_lr_scheduler_states: bool = True,
+    ) -> tuple[Path | None, dict[str, Any]]:
+        """Load the latest complete checkpoint under ``load_dir`` (or ``load_dir/tag``, or ``load_dir`` itself).
+
+        ``finetuning`` first replays its saved phase (thawing, groups, optimizer, scheduler), so the optimizer
+        state of every phase's parameters has somewhere to go; pass a freshly built one. Returns the
+        checkpoint directory and the ``client_state`` saved with it, or ``(None, {})`` when there is none.
+        """
+        path = ckpt.resolve(load_dir, tag)
+        if path is None:
+            if self.is_main:
+                log.info("phasetune: no complete checkpoint under %s; starting from scratch", load_dir)
+            return None, {}
+        meta = ckpt.read_meta(path)
+        own = ckpt.rank_file(path, self.rank)
+        rank_state = torch.load(own if own.exists() else ckpt.rank_file(path, 0), map_location="cpu",
+                                weights_only=True)
+        if meta.get("depth") is not None and finetuning is None and meta["depth"] > 0:
+            raise ConfigurationError(
+                f"{path} was saved in phase {meta['depth']} of a ScheduledFinetuning; pass finetuning= (a new "
+                "ScheduledFinetuning over this model and optimizer) to load_ckpt so that phase's parameter groups "
+                "exist before the optimizer state is loaded"
+            )
+        if finetuning is not None and rank_state.get("finetuning") is not None:
+            finetuning.load_state_dict(rank_state["finetuning"])
+        optimizer, schedulers = _resolve_optim(optimizer, scheduler, finetuning)
+        saved_scheds = meta.get("num_schedulers", 0)
+        if load_lr_scheduler_states and saved_scheds != len(schedulers):
+            raise ConfigurationError(f"{path} holds the state of {saved_scheds} lr scheduler(s), but {len(schedulers)} "
+                                     "were given; pass the same schedulers as when saving (or "
+                                     "load_lr_scheduler_states=False)")
+        app_state: dict[str, Any] = {"model": get_model_state_dict(model)}
+        load_optim = optimizer is not None and load_optimizer_states and meta.get("has_optimizer", False)
+        if load_optim:
+            assert optimizer is not None
+            optim_state.fill_missing_state(optimizer)  # the template must hold every parameter's state
+            app_state["optim"] = get_optimizer_state_dict(model, optimizer)
+        ckpt.load_app_state(path, app_state)
+        set_model_state_dict(model, app_state["model"], options=StateDictOptions(strict=load_module_strict))
+        if load_optim:
+            assert optimizer is not None
+            set_optimizer_state_dict(model, optimizer, app_state["optim"])
+            params = dict(model.named_parameters())
+            optim_state.drop_state(optimizer, [params[n] for n in meta.get("stateless_params", []) if n in params])
+        shared = torch.load(path / ckpt.SHARED_FILE, map_location="cpu", weights_only=True)
+        if load_lr_scheduler_states:
+            for s, st in zip(schedulers, shared["schedulers"]):
+                s.load_state_dict(st)
+        counters = shared["counters"]
+        self.global_step = counters["global_step"]
+        # saved between cycles; with other batch sizes or world size the next cycle still starts fresh
+        self.micro_step = counters["micro_step"] - counters["micro_step"] % self.accumulation_steps
+        self.skipped_steps = counters["skipped_steps"]
+        if meta.get("world_size") == self.world_size:
+            _set_rng_state(rank_state["rng"])
+        elif self.is_main:
+            log.warning("phasetune: %s was saved by %s processes, loading with %d: RNG states not restored",
+                        path, meta.get("world_size"), self.world_size)
+        barrier()
+        if self.is_main:
+            log.info("phasetune: loaded checkpoint %s (step %d%s)", path, self.global_step,
+                     f", phase {meta['depth']}" if meta.get("depth") is not None else "")
+        return path, dict(shared["client"])
+
+    # ------------------------------------------------------------------ export
+    def save_model(self, model: nn.Module, output_dir: str | os.PathLike[str], tokenizer: Any = None) -> Path:
+        """Write the full weights on rank 0: ``save_pretrained`` (safetensors) for Hugging Face models, else
+        ``model.safetensors``; plus ``tokenizer`` if given. ``output_dir`` appears complete or not at all."""
+        out = Path(output_dir)
+        tmp = out.with_name(f".partial-{out.name}")
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        barrier()
+        save_full_model(model, tmp)
+        if self.is_main:
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+            if out.exists():
+                old = out.with_name(f".trash-{out.name}-{time.time_ns()}")
+                os.replace(out, old)
+                shutil.rmtree(old, ignore_errors=True)
+            os.replace(tmp, out)
+        barrier()
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- sharding units
+
+
+def decays(name: str, p: torch.Tensor) -> bool:
+    """Whether a parameter gets weight decay: not biases, not norm weights (parameters with fewer than 2 dims)."""
+    return p.dim() >= 2 and not name.endswith("bias")
+
+
+def block_plan(model: nn.Module, block_classes: Sequence[str | type[nn.Module]] | None) -> dict[str, Any]:
+    """An ``fsdp_plan`` of one unit per transformer block (outermost modules of ``block_classes``, else of the
+    model's ``_no_split_modules``), plus the input embeddings and the output head unless their weights are tied.
+    """
+    wanted = [c if isinstance(c, str) else c.__name__ for c in block_classes or ()]
+    if not wanted:
+        for m in model.modules():
+            wanted.extend(getattr(m, "_no_split_modules", None) or ())
+    present = {type(m).__name__ for m in model.modules()}
+    unknown = [c for c in wanted if c not in present]
+    if block_classes and unknown:
+        import difflib
+
+        hints = {c: difflib.get_close_matches(c, sorted(present), n=2) for c in unknown}
+        raise ConfigurationError([f"block class {c!r} is not a module class of {type(model).__name__}"
+                                  + (f"; did you mean {', '.join(map(repr, h))}?" if h else "") for c, h in hints.items()])
+    names = set(wanted)
+    blocks: list[str] = []
+    for name, m in model.named_modules():
+        if name and type(m).__name__ in names and not any(name.startswith(b + ".") for b in blocks):
+            blocks.append(name)
+    if not blocks:
+        log.info("phasetune: no transformer block classes given or found (_no_split_modules); the model is one "
+                 "FSDP unit. Pass block_classes=[...] to shard it block by block.")
+    plan: dict[str, Any] = {}
+    for n in _embedding_and_head(model):
+        if not any(n == b or n.startswith(b + ".") for b in blocks):
+            plan[n] = {}
+    for b in blocks:
+        plan[b] = {}
+    return plan
+
+
+def _embedding_and_head(model: nn.Module) -> list[str]:
+    """Module names of the input embeddings and the output head (HF accessors, else every ``nn.Embedding``),
+    leaving out modules whose weights are tied (they must share one unit)."""
+    mods = {m: n for n, m in model.named_modules()}
+    found: list[nn.Module] = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        fn = getattr(model, getter, None)
+        try:
+            m = fn() if callable(fn) else None
+        except (NotImplementedError, AttributeError):
+            m = None
+        if isinstance(m, nn.Module) and m is not model:
+            found.append(m)
+    if not found:
+        found = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    weights: dict[int, int] = {}
+    for m in found:
+        for p in m.parameters(recurse=False):
+            weights[id(p)] = weights.get(id(p), 0) + 1
+    shared = {i for i, c in weights.items() if c > 1}
+    out = []
+    for m in found:
+        if any(id(p) in shared for p in m.parameters(recurse=False)) or not mods.get(m):
+            continue
+        if mods[m] not in out:
+            out.append(mods[m])
+    return out
+
+
+def unit_dtype_problems(model: nn.Module, units: Sequence[str]) -> list[str]:
+    """FSDP2 gathers each unit's parameters as one dtype: list units whose own parameters mix dtypes."""
+    unit_set = set(units)
+    by_unit: dict[str, dict[torch.dtype, str]] = {}
+    for name, p in model.named_parameters():
+        name = logical_name(name)
+        parts = name.split(".")[:-1]
+        owner = next((".".join(parts[:d]) for d in range(len(parts), -1, -1) if ".".join(parts[:d]) in unit_set), "")
+        by_unit.setdefault(owner, {}).setdefault(p.dtype, name)
+    return [
+        f"FSDP unit {u or '<root>'!r} holds parameters of several dtypes ("
+        + ", ".join(f"{str(dt).removeprefix('torch.')} e.g. {ex!r}" for dt, ex in kinds.items())
+        + "); FSDP2 gathers a unit as one dtype: cast the module to one dtype, or give the odd parameters' module "
+        "its own unit (fsdp_plan)"
+        for u, kinds in by_unit.items() if len(kinds) > 1
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _resolve_optim(optimizer: Optimizer | None, scheduler: Any, finetuning: Any) -> tuple[Optimizer | None, list[Any]]:
+    if optimizer is None and finetuning is not None:
+        optimizer = finetuning.optimizer
+    if scheduler is None:
+        schedulers = list(finetuning.schedulers) if finetuning is not None else []
+    elif isinstance(scheduler, (list, tuple)):
+        schedulers = list(scheduler)
+    else:
+        schedulers = [scheduler]
+    return optimizer, schedulers
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, _, gauss = random.getstate()
+    random.setstate((version, tuple(state["python"]), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _few(names: Sequence[str], n: int = 3) -> str:
+    shown = ", ".join(names[:n])
+    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
