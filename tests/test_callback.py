@@ -299,7 +299,7 @@ def test_phase_is_logged_and_shown_in_the_progress_bar(tmp_path):
     t, fts, _, _ = fit(tmp_path, callbacks=[Peek()], fts_kwargs=dict(ft_schedule=EPOCH_SCHEDULE, epoch_transitions_only=True),
                        max_epochs=6, enable_progress_bar=True, logger=CSVLogger(str(tmp_path)))
     assert bar_metrics[0]["phase"] == "0/2" and bar_metrics[-1]["phase"] == "2/2"
-    assert bar_metrics[-1]["trainable"] == "100.0%"
+    assert bar_metrics[0]["trainable"] == "34 (2.4%)" and bar_metrics[-1]["trainable"] == "1.39k (100.0%)"
     rows = (Path(t.log_dir) / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
     phases = [float(r.split(",")[header.index("ft_phase")]) for r in rows[1:] if r.split(",")[header.index("ft_phase")]]

@@ -164,3 +164,31 @@ def test_users_param_groups_shape_the_phase_groups(tmp_path):
     t, _ = fit(tmp_path, TwoGroups(), ft_schedule=sched, epoch_transitions_only=True)
     groups = [(g[PHASE_KEY], g["momentum"], g["lr"], len(g["params"])) for g in t.optimizers[0].param_groups]
     assert groups == [(0, 0.9, 0.1, 1), (0, 0.5, 0.1, 1), (1, 0.9, 0.05, 1), (1, 0.5, 0.05, 1)]
+
+
+def test_a_sequential_scheduler_from_a_phase_is_extended_by_later_phases(tmp_path):
+    sequential = {
+        "lr_scheduler_init": {
+            "class_path": "torch.optim.lr_scheduler.SequentialLR",
+            "init_args": {
+                "schedulers": [
+                    {"class_path": "LinearLR", "init_args": {"start_factor": 0.5, "total_iters": 2}},
+                    {"class_path": "ExponentialLR", "init_args": {"gamma": 0.9}},
+                ],
+                "milestones": [2],
+            },
+        },
+        "pl_lrs_cfg": {"interval": "step"},
+    }
+    sched = {
+        0: {"params": ["model.head.*"], "max_transition_epoch": 1},
+        1: {"params": [r"model\.layers\.3\..*"], "lr": 0.05, "max_transition_epoch": 2, "new_lr_scheduler": sequential},
+        2: {"params": ["model.embed.*"], "lr": 0.02, "max_transition_epoch": 3},
+    }
+    rec = Recorder()
+    t, fts = fit(tmp_path, ToyModule(), [rec], ft_schedule=sched, epoch_transitions_only=True)
+    composite = t.lr_scheduler_configs[0].scheduler
+    assert type(composite).__name__ == "SequentialLR" and fts.curr_depth == 2
+    assert [len(s.base_lrs) for s in composite._schedulers] == [3, 3]  # both inner schedulers know group 3
+    # epoch 2 starts after 4 steps under the schedule (milestone at step 2, then gamma 0.9 per step)
+    assert rec.seen[2][3] == [round(0.1 * 0.9**2, 6), round(0.05 * 0.9**2, 6), 0.02]

@@ -760,7 +760,7 @@ class FinetuningScheduler(Callback):
 
 
 def _show_phase_in_progress_bar(trainer: pl.Trainer, fts: FinetuningScheduler) -> None:
-    """Add ``phase k/n`` and the trainable share to the progress bar's metrics.
+    """Add ``phase k/n`` and the trainable parameter count and share to the progress bar's metrics.
 
     ``ProgressBar.get_metrics`` is the documented place to customise what a bar shows; wrapping it on the
     bar instance costs nothing per step beyond the bar's own refresh (logging the phase every step would).
@@ -775,7 +775,8 @@ def _show_phase_in_progress_bar(trainer: pl.Trainer, fts: FinetuningScheduler) -
         if fts.engine is not None and fts.history:
             rec = fts.history[-1]
             metrics["phase"] = f"{fts.engine.depth}/{fts.engine.final_depth}"
-            metrics["trainable"] = f"{100.0 * rec.trainable_params / max(rec.total_params, 1):.1f}%"
+            share = 100.0 * rec.trainable_params / max(rec.total_params, 1)
+            metrics["trainable"] = f"{fmt_count(rec.trainable_params)} ({share:.1f}%)"
         return metrics
 
     bar.get_metrics = get_metrics  # type: ignore[method-assign]
