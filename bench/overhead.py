@@ -3,16 +3,27 @@
 The same model, data, seed and phase trajectory (head; +top two blocks at epoch 1; +the rest at epoch 2) is
 trained (a) with a ``BaseFinetuning`` callback unfreezing at those epochs and (b) with ``FinetuningScheduler``
 running the equivalent schedule with ``epoch_transitions_only``. Repetitions alternate (a)/(b) in one process
-so machine noise hits both alike. Printed: median per-step time of each, their ratio, whole-fit time ratio,
-and the largest parameter difference between the two runs (0 means the trajectories are identical).
+so machine noise hits both alike. A step is timed by wall clock and by the thread's CPU time (steadier when
+other processes share the machine). Printed: per-step medians of each, the median of the per-repetition
+(a)/(b) pair ratios (the headline), the whole-fit ratio, and the largest parameter difference between the
+two runs (0 means the trajectories are identical).
 
     python bench/overhead.py [--reps 7] [--width 256] [--epochs 3] [--threads 1]
+    python bench/overhead.py --instructions     # deterministic: instructions per step under valgrind (~15 min)
+
+On a shared or virtual machine step times can swing by 10% between runs. ``--instructions`` counts the
+instructions each variant executes under ``valgrind --tool=callgrind`` with two step counts; the difference
+divided by the extra steps is the per-step cost, free of start-up and of machine noise.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
+import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -79,23 +90,25 @@ SCHEDULE = {
 
 
 class StepTimer(pl.Callback):
-    """Wall time between consecutive batch starts within an epoch (a whole step, hooks included)."""
+    """Wall and thread-CPU time between consecutive batch starts within an epoch (a whole step, hooks included)."""
 
     def __init__(self) -> None:
-        self.steps: list[float] = []
-        self._last: float | None = None
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+        self._last: tuple[float, float] | None = None
 
     def on_train_epoch_start(self, trainer, pl_module):
         self._last = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        now = time.perf_counter()
+        now = (time.perf_counter(), time.thread_time())
         if self._last is not None:
-            self.steps.append(now - self._last)
+            self.wall.append(now[0] - self._last[0])
+            self.cpu.append(now[1] - self._last[1])
         self._last = now
 
 
-def run(kind: str, width: int, epochs: int, loader: DataLoader) -> tuple[float, float, dict[str, torch.Tensor]]:
+def run(kind: str, width: int, epochs: int, loader: DataLoader) -> tuple[float, float, float, dict[str, torch.Tensor]]:
     pl.seed_everything(0, verbose=False)
     module = Module(width)
     timer = StepTimer()
@@ -108,7 +121,43 @@ def run(kind: str, width: int, epochs: int, loader: DataLoader) -> tuple[float, 
     start = time.perf_counter()
     trainer.fit(module, loader)
     total = time.perf_counter() - start
-    return statistics.median(timer.steps), total, {n: p.detach().clone() for n, p in module.named_parameters()}
+    params = {n: p.detach().clone() for n, p in module.named_parameters()}
+    return statistics.median(timer.wall), statistics.median(timer.cpu), total, params
+
+
+def make_loader(batches: int) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    n = 64 * batches
+    data = TensorDataset(torch.randn(n, 32, generator=g), torch.randint(0, 10, (n,), generator=g))
+    return DataLoader(data, batch_size=64)
+
+
+def count_instructions(width: int, epochs: int) -> None:
+    """Per-step instructions of each variant: callgrind runs with ``short`` and ``long`` steps per epoch."""
+    if shutil.which("valgrind") is None:
+        raise SystemExit("--instructions needs valgrind (e.g. apt-get install valgrind)")
+    short, long_ = 20, 60
+    counts: dict[tuple[str, int], int] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        jobs = {}
+        for kind in ("base", "fts"):
+            for batches in (short, long_):
+                cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/{kind}.{batches}", sys.executable,
+                       __file__, "--one", kind, "--batches", str(batches), "--width", str(width), "--epochs", str(epochs)]
+                jobs[(kind, batches)] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                print(f"started callgrind: {kind}, {batches} steps per epoch", flush=True)
+        for key, job in jobs.items():
+            _, err = job.communicate()
+            found = re.search(r"I\s+refs:\s+([\d,]+)", err)
+            if job.returncode != 0 or not found:
+                raise SystemExit(f"callgrind run {key} failed:\n{err[-2000:]}")
+            counts[key] = int(found.group(1).replace(",", ""))
+    extra = (long_ - short) * epochs
+    per_step = {k: (counts[(k, long_)] - counts[(k, short)]) / extra for k in ("base", "fts")}
+    print(f"instructions per step: BaseFinetuning {per_step['base'] / 1e6:.3f} M, "
+          f"FinetuningScheduler {per_step['fts'] / 1e6:.3f} M")
+    print(f"per-step instruction ratio (FinetuningScheduler / BaseFinetuning): {per_step['fts'] / per_step['base']:.4f}"
+          "  (target <= 1.02)")
 
 
 def main() -> None:
@@ -118,6 +167,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batches", type=int, default=300, help="steps per epoch")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--instructions", action="store_true", help="count instructions per step under valgrind")
+    ap.add_argument("--one", choices=("base", "fts"), help=argparse.SUPPRESS)  # a single run (used by --instructions)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -126,32 +177,42 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     logging.getLogger("phasetune").setLevel(logging.ERROR)
 
-    g = torch.Generator().manual_seed(0)
-    n = 64 * args.batches
-    data = TensorDataset(torch.randn(n, 32, generator=g), torch.randint(0, 10, (n,), generator=g))
-    loader = DataLoader(data, batch_size=64)
+    if args.instructions:
+        count_instructions(args.width, args.epochs)
+        return
+    loader = make_loader(args.batches)
+    if args.one:
+        run(args.one, args.width, args.epochs, loader)
+        return
 
     run("base", args.width, 1, loader)  # warm-up (imports, allocator)
-    results: dict[str, list[tuple[float, float]]] = {"base": [], "fts": []}
+    run("fts", args.width, 1, loader)
+    results: dict[str, list[tuple[float, float, float]]] = {"base": [], "fts": []}
     params = {}
     for rep in range(args.reps):
         for kind in (("base", "fts") if rep % 2 == 0 else ("fts", "base")):
-            step, total, params[kind] = run(kind, args.width, args.epochs, loader)
-            results[kind].append((step, total))
-            print(f"rep {rep} {kind:>4}: median step {step * 1e3:.3f} ms, fit {total:.2f} s", flush=True)
+            wall, cpu, total, params[kind] = run(kind, args.width, args.epochs, loader)
+            results[kind].append((wall, cpu, total))
+            print(f"rep {rep} {kind:>4}: median step {wall * 1e3:.3f} ms wall, {cpu * 1e3:.3f} ms cpu; fit {total:.2f} s",
+                  flush=True)
 
-    step_base = statistics.median(s for s, _ in results["base"])
-    step_fts = statistics.median(s for s, _ in results["fts"])
-    fit_base = statistics.median(t for _, t in results["base"])
-    fit_fts = statistics.median(t for _, t in results["fts"])
+    def med(kind: str, i: int) -> float:
+        return statistics.median(r[i] for r in results[kind])
+
+    def paired(i: int) -> float:
+        return statistics.median(f[i] / b[i] for b, f in zip(results["base"], results["fts"]))
+
     diff = max((params["base"][k] - params["fts"][k]).abs().max().item() for k in params["base"])
     print()
     print(f"model: width {args.width}, {sum(p.numel() for p in params['base'].values()):,} params; "
           f"{args.epochs} epochs x {args.batches} steps; {args.reps} repetitions; {args.threads} thread(s)")
-    print(f"BaseFinetuning       median step {step_base * 1e3:.3f} ms   fit {fit_base:.2f} s")
-    print(f"FinetuningScheduler  median step {step_fts * 1e3:.3f} ms   fit {fit_fts:.2f} s")
-    print(f"per-step time ratio (FinetuningScheduler / BaseFinetuning): {step_fts / step_base:.3f}  (target <= 1.02)")
-    print(f"whole-fit time ratio:                                      {fit_fts / fit_base:.3f}")
+    print(f"BaseFinetuning       median step {med('base', 0) * 1e3:.3f} ms wall, {med('base', 1) * 1e3:.3f} ms cpu; "
+          f"fit {med('base', 2):.2f} s")
+    print(f"FinetuningScheduler  median step {med('fts', 0) * 1e3:.3f} ms wall, {med('fts', 1) * 1e3:.3f} ms cpu; "
+          f"fit {med('fts', 2):.2f} s")
+    print(f"per-step time ratio (FinetuningScheduler / BaseFinetuning), median of paired repetitions: "
+          f"cpu {paired(1):.3f}, wall {paired(0):.3f}  (target <= 1.02)")
+    print(f"whole-fit time ratio (paired):                                                        {paired(2):.3f}")
     print(f"max |param difference| between the two runs: {diff:.3g}  (0: same trajectory)")
 
 

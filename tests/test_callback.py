@@ -319,3 +319,17 @@ def test_groups_are_tagged_with_their_phase(tmp_path):
     t, _, _, _ = fit(tmp_path, fts_kwargs=dict(ft_schedule=EPOCH_SCHEDULE, epoch_transitions_only=True), max_epochs=6)
     assert [g[PHASE_KEY] for g in t.optimizers[0].param_groups] == [0, 1, 2]
     assert [g["lr"] for g in t.optimizers[0].param_groups] == [0.1, 0.05, 0.02]
+
+
+PER_STEP_HOOKS = (
+    "on_train_batch_start", "on_train_batch_end", "on_before_backward", "on_after_backward",
+    "on_before_optimizer_step", "on_before_zero_grad", "on_validation_batch_start", "on_validation_batch_end",
+)
+
+
+def test_the_callbacks_add_no_work_per_training_step():
+    # The overhead target (bench/overhead.py) rests on this: phasetune acts per epoch and per validation only.
+    for ours, parent in ((FinetuningScheduler, pl.Callback), (FTSEarlyStopping, EarlyStopping),
+                         (FTSCheckpoint, ModelCheckpoint)):
+        for hook in PER_STEP_HOOKS:
+            assert getattr(ours, hook) is getattr(parent, hook), f"{ours.__name__}.{hook}"
