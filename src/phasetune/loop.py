@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -39,7 +38,7 @@ from phasetune.errors import ConfigurationError
 from phasetune.generate import generate_schedule
 from phasetune.schedule import Schedule, diff_fingerprints, resolve_schedule
 from phasetune.sharding.groups import split_groups
-from phasetune.sharding.plan import WRAPPER_SEGMENTS, logical_name
+from phasetune.sharding.plan import logical_name, logical_view
 
 log = logging.getLogger("phasetune")
 if not logging.getLogger().hasHandlers() and not log.handlers:  # transition lines show without logging setup
@@ -139,7 +138,8 @@ class ScheduledFinetuning:
 
         # names as written in the model, without the segments wrappers insert (activation checkpointing)
         params = {logical_name(n): p for n, p in model.named_parameters()}
-        source = schedule if schedule is not None else _generated(model)
+        # generated from a stand-in of the unwrapped tree: logical names and original class names
+        source = schedule if schedule is not None else generate_schedule(logical_view(model), "blocks")
         resolved = resolve_schedule(source, {n: tuple(p.shape) for n, p in params.items()},
                                     epoch_transitions_only=epoch_transitions_only)
         for note in resolved.warnings:
@@ -351,17 +351,6 @@ def _agree(value: float | None) -> float | None:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def _generated(model: nn.Module) -> dict[int, dict[str, Any]]:
-    """``generate_schedule(model)`` with wrapper segments taken out of its patterns (see ``logical_name``)."""
-    raw = generate_schedule(model, "blocks")
-    for phase in raw.values():
-        pats = phase["params"]
-        for seg in WRAPPER_SEGMENTS:
-            pats = [p.replace(re.escape(seg + "."), "") for p in pats]
-        phase["params"] = pats
-    return raw
 
 
 def _homogeneous(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
