@@ -33,6 +33,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from phasetune import snapshots, thaw, transitions
+from phasetune._dist import rank, world_size
 from phasetune.engine import PhaseEngine, Transition
 from phasetune.errors import ConfigurationError
 from phasetune.generate import generate_schedule
@@ -144,7 +145,7 @@ class ScheduledFinetuning:
                                     epoch_transitions_only=epoch_transitions_only)
         for note in resolved.warnings:
             log.warning("phasetune: schedule %s: %s", resolved.source, note)
-        if resolved.unscheduled and _is_main():
+        if resolved.unscheduled and rank() == 0:
             log.warning("phasetune: %d of %d parameters are in no phase and stay frozen (e.g. %r); add them to a "
                         "phase to train them", len(resolved.unscheduled), len(params), resolved.unscheduled[0])
         self.engine = PhaseEngine(resolved, params, base_lr=base_lr, max_depth=max_depth, no_decay=no_decay,
@@ -153,7 +154,7 @@ class ScheduledFinetuning:
         self.engine.start()
         thaw.apply_frozen_batchnorm_mode(model, frozen_bn_track_running_stats)
         report = self.engine.prepare_optimizer(optimizer, self.schedulers, enforce=enforce_phase0_params)
-        if report.changed and _is_main():
+        if report.changed and rank() == 0:
             log.info("phasetune: fitted the optimizer to phase 0 (%d parameter(s) of later phases taken out, %d "
                      "phase-0 parameter(s) added)", len(report.extra), len(report.missing))
         problems = self.engine.check_setup(optimizer, self.schedulers)
@@ -221,7 +222,7 @@ class ScheduledFinetuning:
         rec.end_epoch, rec.end_reason = epoch + 1, reason
         if self.engine.is_final:
             self.done = True
-            if _is_main():
+            if rank() == 0:
                 log.info("phasetune: final phase %d ended after epoch %d (%s)", phase.index, epoch, reason)
             return None
         return self._transition(epoch + 1, reason)
@@ -238,7 +239,7 @@ class ScheduledFinetuning:
         self.tracker.reset()
         self.snapshot = None
         self.history.append(self._summary(t.depth, next_epoch))
-        if _is_main():
+        if rank() == 0:
             extras = []
             if t.new_optimizer:
                 extras.append(f"new optimizer {type(t.optimizer).__name__}")
@@ -263,7 +264,7 @@ class ScheduledFinetuning:
     def _restore_snapshot(self) -> bool:
         snap = self.snapshot
         if snap is None or snap.depth != self.engine.depth:
-            if _is_main():
+            if rank() == 0:
                 log.warning("phasetune: restore_best: no best state recorded in phase %d (no metric passed to "
                             "step()?); continuing from the current state", self.engine.depth)
             return False
@@ -288,7 +289,7 @@ class ScheduledFinetuning:
         }
         if self.snapshot is not None:
             state["snapshot"] = self.snapshot.to_state()  # each rank's own shards of sharded tensors
-            state["snapshot_world"] = [_rank(), _world()]
+            state["snapshot_world"] = [rank(), world_size()]
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -321,32 +322,20 @@ class ScheduledFinetuning:
         self.done = bool(state["done"])
         self.snapshot = None
         if state.get("snapshot") is not None:
-            if list(state.get("snapshot_world", [])) == [_rank(), _world()]:
+            if list(state.get("snapshot_world", [])) == [rank(), world_size()]:
                 self.snapshot = snapshots.Snapshot.from_state(state["snapshot"])
-            elif _is_main():
+            elif rank() == 0:
                 log.warning("phasetune: the restore-best snapshot was saved by rank %s of %s processes and cannot be "
                             "used with %d; the phase restores the best state seen after resuming",
-                            *state["snapshot_world"], _world())
+                            *state["snapshot_world"], world_size())
 
 
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _is_main() -> bool:
-    return _rank() == 0
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def _agree(value: float | None) -> float | None:
     """Rank 0's value on every rank, so that all ranks take the same transition decision."""
-    if _world() == 1:
+    if world_size() == 1:
         return value
     box = [value]
     dist.broadcast_object_list(box, src=0)

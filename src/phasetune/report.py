@@ -83,6 +83,12 @@ def _join_ranges(items: list[str]) -> list[str]:
     return out
 
 
+def few(items: Sequence[str], n: int = 3, quote: bool = True) -> str:
+    """The first ``n`` items (``repr``-quoted unless ``quote=False``), then ``and N more``."""
+    shown = ", ".join(repr(x) if quote else str(x) for x in items[:n])
+    return shown + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
 def fmt_count(n: int | None) -> str:
     """``22713986`` -> ``22.7M``."""
     if n is None:

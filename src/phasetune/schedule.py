@@ -30,6 +30,7 @@ import yaml
 from phasetune import specs
 from phasetune.errors import ScheduleError
 from phasetune.io import DuplicateKeyError, atomic_write_text, load_yaml
+from phasetune.report import few
 
 PHASE_KEYS = ("params", "lr", "max_transition_epoch", "new_optimizer", "new_lr_scheduler")
 NEW_LR_SCHEDULER_KEYS = ("lr_scheduler_init", "pl_lrs_cfg", "init_pg_lrs", "use_current_optimizer_pg_lrs")
@@ -144,9 +145,9 @@ def diff_fingerprints(saved: Mapping[str, Any], current: Mapping[str, Any]) -> t
             removed = sorted(set(a["params"]) - set(b["params"]))
             parts = []
             if added:
-                parts.append(f"now also {_few(added)}")
+                parts.append(f"now also {few(added)}")
             if removed:
-                parts.append(f"no longer {_few(removed)}")
+                parts.append(f"no longer {few(removed)}")
             if not parts:
                 parts.append("same names in a different order")
             blocking.append(f"phase {i} trains different parameters: {'; '.join(parts)}")
@@ -163,11 +164,6 @@ def diff_fingerprints(saved: Mapping[str, Any], current: Mapping[str, Any]) -> t
     if saved.get("model_digest") != current.get("model_digest") and not blocking:
         blocking.append("the model's parameter names or shapes differ from those the checkpoint was trained with")
     return blocking, benign
-
-
-def _few(names: Sequence[str], n: int = 3) -> str:
-    shown = ", ".join(repr(x) for x in names[:n])
-    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def load_schedule_source(source: str | os.PathLike[str] | Mapping[Any, Any]) -> tuple[Any, str, list[str]]:
@@ -305,7 +301,7 @@ def _parse_phases(raw: Any, names: list[str], epoch_only: bool) -> tuple[list[Ph
                 continue
             loose = [n for n in hits if _dot_hint(entry, n)]
             if loose:
-                notes.append(f"{where}, key 'params': {_q(entry)} matches {_few(loose)} too{_dot_hint(entry, loose[0])}")
+                notes.append(f"{where}, key 'params': {_q(entry)} matches {few(loose)} too{_dot_hint(entry, loose[0])}")
             clashes: dict[tuple[int, str], list[str]] = {}
             for n in hits:
                 if n in owner and owner[n] != idx:
@@ -317,7 +313,7 @@ def _parse_phases(raw: Any, names: list[str], epoch_only: bool) -> tuple[list[Ph
             for (other, other_entry), clashing in clashes.items():
                 count = f"{len(clashing)} parameters" if len(clashing) > 1 else "parameter"
                 problems.append(
-                    f"{where}, key 'params': {count} {_few(clashing)} (matched by {_q(entry)}) already in phase "
+                    f"{where}, key 'params': {count} {few(clashing)} (matched by {_q(entry)}) already in phase "
                     f"{other} (matched by {_q(other_entry)}); a parameter may belong to one phase only"
                     + _dot_hint(entry, clashing[0])
                     + _dot_hint(other_entry, clashing[0])

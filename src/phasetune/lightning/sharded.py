@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
 
+from phasetune import _dist
 from phasetune.lightning._compat import checkpoint_metadata_file
 from phasetune.lightning.adapters import StrategyAdapter
 
@@ -38,9 +39,9 @@ class ShardedStrategyAdapter(StrategyAdapter):
         All ranks call this together (Lightning builds the checkpoint dict on every rank); ranks other
         than 0 return None, which nobody writes.
         """
-        if value is None or not dist.is_initialized() or dist.get_world_size() == 1:
+        rank, world = _dist.rank(), _dist.world_size()
+        if value is None or world == 1:
             return value
-        rank, world = dist.get_rank(), dist.get_world_size()
         gathered: list[Any] | None = [None] * world if rank == 0 else None
         dist.gather_object(value, gathered, dst=0)
         return {"per_rank": gathered} if rank == 0 else None
@@ -50,14 +51,14 @@ class ShardedStrategyAdapter(StrategyAdapter):
         if not (isinstance(stored, Mapping) and "per_rank" in stored):
             return stored
         per_rank = stored["per_rank"]
-        world = dist.get_world_size() if dist.is_initialized() else 1
+        world = _dist.world_size()
         if len(per_rank) != world:
             rank_zero_warn(
                 f"the checkpoint's restore-best snapshot was taken on {len(per_rank)} ranks, this run has {world}; "
                 "the phase restores the best state seen after resuming"
             )
             return None
-        return per_rank[dist.get_rank() if world > 1 else 0]
+        return per_rank[_dist.rank()]
 
 
 def read_callback_state(checkpoint_path: Path, state_key: str) -> dict[str, Any] | None:

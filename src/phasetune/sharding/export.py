@@ -14,15 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from phasetune._dist import initialized, rank
 from phasetune.sharding.plan import logical_name
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if _distributed() else 0
 
 
 def _prefix_of(module: nn.Module, submodule: nn.Module | None) -> str:
@@ -52,7 +45,7 @@ def full_state_dict(
         sd = {logical_name(k): v.cpu() for k, v in sd.items()}
     else:
         sd = {logical_name(k): v.detach().cpu() for k, v in module.state_dict().items()}
-        if rank0_only and _rank() != 0:
+        if rank0_only and rank() != 0:
             sd = {}
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
@@ -73,7 +66,7 @@ def save_full_model(
     sd = full_state_dict(module, submodule=submodule, rank0_only=True)
     out = Path(out_dir)
     written = None
-    if _rank() == 0:
+    if rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
         if hasattr(target, "save_pretrained"):
             target.save_pretrained(str(out), state_dict=sd, safe_serialization=True)
@@ -84,7 +77,7 @@ def save_full_model(
             save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp))
             tmp.replace(out / "model.safetensors")
         written = out
-    if _distributed():
+    if initialized():
         torch.distributed.barrier()
     return written
 

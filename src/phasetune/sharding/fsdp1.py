@@ -31,14 +31,10 @@ import torch
 from torch import nn
 from torch.distributed.fsdp.wrap import CustomPolicy, size_based_auto_wrap_policy
 
-#: name segments FSDP1 and activation-checkpoint wrappers insert into module and parameter names
-WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
+from phasetune.report import few
+from phasetune.sharding.plan import logical_name
+
 FLAT_PARAM = "_flat_param"
-
-
-def logical_name(name: str) -> str:
-    """``name`` without wrapper segments (``a._fsdp_wrapped_module.b`` -> ``a.b``)."""
-    return ".".join(p for p in name.split(".") if p not in WRAPPER_SEGMENTS)
 
 
 def _join(prefix: str, name: str) -> str:
@@ -408,15 +404,11 @@ def root_problems(index: ParamIndex) -> list[str]:
     if len(roots) < 2:
         return []
     return [
-        f"the model has {len(roots)} outermost FSDP units ({_few(roots)}), wrapped by hand with no FSDP module "
+        f"the model has {len(roots)} outermost FSDP units ({few(roots)}), wrapped by hand with no FSDP module "
         "enclosing them; each acts as an FSDP root, and FSDP fails in backward when a root's parameters are "
         "frozen, as a schedule freezes them. Wrap an enclosing module last in configure_model (e.g. "
         "self.model = wrap(self.model)) so the model has one root unit."
     ]
-
-
-def _few(names: Sequence[str], n: int = 3) -> str:
-    return ", ".join(repr(x) for x in names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def unmanaged_scheduled(index: ParamIndex, phase_of: Mapping[str, int]) -> list[str]:

@@ -32,7 +32,7 @@ from phasetune.errors import ConfigurationError
 ACT_CKPT_MODES = ("composable", "wrapped", "wrapped_offload")
 ALIASES = ("act_ckpt", "cpu_offload_policy")
 #: name segments that wrappers insert into parameter names (activation checkpointing, torch.compile)
-WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module", "_orig_mod")
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
 
 
 def _fully_shard() -> Any:
@@ -78,7 +78,8 @@ class PlanReport:
 
 
 def logical_name(name: str) -> str:
-    """``name`` without the segments wrappers insert (``a._checkpoint_wrapped_module.b`` -> ``a.b``)."""
+    """``name`` without the segments wrappers insert (``a._checkpoint_wrapped_module.b`` -> ``a.b``; FSDP1's
+    ``_fsdp_wrapped_module`` too)."""
     parts = [p for p in name.split(".") if p not in WRAPPER_SEGMENTS]
     return ".".join(parts)
 

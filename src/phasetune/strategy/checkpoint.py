@@ -21,6 +21,7 @@ from typing import Any
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from phasetune import _dist
 from phasetune.io import atomic_torch_save, atomic_write_text
 from phasetune.strategy.distributed import barrier, broadcast_object
 
@@ -139,7 +140,7 @@ def save(
     if "/" in tag or tag.startswith(".") or not tag:
         raise ValueError(f"checkpoint tag {tag!r} must be a plain directory name (no '/', not starting with '.')")
     root = Path(save_dir)
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = _dist.rank()
     plan = None
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 from torch.optim import Optimizer
 
 from phasetune.errors import ConfigurationError
+from phasetune.report import few
 from phasetune.sharding import clip_grad_norm_, grad_norm, save_full_model, split_groups
 from phasetune.sharding.plan import apply_plan, logical_name, match_plan, parse_plan, root_name
 from phasetune.strategy import checkpoint as ckpt
@@ -202,7 +203,7 @@ class FSDP2Strategy:
             log.info("phasetune: %s", note)
         if self.is_main:
             log.info("phasetune: sharded %d unit(s) over %d rank(s): %s", len(report.sharded), self.world_size,
-                     _few([n or "<root>" for n in report.sharded], 4))
+                     few([n or "<root>" for n in report.sharded], 4, quote=False))
         if meta:
             materialize(model, self.device, state_dict, broadcast_from_rank0)
         elif state_dict is not None or broadcast_from_rank0:
@@ -580,8 +581,3 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
     random.setstate((version, tuple(state["python"]), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _few(names: Sequence[str], n: int = 3) -> str:
-    shown = ", ".join(names[:n])
-    return shown + (f" and {len(names) - n} more" if len(names) > n else "")

@@ -13,10 +13,10 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+from phasetune._dist import rank
 from phasetune.sharding.plan import logical_name
 
 
@@ -47,7 +47,7 @@ def materialize_problems(model: nn.Module, state_dict: Mapping[str, Any] | None,
     if not names:
         return []
     if state_dict is None:
-        if broadcast_from_rank0 and _rank() != 0:
+        if broadcast_from_rank0 and rank() != 0:
             return []
         return [f"the model has {len(names)} parameters on the meta device (e.g. {names[0]!r}); pass "
                 "prepare_model(..., state_dict=...) with the full weights to materialize them"]
@@ -80,7 +80,3 @@ def materialize(
                 b.copy_(buffers[n])
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast_from_rank0, strict=False)
     set_model_state_dict(model, dict(state_dict or {}), options=options)
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
