@@ -8,7 +8,6 @@ each into a decayed group and one with ``weight_decay=0``. Every group phasetune
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -230,20 +229,3 @@ def restrict_to_phase0(
         for g in optimizer.param_groups:
             g.setdefault(PHASE_KEY, 0)
     return report
-
-
-def group_counts_by_phase(optimizer: Optimizer) -> dict[int, int]:
-    """How many groups each phase has in ``optimizer`` (groups without the tag count as phase 0)."""
-    counts: dict[int, int] = {}
-    for g in optimizer.param_groups:
-        k = int(g.get(PHASE_KEY, 0))
-        counts[k] = counts.get(k, 0) + 1
-    return counts
-
-
-def finite_or_none(x: Any) -> float | None:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None

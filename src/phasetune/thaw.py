@@ -26,10 +26,6 @@ def thaw(params: Mapping[str, torch.Tensor], names: Iterable[str]) -> list[str]:
     return newly
 
 
-def trainable_names(params: Mapping[str, torch.Tensor]) -> list[str]:
-    return [n for n, p in params.items() if p.requires_grad]
-
-
 def batchnorm_layers(module: nn.Module) -> list[tuple[str, nn.Module, nn.Module | None]]:
     """``(name, bn, parent)`` for every BatchNorm layer in ``module``."""
     found = []
