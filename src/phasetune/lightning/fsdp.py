@@ -26,18 +26,16 @@ from __future__ import annotations
 
 import functools
 import logging
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
 from phasetune.errors import ConfigurationError
 from phasetune.lightning._compat import fsdp_state_dict_type
 from phasetune.lightning.adapters import register_adapter
-from phasetune.lightning.sharded import ShardedStrategyAdapter, read_callback_state
+from phasetune.lightning.sharded import ShardedStrategyAdapter
 from phasetune.sharding import fsdp1
 
 if TYPE_CHECKING:
@@ -120,19 +118,14 @@ class FSDPStrategyAdapter(ShardedStrategyAdapter):
         # FlatParameters), and load_checkpoint loads optimizer state before callbacks are restored. Both are
         # replaced on this strategy instance, bound from the class so repeated fits do not stack.
         class_optimizer_state = functools.partial(type(strategy).optimizer_state, strategy)
-        class_load = functools.partial(type(strategy).load_checkpoint, strategy)
 
         def optimizer_state(optimizer: torch.optim.Optimizer) -> Any:
             if fsdp_state_dict_type(strategy) != "full":
                 return class_optimizer_state(optimizer)
             return fsdp1.full_optimizer_state(strategy.model, optimizer)
 
-        def load_checkpoint(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
-            self.before_checkpoint_load(checkpoint_path)
-            return class_load(checkpoint_path, *args, **kwargs)
-
         strategy.optimizer_state = optimizer_state  # type: ignore[method-assign]
-        strategy.load_checkpoint = load_checkpoint  # type: ignore[method-assign]
+        self.route_checkpoint_loads(strategy)
 
     # -- names ----------------------------------------------------------------------------------------
     def _root(self) -> torch.nn.Module | None:
@@ -236,16 +229,6 @@ class FSDPStrategyAdapter(ShardedStrategyAdapter):
                 "spreads them over all ranks.",
                 self.empty_phase0_ranks, counts,
             )
-
-    # -- resume -------------------------------------------------------------------------------------------
-    def before_checkpoint_load(self, checkpoint_path: Any) -> None:
-        """Rebuild the checkpoint's phase (thawed set, groups) before the strategy loads optimizer state."""
-        trainer, fts = self.trainer, self._fts
-        if trainer is None or fts is None or fts.engine is None or trainer.state.fn != TrainerFn.FITTING:
-            return
-        state = read_callback_state(Path(checkpoint_path), fts.state_key)
-        if state:
-            fts.resume_early(state)
 
 
 register_adapter(lambda s: isinstance(s, FSDPStrategy), FSDPStrategyAdapter)

@@ -21,7 +21,6 @@ What the strategy needs beyond the default adapter:
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,7 +31,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
 from phasetune.lightning.adapters import register_adapter
-from phasetune.lightning.sharded import ShardedStrategyAdapter, read_callback_state
+from phasetune.lightning.sharded import ShardedStrategyAdapter
 from phasetune.sharding import clip, export, groups
 from phasetune.sharding import plan as fsdp_plan
 from phasetune.sharding.checkpoint import prime_optimizer_state, saved_state_names
@@ -83,18 +82,8 @@ class ModelParallelStrategyAdapter(ShardedStrategyAdapter):
 
         precision.clip_grad_by_norm = clip_grad_by_norm  # type: ignore[method-assign]
         # The strategy loads optimizer state in load_checkpoint, before callbacks are restored: rebuild the
-        # saved phase first (see the module docstring). Bound from the class so repeated fits do not stack.
-        class_load = functools.partial(type(strategy).load_checkpoint, strategy)
-
-        def load_checkpoint(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
-            restore = self.before_checkpoint_load(checkpoint_path)
-            try:
-                return class_load(checkpoint_path, *args, **kwargs)
-            finally:
-                for p in restore:
-                    p.requires_grad_(True)
-
-        strategy.load_checkpoint = load_checkpoint  # type: ignore[method-assign]
+        # saved phase first (see the module docstring).
+        self.route_checkpoint_loads(strategy)
 
     def mesh(self, pl_module: pl.LightningModule) -> Any:
         """The mesh plan entries shard over: the strategy's ``data_parallel`` mesh."""
@@ -178,15 +167,10 @@ class ModelParallelStrategyAdapter(ShardedStrategyAdapter):
         Parameters that train but have no optimizer state in the checkpoint (their phase began right before
         the save) are frozen during the load, which would otherwise refuse them, and thawed again after.
         """
+        if not self.resume_from(checkpoint_path):
+            return []
         trainer, fts = self.trainer, self._fts
-        if trainer is None or fts is None or fts.engine is None or not trainer.training:
-            return []
-        path = Path(checkpoint_path)
-        state = read_callback_state(path, fts.state_key)
-        if not state:
-            return []
-        fts.resume_early(state)
-        names = saved_state_names(path)
+        names = saved_state_names(Path(checkpoint_path))
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         if names is None or optimizer is None:
             return []

@@ -11,12 +11,14 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
 from phasetune import _dist
@@ -28,10 +30,50 @@ if TYPE_CHECKING:
 
 
 class ShardedStrategyAdapter(StrategyAdapter):
-    """Base of the FSDP1 and FSDP2 adapters: deferred schedule resolution and per-rank snapshot state."""
+    """Base of the FSDP1 and FSDP2 adapters: deferred schedule resolution, resuming before the strategy
+    loads optimizer state, and per-rank snapshot state."""
+
+    _fts: Any = None  # the FinetuningScheduler, set by the subclass's check()
 
     def defer_init(self, pl_module: pl.LightningModule) -> bool:
         return True  # wrapping/sharding replaces every parameter after setup
+
+    def route_checkpoint_loads(self, strategy: Any) -> None:
+        """Make ``strategy.load_checkpoint`` call :meth:`before_checkpoint_load` first.
+
+        Bound from the class so repeated fits do not stack; parameters :meth:`before_checkpoint_load`
+        returns are thawed again once the strategy's load is done.
+        """
+        class_load = functools.partial(type(strategy).load_checkpoint, strategy)
+
+        def load_checkpoint(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+            restore = self.before_checkpoint_load(checkpoint_path)
+            try:
+                return class_load(checkpoint_path, *args, **kwargs)
+            finally:
+                for p in restore:
+                    p.requires_grad_(True)
+
+        strategy.load_checkpoint = load_checkpoint
+
+    def before_checkpoint_load(self, checkpoint_path: Any) -> list[torch.Tensor]:
+        """Rebuild the checkpoint's phase (thawed set, groups) before the strategy loads optimizer state.
+
+        Returns parameters frozen for the duration of the load (none here; see the FSDP2 adapter).
+        """
+        self.resume_from(checkpoint_path)
+        return []
+
+    def resume_from(self, checkpoint_path: Any) -> bool:
+        """Apply the FinetuningScheduler state saved in ``checkpoint_path`` now; True if there was one."""
+        trainer, fts = self.trainer, self._fts
+        if trainer is None or fts is None or fts.engine is None or trainer.state.fn != TrainerFn.FITTING:
+            return False
+        state = read_callback_state(Path(checkpoint_path), fts.state_key)
+        if not state:
+            return False
+        fts.resume_early(state)
+        return True
 
     def rank_local_state(self, value: Any) -> Any:
         """Every rank's ``value`` (its shards) gathered on rank 0, which writes the checkpoint.
