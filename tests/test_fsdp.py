@@ -18,6 +18,7 @@ from helpers import Block, Net
 from launch import launch
 from phasetune import (
     ConfigurationError,
+    FinetuningScheduler,
     FSDPStrategyAdapter,
     PhaseEngine,
     generate_schedule,
@@ -181,6 +182,27 @@ def test_the_logical_skeleton_generates_the_same_implicit_schedule_as_the_unwrap
 
 
 # ------------------------------------------------------------------------------------------------ adapter config
+
+
+def test_resuming_from_a_checkpoint_without_phasetune_state_is_refused_before_the_strategy_loads_it(
+    one_rank, tmp_path
+):
+    import lightning.pytorch as pl
+
+    from fsdp_cpu import CPUFSDPStrategy
+    from helpers import ToyModule, trainer
+
+    plain = trainer(tmp_path / "plain", [], max_epochs=1)
+    plain.fit(ToyModule(all_params_in_optimizer=True))
+    plain.save_checkpoint(tmp_path / "plain.ckpt")
+    fts = FinetuningScheduler({0: {"params": ["model.head.*"]}, 1: {"params": ["model.embed.*"]}},
+                              strategy_adapter_cfg={"awp_overrides": ["model.head", "model.embed"]})
+    t = pl.Trainer(default_root_dir=str(tmp_path), accelerator="cpu", devices=1, max_epochs=2, callbacks=[fts],
+                   strategy=CPUFSDPStrategy(auto_wrap_policy=ModuleWrapPolicy({Block})), logger=False,
+                   enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    # without the check, FSDP's optimizer-state load fails first with KeyError: 'model.embed.bias'
+    with pytest.raises(ConfigurationError, match=r"plain\.ckpt: it holds no FinetuningScheduler state"):
+        t.fit(ToyModule(), ckpt_path=tmp_path / "plain.ckpt")
 
 
 def test_adapter_is_chosen_for_fsdp_strategy_and_validates_its_config():

@@ -176,3 +176,11 @@ def test_resume_is_exact_when_the_strategy_restores_after_fit_start(tmp_path, re
         warnings.simplefilter("ignore")
         t.fit(module, ckpt_path=root / "ckpts" / "epoch=7.ckpt")  # phase 2: AdamW and ExponentialLR
     assert_same(final_state(module, t), expected)
+
+
+def test_a_checkpoint_without_phasetune_state_is_refused_with_how_to_start_from_its_weights(tmp_path):
+    plain = trainer(tmp_path / "plain", [], max_epochs=1)
+    plain.fit(ToyModule(all_params_in_optimizer=True))
+    plain.save_checkpoint(tmp_path / "plain.ckpt")
+    with pytest.raises(ConfigurationError, match=r"plain\.ckpt: it holds no FinetuningScheduler state .* call fit without ckpt_path"):
+        run(tmp_path / "resumed", ckpt_path=tmp_path / "plain.ckpt")

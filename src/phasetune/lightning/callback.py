@@ -407,6 +407,12 @@ class FinetuningScheduler(Callback):
                 state["snapshot_ref"] = self.adapter.rank_local_state(dict(self._snapshot_ref))
         return state
 
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Lightning restores a callback's state only when the checkpoint has it; without it, the optimizer
+        # state of a plain run would be loaded into phase 0's groups and fail with an opaque size mismatch.
+        if trainer.state.fn == TrainerFn.FITTING and self.state_key not in (checkpoint.get("callbacks") or {}):
+            raise checkpoint_without_state(trainer.ckpt_path)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return
@@ -757,6 +763,16 @@ class FinetuningScheduler(Callback):
             if peak is not None:
                 rec.peak_memory = max(rec.peak_memory or 0, peak)
                 rec.peak_memory_kind = self._memory.kind  # type: ignore[union-attr]
+
+
+def checkpoint_without_state(path: Any) -> ConfigurationError:
+    """The error for resuming a fit from a checkpoint that holds no FinetuningScheduler state."""
+    return ConfigurationError(
+        f"cannot resume from {path}: it holds no FinetuningScheduler state (it was saved by a run without "
+        "phasetune, or with save_weights_only=True). To start a scheduled fine-tune from its weights, load them "
+        "into the model (YourModule.load_from_checkpoint(path), or load_state_dict of its 'state_dict') and call "
+        "fit without ckpt_path."
+    )
 
 
 def _show_phase_in_progress_bar(trainer: pl.Trainer, fts: FinetuningScheduler) -> None:

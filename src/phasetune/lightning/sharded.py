@@ -65,13 +65,22 @@ class ShardedStrategyAdapter(StrategyAdapter):
         return []
 
     def resume_from(self, checkpoint_path: Any) -> bool:
-        """Apply the FinetuningScheduler state saved in ``checkpoint_path`` now; True if there was one."""
+        """Apply the FinetuningScheduler state saved in ``checkpoint_path`` now (False outside a fit).
+
+        A checkpoint without that state is refused here, before the strategy loads optimizer state that
+        does not fit phase 0's groups.
+        """
         trainer, fts = self.trainer, self._fts
         if trainer is None or fts is None or fts.engine is None or trainer.state.fn != TrainerFn.FITTING:
             return False
-        state = read_callback_state(Path(checkpoint_path), fts.state_key)
+        path = Path(checkpoint_path)
+        if not path.exists():
+            return False  # the strategy reports a missing checkpoint itself
+        state = read_callback_state(path, fts.state_key)
         if not state:
-            return False
+            from phasetune.lightning.callback import checkpoint_without_state
+
+            raise checkpoint_without_state(path)
         fts.resume_early(state)
         return True
 
