@@ -230,3 +230,31 @@ def test_the_console_script_exits_with_a_message_not_a_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.startswith("phasetune: error: ") and "Traceback" not in proc.stderr
+
+
+def test_schedule_generate_recipe_writes_its_lrs_and_lr_shapes(tmp_path, capsys):
+    cfg = write_config(tmp_path)
+    assert run("schedule", "generate", "--config", cfg, "--recipe", "discriminative", "--lr", "0.01",
+               "--lr_decay", "0.5", "--phase_steps", "4", "--include_stem", "false") == 0
+    printed = capsys.readouterr().out
+    assert "WarmupLinearDecay(optimizer, total_steps=4, warmup_steps=0)" in printed.split("\n0:")[0]
+    generated = yaml.safe_load(printed)
+    assert [generated[k].get("lr") for k in range(5)] == [None, 0.01, 0.005, 0.0025, 0.00125]
+    assert generated[1]["new_lr_scheduler"]["lr_scheduler_init"] == {
+        "class_path": "phasetune.lr_shapes.WarmupLinearDecay", "init_args": {"total_steps": 4, "warmup_steps": 0}}
+    assert run("schedule", "generate", "--config", cfg, "--recipe", "lpft", "--lr_decay", "0.5") == 2
+    assert "lr_decay applies to the 'discriminative' recipe only" in capsys.readouterr().err
+
+
+def test_fit_with_seeds_prints_mean_sd_per_arm_and_the_paired_difference(tmp_path, capsys):
+    cfg = write_config(tmp_path, baseline="also", test_after_fit=True, seeds=2)
+    assert run("fit", "--config", cfg, "--trainer.max_epochs", "3", "--plot", "false") == 0
+    out = capsys.readouterr().out
+    assert "phasetune: seed 0 (1 of 2)" in out and "phasetune: seed 1 (2 of 2)" in out
+    summary = out[out.index("phasetune: 2 seeds (0 to 1)"):].splitlines()
+    assert summary[1].split()[:4] == ["arm", "seeds", "test_acc", "val_loss"]
+    assert re.match(r"scheduled +2 +0\.\d{4} ± 0\.\d{4} ", summary[3])
+    assert re.match(r"full fine-tuning +2 +0\.\d{4} ± 0\.\d{4} ", summary[4])
+    paired = out[out.index("arm - baseline"):].splitlines()
+    assert paired[0].split()[:5] == ["arm", "-", "baseline", "pairs", "Δ"]
+    assert re.match(r"scheduled +2 +[+-]0\.\d{4} ± 0\.\d{4} .* \d+\.\d\dx +\d+\.\d\dx$", paired[2])

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from phasetune.lightning.cli import main
+from phasetune.schedule import resolve_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = "examples/rotten_tomatoes/demo.yaml"
@@ -21,6 +22,7 @@ pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"needs {MISSING}: run `ma
 
 if not MISSING:
     from examples.rotten_tomatoes import data
+    from examples.rotten_tomatoes.model import SentimentClassifier
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +107,18 @@ def test_the_demo_schedule_covers_the_real_model(monkeypatch, capsys):
     assert cli("schedule", "show", "--config", DEMO) == 0
     out = capsys.readouterr().out
     rows = [line.split()[:4] for line in out.splitlines() if re.match(r"\d +\d", line)]
-    assert rows == [["0", "149k", "(4)", "0.7%"], ["1", "3.55M", "(32)", "16.3%"], ["2", "19M", "(69)", "100.0%"]]
+    assert rows == [["0", "149k", "(4)", "0.7%"], ["1", "22.6M", "(101)", "100.0%"]]
     assert "note:" not in out  # every parameter is in a phase, no regex matches more than meant
+
+
+def test_the_demo_schedule_is_the_lpft_recipe_as_generated(monkeypatch, tmp_path):
+    monkeypatch.chdir(ROOT)
+    generated = tmp_path / "lpft.yaml"
+    assert cli("schedule", "generate", "--config", DEMO, "--recipe", "lpft", "--lr", "2e-4", "--phase_steps", "24",
+               "--steps_per_epoch", "8", "--output", str(generated)) == 0
+    names = [n for n, _ in SentimentClassifier().named_parameters()]
+    demo = resolve_schedule(ROOT / "examples/rotten_tomatoes/schedule.yaml", names)
+    assert demo.to_dict() == resolve_schedule(generated, names).to_dict()
 
 
 def test_demo_end_to_end_on_a_few_batches(monkeypatch, tmp_path, capsys):
@@ -120,9 +132,10 @@ def test_demo_end_to_end_on_a_few_batches(monkeypatch, tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     phases = re.findall(r"^(\d)\s+(\d)\s+(\d)\s+\S+ \(([\d.]+)%\)", out, flags=re.M)
-    assert phases == [("0", "2", "2", "0.7"), ("1", "2", "2", "16.3"), ("2", "2", "2", "100.0")]
+    assert phases == [("0", "3", "3", "0.7"), ("1", "3", "3", "100.0")]
     assert "baseline: plain full fine-tuning of every parameter for 6 steps, the scheduled run's budget" in out
-    assert re.search(r"^scheduled \(3 phases\) +6 .* 0\.\d{4} +\d\.\d{4}$", out, flags=re.M)
+    assert "baseline: lr warm-up over 0 steps, then linear decay to 0 at step 6" in out
+    assert re.search(r"^scheduled \(2 phases\) +6 .* 0\.\d{4} +\d\.\d{4}$", out, flags=re.M)
     assert re.search(r"^full fine-tuning +6 .* 0\.\d{4} +\d\.\d{4}$", out, flags=re.M)
     plot = tmp_path / "lightning_logs" / "version_0" / "phases.png"
     assert f"phasetune: plot: {plot}" in out and plot.stat().st_size > 10_000

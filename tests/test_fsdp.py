@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import functools
 import re
+from pathlib import Path
+from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.distributed as dist
@@ -14,7 +17,7 @@ from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy, size_based_auto_wrap_policy
 
-from helpers import Block, Net
+from helpers import Block, Net, ToyModule
 from launch import launch
 from phasetune import (
     ConfigurationError,
@@ -205,6 +208,69 @@ def test_resuming_from_a_checkpoint_without_phasetune_state_is_refused_before_th
         t.fit(ToyModule(), ckpt_path=tmp_path / "plain.ckpt")
 
 
+class PathHparams(ToyModule):
+    """Hyperparameters holding a pathlib.Path, which torch.load refuses with weights_only=True."""
+
+    def __init__(self, data_dir: Path = Path("data")) -> None:
+        super().__init__(optimizer="adam", lr=0.01)
+        self.save_hyperparameters()
+
+
+TWO_PHASES = {0: {"params": ["model.head.*"], "max_transition_epoch": 1}, 1: {"params": ["model.embed.*"], "max_transition_epoch": 3}}
+
+
+def fsdp1_fit(one_rank_dir: Path, strategy: FSDPStrategy, max_epochs: int, **fit_kw) -> tuple[pl.Trainer, Any]:
+    fts = FinetuningScheduler(TWO_PHASES, epoch_transitions_only=True,
+                              strategy_adapter_cfg={"awp_overrides": ["model.head", "model.embed"]})
+    t = pl.Trainer(default_root_dir=str(one_rank_dir), accelerator="cpu", devices=1, max_epochs=max_epochs,
+                   callbacks=[fts], strategy=strategy, logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, num_sanity_val_steps=0)
+    t.fit(PathHparams(), **fit_kw)
+    return t, fts
+
+
+@pytest.fixture(scope="module")
+def path_hparams_fit(one_rank, tmp_path_factory):
+    """One in-process FSDP1 fit into phase 1 whose checkpoint's hparams hold a Path."""
+    from fsdp_cpu import CPUFSDPStrategy
+
+    out = tmp_path_factory.mktemp("path_hparams")
+    user_policy = ModuleWrapPolicy({Block})
+    t, fts = fsdp1_fit(out, CPUFSDPStrategy(auto_wrap_policy=user_policy), max_epochs=2)
+    t.save_checkpoint(out / "path.ckpt")
+    return out, t, user_policy, fts
+
+
+def test_after_fit_the_fsdp_strategy_is_left_as_the_user_gave_it(path_hparams_fit):
+    _, t, user_policy, _ = path_hparams_fit
+    assert "load_checkpoint" not in vars(t.strategy) and "optimizer_state" not in vars(t.strategy)
+    assert t.strategy.kwargs["auto_wrap_policy"] is user_policy
+
+
+def test_a_checkpoint_whose_hparams_hold_a_path_resumes_as_the_strategy_reads_it(path_hparams_fit):
+    # FSDPStrategy unpickles a full checkpoint whatever weights_only says (and Lightning 2.6 passes it None);
+    # phasetune's read of the callback state before that load once forced weights_only=True: UnpicklingError
+    from fsdp_cpu import CPUFSDPStrategy
+
+    out, _, user_policy, _ = path_hparams_fit
+    t, fts = fsdp1_fit(out / "resumed", CPUFSDPStrategy(auto_wrap_policy=user_policy), max_epochs=3,
+                       ckpt_path=out / "path.ckpt")
+    assert fts.curr_depth == 1 and t.current_epoch == 3
+
+
+def test_a_checkpoint_torch_load_refuses_is_reported_in_one_line_with_its_path_and_the_fix(path_hparams_fit):
+    from phasetune.lightning.sharded import read_callback_state
+
+    out, _, _, fts = path_hparams_fit
+    with pytest.raises(ConfigurationError) as e:
+        read_callback_state(out / "path.ckpt", fts.state_key, weights_only=True)
+    message = str(e.value)
+    assert "\n" not in message and str(out / "path.ckpt") in message
+    assert "torch.serialization.add_safe_globals([pathlib.PosixPath])" in message
+    with torch.serialization.safe_globals([type(out)]):
+        assert read_callback_state(out / "path.ckpt", fts.state_key, weights_only=True)["depth"] == 1
+
+
 def test_adapter_is_chosen_for_fsdp_strategy_and_validates_its_config():
     assert type(select_adapter(FSDPStrategy(), {"awp_overrides": ["model.head"]})) is FSDPStrategyAdapter
     with pytest.raises(ConfigurationError) as err:
@@ -276,6 +342,12 @@ def test_resume_from_a_phase_1_checkpoint_matches_the_uninterrupted_run_exactly(
     assert resumed["params"] == ref["params"]
     assert resumed["groups"] == ref["groups"]
     assert ranks[1][f"{mode}_resumed"]["groups"] == ranks[1][f"{mode}_run"]["groups"]
+
+
+def test_after_each_fit_the_strategy_holds_no_phasetune_patches_and_its_own_wrap_policy(ranks):
+    for rank in ranks:
+        for name in ("flat_run", "flat_resumed", "orig_run", "orig_resumed", "es_run", "es_resumed"):
+            assert rank[name]["patches_left"] == [], name
 
 
 def test_checkpoints_hold_optimizer_state_consolidated_under_logical_names(ranks, out_dir):

@@ -185,3 +185,12 @@ def test_hugging_face_export_loads_with_from_pretrained_and_the_implicit_schedul
 def test_the_adapter_leaves_no_hooks_on_the_module_after_fit(ranks):
     # the plan runs through an instance-level configure_model during fit; teardown removes it
     assert ranks[0]["act_ckpt"]["hooks_left"] == []
+
+
+def test_after_each_fit_the_strategy_and_precision_plugin_hold_no_phasetune_patches(ranks):
+    # load_checkpoint (routed through the adapter, also in the resumed fit) and clip_grad_by_norm are the
+    # class methods again: release() at teardown undid the instance patches
+    for rank in ranks:
+        assert {name: rank[name]["patches_left"] for name in ("main", "resumed", "act_ckpt", "mixed")} == {
+            "main": [], "resumed": [], "act_ckpt": [], "mixed": []
+        }

@@ -99,3 +99,103 @@ def test_bad_arguments():
         generate_schedule(Net(), style="layers")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="has no parameters"):
         generate_schedule(nn.ReLU())
+
+
+# ---------------------------------------------------------------------------------------------- recipes
+
+BODY = [rf"bert\.encoder\.layer\.{i}\..*" for i in (2, 1, 0)]
+HEAD = [r"bert\.pooler\..*", r"classifier\..*"]
+STEM = [r"bert\.embeddings\..*"]
+
+
+def shape_of(phase: dict) -> dict:
+    return phase["new_lr_scheduler"]["lr_scheduler_init"]["init_args"]
+
+
+def test_lpft_trains_the_head_first_then_everything_else_at_lr():
+    s = generate_schedule(BertLike(n=3), "lpft", lr=1e-4)
+    assert s == {0: {"params": HEAD}, 1: {"params": BODY + STEM, "lr": 1e-4}}
+
+
+def test_discriminative_lrs_fall_by_lr_decay_per_block_from_the_top_down():
+    s = generate_schedule(BertLike(n=3), "discriminative", lr=1e-4, lr_decay=0.5)
+    assert [s[k]["params"] for k in range(5)] == [HEAD, BODY[:1], BODY[1:2], BODY[2:], STEM]
+    assert [s[k].get("lr") for k in range(5)] == [None, 1e-4, 5e-5, 2.5e-5, 1.25e-5]
+
+
+def test_discriminative_default_lr_decay_is_the_recipe_default():
+    from phasetune.recipes import DEFAULT_LR_DECAY
+
+    s = generate_schedule(BertLike(n=3), "discriminative", lr=1e-4)
+    assert s[2]["lr"] == pytest.approx(1e-4 * DEFAULT_LR_DECAY)
+
+
+def test_discriminative_with_two_blocks_per_phase_and_the_stem_left_frozen():
+    s = generate_schedule(BertLike(n=3), "discriminative", lr=1e-4, lr_decay=0.5, blocks_per_phase=2,
+                          include_stem=False)
+    assert s == {0: {"params": HEAD}, 1: {"params": BODY[:2], "lr": 1e-4}, 2: {"params": BODY[2:], "lr": 2.5e-5}}
+
+
+def test_blocks_recipe_options_give_every_phase_the_same_lr():
+    s = generate_schedule(BertLike(n=3), "blocks", lr=3e-5)
+    assert {s[k]["lr"] for k in range(1, 5)} == {3e-5}
+    assert "lr" not in s[0]
+
+
+def test_phase_steps_give_each_later_phase_its_own_warmup_then_decay_and_epoch_ends():
+    s = generate_schedule(BertLike(n=3), "lpft", lr=1e-4, phase_steps=[10, 30], warmup_fraction=0.1, steps_per_epoch=5)
+    assert "new_lr_scheduler" not in s[0]  # phase 0's shape comes from configure_optimizers
+    assert s[1]["new_lr_scheduler"] == {
+        "lr_scheduler_init": {"class_path": "phasetune.lr_shapes.WarmupLinearDecay",
+                              "init_args": {"total_steps": 30, "warmup_steps": 3}},
+        "pl_lrs_cfg": {"interval": "step"},
+    }
+    assert [s[0]["max_transition_epoch"], s[1]["max_transition_epoch"]] == [2, 8]
+
+
+def test_one_phase_steps_value_applies_to_every_phase():
+    s = generate_schedule(BertLike(n=3), "discriminative", lr=1e-4, phase_steps=4)
+    assert [shape_of(s[k])["total_steps"] for k in range(1, 5)] == [4, 4, 4, 4]
+
+
+@pytest.mark.parametrize("style", ["lpft", "discriminative", "blocks"])
+def test_recipes_resolve_and_dump_as_an_ordinary_schedule_file(style, tmp_path):
+    model = BertLike(n=3)
+    names = [n for n, _ in model.named_parameters()]
+    raw = generate_schedule(model, style, lr=1e-4, phase_steps=2, steps_per_epoch=1)
+    resolved = resolve_schedule(raw, names, epoch_transitions_only=True)
+    assert resolved.unscheduled == ()
+    path = resolved.dump(tmp_path / "s.yaml", resolved=False)
+    text = path.read_text()
+    assert "phasetune.lr_shapes.WarmupLinearDecay" in text and "lr: 0.0001" in text
+    assert resolve_schedule(path, names, epoch_transitions_only=True).to_dict() == resolved.to_dict()
+
+
+def test_recipe_option_problems_are_collected_and_named():
+    with pytest.raises(ValueError) as e:
+        generate_schedule(BertLike(n=3), "discriminative", lr=-1, lr_decay=2.0, warmup_fraction=1.0, speed=3)
+    text = str(e.value)
+    for part in ("unknown option 'speed'", "lr must be a positive number", "lr_decay must be a number in (0, 1]",
+                 "warmup_fraction must be a number in [0, 1)"):
+        assert part in text
+    with pytest.raises(ValueError, match="lr_decay applies to the 'discriminative' recipe only"):
+        generate_schedule(BertLike(n=3), "lpft", lr_decay=0.5)
+    with pytest.raises(ValueError, match="a list of 2 of them"):
+        generate_schedule(BertLike(n=3), "lpft", phase_steps=[1, 2, 3])
+    with pytest.raises(ValueError, match="not a whole number of epochs of 4 steps"):
+        generate_schedule(BertLike(n=3), "lpft", phase_steps=[2, 6], steps_per_epoch=4)
+    with pytest.raises(ValueError, match="the 'pairs' style takes no recipe options"):
+        generate_schedule(BertLike(n=3), "pairs", lr=1e-4)
+
+
+def test_a_stem_listed_in_no_split_modules_is_still_the_stem():
+    class Embeddings(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.word_embeddings = nn.Embedding(10, 4)
+
+    model = BertLike(n=3)
+    model.bert.embeddings = Embeddings()
+    model._no_split_modules = ["Layer", "Embeddings"]  # as Hugging Face's BERT lists BertEmbeddings
+    s = generate_schedule(model, "lpft", include_stem=False)
+    assert s == {0: {"params": HEAD}, 1: {"params": BODY}}

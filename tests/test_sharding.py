@@ -220,7 +220,7 @@ def test_global_norm_spans_meshes_and_plain_tensors_and_clips_like_the_unsharded
     assert torch.allclose(grad_norm(params, float("inf")), torch.stack([r.grad.abs().max() for r in ref]).max())
 
 
-# ------------------------------------------------------------------------------------------------ DCP resume
+# ------------------------------------------------------------------------------------------------ snapshots
 
 
 def _sharded_net(mesh, thawed: tuple[str, ...]) -> Net:
@@ -230,51 +230,6 @@ def _sharded_net(mesh, thawed: tuple[str, ...]) -> Net:
     for n, p in net.named_parameters():
         p.requires_grad_(n.startswith(thawed))
     return net
-
-
-def test_a_checkpoint_saved_right_after_a_phase_began_loads_once_its_state_is_primed(pg, tmp_path):
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-
-    from phasetune.sharding.checkpoint import prime_optimizer_state, saved_state_names
-
-    net = _sharded_net(pg, ("head",))
-    opt = torch.optim.Adam(net.head.parameters(), lr=0.1)
-    net(torch.randn(3, 8)).sum().backward()
-    opt.step()
-    for p in net.layers[3].parameters():  # phase 1 begins; the save comes before its first step
-        p.requires_grad_(True)
-    opt.add_param_group({"params": list(net.layers[3].parameters()), "lr": 0.01})
-    dcp.save({"optimizer_0": get_optimizer_state_dict(net, opt)}, checkpoint_id=str(tmp_path))
-    assert saved_state_names(tmp_path) == {"head.weight", "head.bias"}
-
-    def fresh():
-        net2 = _sharded_net(pg, ("head", "layers.3"))
-        groups = [{"params": list(net2.head.parameters())}, {"params": list(net2.layers[3].parameters()), "lr": 0.01}]
-        return net2, torch.optim.Adam(groups, lr=0.1)
-
-    net2, opt2 = fresh()
-    with pytest.raises(CheckpointException, match="Missing key in checkpoint state_dict"):  # torch primes all
-        dcp.load({"optimizer_0": get_optimizer_state_dict(net2, opt2)}, checkpoint_id=str(tmp_path))
-
-    net2, opt2 = fresh()
-    before = {n: p.detach().full_tensor().clone() for n, p in net2.named_parameters()}
-    assert prime_optimizer_state(opt2, list(net2.head.parameters())) == 2
-    stateless = list(net2.layers[3].parameters())
-    for p in stateless:  # what the adapter does around the strategy's load
-        p.requires_grad_(False)
-    state = {"optimizer_0": get_optimizer_state_dict(net2, opt2)}
-    dcp.load(state, checkpoint_id=str(tmp_path))
-    set_optimizer_state_dict(net2, opt2, state["optimizer_0"])
-    for p in stateless:
-        p.requires_grad_(True)
-    assert all(torch.equal(p.detach().full_tensor(), before[n]) for n, p in net2.named_parameters())  # lr-0 step
-    saved = opt.state[net.head.weight]
-    loaded = opt2.state[net2.head.weight]
-    assert torch.equal(loaded["exp_avg"].full_tensor(), saved["exp_avg"].full_tensor())
-    assert float(loaded["step"]) == float(saved["step"]) == 1.0
-    assert all(p not in opt2.state for p in stateless)  # fresh, as in an uninterrupted run
 
 
 def test_snapshots_of_sharded_parameters_hold_local_shards_and_restore_dtensor_state(pg):

@@ -20,7 +20,6 @@ from launch import launch
 from phasetune import ConfigurationError, FSDP2Strategy, ScheduledFinetuning
 from phasetune.strategy import block_plan, checkpoint, list_checkpoints
 from phasetune.strategy.fsdp2 import unit_dtype_problems
-from phasetune.strategy.optim_state import drop_state, fill_missing_state
 from plain_models import SCHEDULE, TinyLM
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "plain_pytorch.md"
@@ -298,24 +297,6 @@ def test_rotation_deletes_the_oldest_by_save_order_until_count_and_size_fit(tmp_
     assert [c.tag for c in list_checkpoints(tmp_path)] == ["d", "c"]
     checkpoint.rotate(tmp_path, max_num=3, max_mem_gib=10 / 1024**3)  # the newest stays even when too big
     assert [c.tag for c in list_checkpoints(tmp_path)] == ["c"]
-
-
-def test_fill_missing_state_creates_only_missing_state_and_moves_nothing():
-    a, b = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(3))
-    opt = torch.optim.AdamW([a], lr=0.1, weight_decay=0.1)
-    a.grad = torch.ones(3)
-    opt.step()
-    opt.add_param_group({"params": [b], "lr": 0.1})
-    a_state = {k: v.clone() for k, v in opt.state[a].items()}
-    before = a.detach().clone(), b.detach().clone()
-    a.grad = torch.full((3,), 5.0)
-    filled = fill_missing_state(opt)
-    assert filled == [b] and set(opt.state[b]) == {"step", "exp_avg", "exp_avg_sq"}
-    assert all(torch.equal(opt.state[a][k], v) for k, v in a_state.items())
-    assert torch.equal(a, before[0]) and torch.equal(b, before[1])
-    assert torch.equal(a.grad, torch.full((3,), 5.0)) and b.grad is None  # gradients as they were
-    drop_state(opt, filled)
-    assert b not in opt.state and opt.param_groups[1]["lr"] == 0.1
 
 
 def test_the_strategy_reads_torchruns_environment_and_picks_gloo_on_cpu(one_process):

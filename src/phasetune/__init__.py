@@ -13,6 +13,7 @@ from typing import Any
 from phasetune.engine import PhaseEngine, Transition
 from phasetune.errors import ConfigurationError, PhasetuneError, ScheduleError, ScheduleGenerated
 from phasetune.generate import generate_schedule
+from phasetune.run import PhaseRecord, PhaseRun, RunEnv, RunOptions
 from phasetune.schedule import Phase, Schedule, resolve_schedule
 from phasetune.snapshots import Snapshot, restore_snapshot, take_snapshot
 from phasetune.transitions import PatienceTracker, phase_end_reason
@@ -23,18 +24,20 @@ _LAZY = {
     "ScheduledFinetuning": "phasetune.loop",
     "FSDP2Strategy": "phasetune.strategy",
     "FinetuningScheduler": "phasetune.lightning.callback",
-    "PhaseRecord": "phasetune.lightning.callback",
     "FTSEarlyStopping": "phasetune.lightning.early_stopping",
-    "FTSCheckpoint": "phasetune.lightning.checkpoint",
+    "FTSCheckpoint": "phasetune.lightning.fts_checkpoint",
     "StrategyAdapter": "phasetune.lightning.adapters",
     "DDPStrategyAdapter": "phasetune.lightning.adapters",
-    "ModelParallelStrategyAdapter": "phasetune.lightning.fsdp2",
-    "FSDPStrategyAdapter": "phasetune.lightning.fsdp",
-    "export_full_model": "phasetune.lightning.fsdp2",
+    "ModelParallelStrategyAdapter": "phasetune.lightning.fsdp2_adapter",
+    "FSDPStrategyAdapter": "phasetune.lightning.fsdp1_adapter",
+    "export_full_model": "phasetune.lightning.fsdp2_adapter",
     "PhasetuneCLI": "phasetune.lightning.cli",
     "ValidationHistory": "phasetune.lightning.summary",
     "plot_phases": "phasetune.lightning.summary",
     "summary_table": "phasetune.lightning.summary",
+    "PhasetuneTrainer": "phasetune.hf",
+    "PhasetuneTrainerCallback": "phasetune.hf",
+    "PhasetuneTrainerMixin": "phasetune.hf",
 }
 
 
@@ -63,8 +66,14 @@ __all__ = [
     "Phase",
     "PhaseEngine",
     "PhaseRecord",
+    "PhaseRun",
     "PhasetuneCLI",
     "PhasetuneError",
+    "PhasetuneTrainer",
+    "PhasetuneTrainerCallback",
+    "PhasetuneTrainerMixin",
+    "RunEnv",
+    "RunOptions",
     "Schedule",
     "ScheduleError",
     "ScheduleGenerated",

@@ -1,4 +1,9 @@
-"""Rank and world size that also work without an initialised process group (one process: rank 0 of 1)."""
+"""Rank, world size and the collectives phasetune needs, all working without a process group.
+
+Without an initialised ``torch.distributed`` process group (or with a group of one) the process is rank 0
+of 1 and every collective is a no-op, so single-process code paths need no special case. Setting up the
+process group itself is :func:`phasetune.strategy.distributed.init_distributed`'s job.
+"""
 
 from __future__ import annotations
 
@@ -15,3 +20,18 @@ def rank() -> int:
 
 def world_size() -> int:
     return dist.get_world_size() if initialized() else 1
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """``obj`` from rank ``src`` on every rank (a collective: every rank calls it; a no-op on one process)."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op on one process)."""
+    if world_size() > 1:
+        dist.barrier()

@@ -8,6 +8,8 @@ phases ask for, and replays transitions when a run resumes. It knows nothing abo
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +20,21 @@ from torch.optim import Optimizer
 from phasetune import param_groups as pg
 from phasetune import specs, thaw
 from phasetune.schedule import Phase, Schedule
+
+_MISSING = object()
+#: group keys that are bookkeeping (phasetune's, or torch's per-optimizer flags), not hyperparameters to carry
+_GROUP_BOOKKEEPING = frozenset(
+    {"params", "lr", "initial_lr", pg.PHASE_KEY, "foreach", "fused", "capturable", "differentiable", "maximize"}
+)
+
+
+def _differs(value: Any, default: Any) -> bool:
+    if default is _MISSING:
+        return True
+    try:
+        return bool(value != default)
+    except Exception:  # tensors or other values without a plain truth value: compare identity
+        return value is not default
 
 
 @dataclass
@@ -221,19 +238,41 @@ class PhaseEngine:
     def _new_optimizer(
         self, spec: specs.ClassSpec, old: Optimizer, new_groups: list[dict[str, Any]]
     ) -> Optimizer:
+        """The optimizer ``spec`` names, over the old groups plus ``new_groups``.
+
+        Hyperparameters the user set per group (values that differ from the old optimizer's defaults, such
+        as ``weight_decay=0`` for norms and biases, or other betas) follow the groups when the new optimizer
+        takes them; the ones it does not take are named in a warning rather than dropped silently.
+        """
+        cls = specs.import_class(spec.class_path, (Optimizer,))
+        accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "params"}
+        dropped: dict[str, Any] = {}
         name_of = self.name_of
-        groups = []
-        for g in old.param_groups:
-            ng: dict[str, Any] = {"params": list(g["params"]), "lr": g["lr"], pg.PHASE_KEY: g.get(pg.PHASE_KEY, 0)}
+
+        def carry(g: Mapping[str, Any], depth: int) -> dict[str, Any]:
+            ng: dict[str, Any] = {"params": list(g["params"]), "lr": g["lr"], pg.PHASE_KEY: depth}
+            for k, v in g.items():
+                if k in _GROUP_BOOKKEEPING or k in spec.init_args or not _differs(v, old.defaults.get(k, _MISSING)):
+                    continue
+                if k in accepted:
+                    ng[k] = v
+                else:
+                    dropped.setdefault(k, v)
             names = [name_of.get(id(p), "") for p in g["params"]]
-            if self.no_decay and names and all(pg.is_no_decay(n, self.no_decay) for n in names):
-                ng["weight_decay"] = 0.0
-            groups.append(ng)
-        for g in new_groups:
-            ng = {"params": g["params"], "lr": g["lr"], pg.PHASE_KEY: g[pg.PHASE_KEY]}
-            if "weight_decay" in g and g["weight_decay"] == 0.0 and self.no_decay:
-                ng["weight_decay"] = 0.0
-            groups.append(ng)
+            if self.no_decay and names and all(pg.is_no_decay(n, self.no_decay) for n in names) and "weight_decay" in accepted:
+                ng["weight_decay"] = 0.0  # no_decay groups stay without decay whatever the new default
+            return ng
+
+        groups = [carry(g, g.get(pg.PHASE_KEY, 0)) for g in old.param_groups]
+        groups += [carry(g, g[pg.PHASE_KEY]) for g in new_groups]
+        if dropped:
+            keys = ", ".join(f"{k}={v!r}" for k, v in sorted(dropped.items()))
+            warnings.warn(
+                f"phase {self.depth + 1}, key 'new_optimizer': {cls.__name__} takes no {keys}, which the previous "
+                f"optimizer's groups set; those groups train without them. Set what {cls.__name__} should use in "
+                "the phase's new_optimizer init_args.",
+                stacklevel=2,
+            )
         return specs.build_optimizer(spec, groups)
 
     def _new_scheduler(self, spec: specs.LRSchedulerSpec, optimizer: Optimizer, existing: int) -> Any:

@@ -10,35 +10,58 @@ Two styles:
 
 Repeated blocks are modules whose class is listed in the model's ``_no_split_modules`` (Hugging Face
 models set it), else children of a ``ModuleList``/``Sequential`` that share a class and own parameters.
+
+Recipes (:mod:`phasetune.recipes`) lay lrs, per-phase lr shapes and phase lengths over the block-wise
+structure: ``"lpft"`` and ``"discriminative"``, and ``"blocks"`` itself takes their options (``lr``,
+``phase_steps``, ...). ``generate_schedule(model, style, **options)`` serves them all.
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 from torch import nn
 
+from phasetune import recipes
 from phasetune.report import whole_modules
 
-Style = Literal["blocks", "pairs"]
-STYLES = ("blocks", "pairs")
+Style = Literal["blocks", "pairs", "lpft", "discriminative"]
+STYLES = ("blocks", "pairs", "lpft", "discriminative")
+#: the style used when none is given
+DEFAULT_STYLE: Style = "blocks"
 
 
-def generate_schedule(model: nn.Module, style: Style = "blocks", params_per_phase: int = 2) -> dict[int, dict[str, Any]]:
-    """Return a schedule dict (phase -> ``{"params": [...]}``) for ``model``; see the module docstring."""
+def generate_schedule(model: nn.Module, style: Style = DEFAULT_STYLE, params_per_phase: int = 2,
+                      **options: Any) -> dict[int, dict[str, Any]]:
+    """Return a raw schedule dict (phase -> ``{"params": [...], ...}``) for ``model``.
+
+    ``style`` is one of :data:`STYLES` (see the module docstring); ``params_per_phase`` is the ``"pairs"``
+    style's; ``options`` are a recipe's (:data:`phasetune.recipes.OPTIONS`), accepted by every style but
+    ``"pairs"``. The result is what ``resolve_schedule`` takes and ``Schedule.dump`` writes.
+    """
     names = [n for n, _ in model.named_parameters()]
     if not names:
         raise ValueError(f"{type(model).__name__} has no parameters to schedule")
     if style == "pairs":
+        if options:
+            raise ValueError(f"the 'pairs' style takes no recipe options (got {', '.join(sorted(options))}); "
+                             f"use one of {', '.join(recipes.RECIPES)} for lrs and lr shapes")
         if params_per_phase < 1:
             raise ValueError(f"params_per_phase must be >= 1, got {params_per_phase}")
         rev = names[::-1]
         return {i: {"params": rev[j : j + params_per_phase]} for i, j in enumerate(range(0, len(rev), params_per_phase))}
-    if style != "blocks":
+    if style not in STYLES:
         raise ValueError(f"unknown schedule style {style!r}; choose one of {', '.join(STYLES)}")
+    units, has_stem = block_units(model)
+    return recipes.apply_recipe(style, units, has_stem=has_stem, **options)
 
+
+def block_units(model: nn.Module) -> tuple[list[list[str]], bool]:
+    """The ``"blocks"`` phases of ``model`` (head, blocks top down, stem), and whether the last is a stem."""
+    names = [n for n, _ in model.named_parameters()]
     blocks = find_blocks(model)
     units = _units(model, names, blocks)
     units.reverse()  # top of the model first
@@ -53,7 +76,12 @@ def generate_schedule(model: nn.Module, style: Style = "blocks", params_per_phas
         pending = []
     if pending:
         phases[-1].extend(pending)
-    return {i: {"params": _compress(model, p)} for i, p in enumerate(phases)}
+    # the stem: what comes before the repeated blocks (a run of parameters, or a block class seen once,
+    # like Hugging Face's BertEmbeddings listed in _no_split_modules)
+    kinds = Counter(type(model.get_submodule(b)).__name__ for b in blocks)
+    owners = {next((b for b in blocks if n.startswith(b + ".")), None) for n in phases[-1]}
+    has_stem = len(phases) > 1 and all(o is None or kinds[type(model.get_submodule(o)).__name__] == 1 for o in owners)
+    return [_compress(model, p) for p in phases], has_stem
 
 
 def find_blocks(model: nn.Module) -> list[str]:

@@ -185,6 +185,17 @@ class Phase0Report:
     def changed(self) -> bool:
         return bool(self.extra or self.missing or self.unnamed)
 
+    def describe(self) -> str:
+        """How the optimizer differed from phase 0, in words (empty when it did not)."""
+        parts = []
+        if self.extra:
+            parts.append(f"{len(self.extra)} parameter(s) outside phase 0 (e.g. {self.extra[0]!r})")
+        if self.missing:
+            parts.append(f"lacked {len(self.missing)} phase-0 parameter(s) (e.g. {self.missing[0]!r})")
+        if self.unnamed:
+            parts.append(f"{self.unnamed} tensor(s) that are not parameters of the model")
+        return "; ".join(parts)
+
 
 def restrict_to_phase0(
     optimizer: Optimizer,

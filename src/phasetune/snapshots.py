@@ -11,31 +11,26 @@ from __future__ import annotations
 import copy as _copy_mod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
+from phasetune.io import atomic_torch_save
+from phasetune.sharding.dtensor import dtensor_like, is_dtensor, local_shard
+
 SNAPSHOT_FORMAT = 1
 
 
-def _is_dtensor(t: Any) -> bool:
-    return hasattr(t, "to_local") and getattr(t, "device_mesh", None) is not None
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's own shard (sharing its storage); other tensors as they are."""
-    return t.to_local() if _is_dtensor(t) else t
-
-
 def _copy(t: torch.Tensor, device: str | torch.device | None) -> torch.Tensor:
-    t = _local(t).detach()  # sharded tensors: each rank keeps its own shard
+    t = local_shard(t).detach()  # sharded tensors: each rank keeps its own shard
     return t.to(device, copy=True) if device is not None else t.clone()
 
 
 def _nbytes(obj: Any) -> int:
     if isinstance(obj, torch.Tensor):
-        local = obj.to_local() if hasattr(obj, "to_local") else obj
+        local = local_shard(obj)
         return local.numel() * local.element_size()
     if isinstance(obj, Mapping):
         return sum(_nbytes(v) for v in obj.values())
@@ -122,21 +117,12 @@ def take_snapshot(
                 snap.optimizer_devices[name] = {
                     k: str(v.device) for k, v in st.items() if isinstance(v, torch.Tensor)
                 }
-                dtensors = [k for k, v in st.items() if _is_dtensor(v)]
+                dtensors = [k for k, v in st.items() if is_dtensor(v)]
                 if dtensors:
                     snap.optimizer_dtensors[name] = dtensors
             snap.group_hparams = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         snap.schedulers = [_copy_mod.deepcopy(s.state_dict()) for s in schedulers]
     return snap
-
-
-def _as_dtensor_like(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """``local`` (this rank's shard of a state tensor of ``param``) as a DTensor laid out like ``param``."""
-    from torch.distributed.tensor import DTensor
-
-    return DTensor.from_local(
-        local, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
-    )
 
 
 def restore_snapshot(
@@ -159,7 +145,7 @@ def restore_snapshot(
         extra = sorted(set(snap.params) - set(params))
         problems.append(f"trainable parameters differ from the snapshot's (missing {missing[:3]}, extra {extra[:3]})")
         return problems
-    copy = copy_into or (lambda dst, src: _local(dst).copy_(src))
+    copy = copy_into or (lambda dst, src: local_shard(dst).copy_(src))
     with torch.no_grad():
         for n, p in params.items():
             copy(p.data, snap.params[n])
@@ -185,10 +171,35 @@ def restore_snapshot(
                     for k, v in saved.items()
                 }
                 for k in snap.optimizer_dtensors.get(n, ()):
-                    state[k] = _as_dtensor_like(state[k], p)
+                    state[k] = dtensor_like(state[k], p)
                 optimizer.state[p] = state
     for s, st in zip(schedulers, snap.schedulers):
         s.load_state_dict(_copy_mod.deepcopy(st))
     if len(snap.schedulers) != len(schedulers):
         problems.append(f"{len(schedulers)} lr schedulers now, {len(snap.schedulers)} in the snapshot")
     return problems
+
+
+def save_snapshot_file(snap: Snapshot, root: Path, tag: str, rank: int, world_size: int) -> dict[str, Any]:
+    """Write this rank's ``snap`` atomically to ``root/rank<rank>_<tag>.pt``; return the reference a checkpoint
+    keeps (a path template with ``{rank}``, so one reference serves every rank)."""
+    template = str(Path(root) / f"rank{{rank}}_{tag}.pt")
+    atomic_torch_save(snap.to_state(), Path(template.format(rank=rank)))
+    return {"path": template, "step": snap.step, "depth": snap.depth, "world_size": world_size}
+
+
+def load_snapshot_file(
+    ref: Mapping[str, Any], rank: int, world_size: int, same_world_needed: bool
+) -> tuple[Snapshot | None, str | None]:
+    """This rank's snapshot from a :func:`save_snapshot_file` reference, or None and why it cannot be used."""
+    saved_world = int(ref.get("world_size", world_size))
+    if same_world_needed and saved_world != world_size:
+        return None, f"the restore-best snapshot was taken on {saved_world} ranks, this run has {world_size}"
+    path = Path(str(ref["path"]).format(rank=rank))
+    if not path.exists():
+        return None, f"restore-best snapshot {path} is gone"
+    snap = Snapshot.from_state(torch.load(path, map_location="cpu", weights_only=True))
+    if snap.step != ref.get("step"):
+        return None, (f"restore-best snapshot {path} was overwritten after this checkpoint (step {snap.step}, "
+                      f"checkpoint expects {ref.get('step')})")
+    return snap, None

@@ -81,7 +81,16 @@ def fit(name, orig, schedule=SCHEDULE, ckpt=None, es=False, cfg=OVERRIDES, **str
         "params": full_params(t),
         "groups": [[g["lr"], len(g["params"]), g["ft_phase"]] for g in t.optimizers[0].param_groups],
         "units": len(fts.adapter.param_index().units),
+        "patches_left": patches_left(t),
     }, t, module
+
+
+def patches_left(t: pl.Trainer) -> list[str]:
+    """phasetune's instance patches still on the strategy, or a wrap policy other than the user's, after fit."""
+    from phasetune.sharding.fsdp1 import AlignedWrapPolicy
+
+    left = [k for k in ("load_checkpoint", "optimizer_state") if k in vars(t.strategy)]
+    return left + (["auto_wrap_policy"] if isinstance(t.strategy.kwargs.get("auto_wrap_policy"), AlignedWrapPolicy) else [])
 
 
 class ManuallyWrapped(ToyModule):

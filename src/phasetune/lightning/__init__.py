@@ -2,10 +2,12 @@
 
 from phasetune.lightning.adapters import DDPStrategyAdapter, StrategyAdapter, register_adapter, select_adapter
 from phasetune.lightning.callback import FinetuningScheduler, PhaseRecord
-from phasetune.lightning.checkpoint import FTSCheckpoint
 from phasetune.lightning.early_stopping import FTSEarlyStopping
-from phasetune.lightning.fsdp import FSDPStrategyAdapter  # registers the adapter
-from phasetune.lightning.fsdp2 import ModelParallelStrategyAdapter, export_full_model  # registers the adapter
+
+# importing the adapter modules registers their adapters
+from phasetune.lightning.fsdp1_adapter import FSDPStrategyAdapter
+from phasetune.lightning.fsdp2_adapter import ModelParallelStrategyAdapter, export_full_model
+from phasetune.lightning.fts_checkpoint import FTSCheckpoint
 
 __all__ = [
     "DDPStrategyAdapter",

@@ -1,13 +1,212 @@
-"""The only place phasetune touches private Lightning names; each use says why.
+"""The only place phasetune touches Lightning internals or patches Lightning objects; each use says why.
 
-Keep this module small: every entry pins phasetune to Lightning internals that may change in a minor
-release, so each one is the smallest access that does the job, with a comment on why nothing public does.
+Every entry pins phasetune to something that may change in a Lightning minor release, so each one is the
+smallest access that does the job, with a comment on why nothing public does. A private name that is
+missing raises :class:`LightningInternalsError` (naming the installed Lightning and what phasetune expected)
+instead of falling back to a guess. Every patch of an instance returns an :data:`Undo` that puts the
+object back as it was; the strategy adapters run them when a fit ends.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
+
+from phasetune.errors import PhasetuneError
+
+#: puts a patched object back as it was; safe to call twice, and a no-op once something else replaced the patch
+Undo = Callable[[], None]
+
+_ORIGINAL = "__phasetune_replaces__"  # on a patch: what the instance held before it (_ABSENT: nothing)
+_ABSENT = object()
+
+
+class LightningInternalsError(PhasetuneError, RuntimeError):
+    """The installed Lightning lacks an internal phasetune relies on (it changed in a release)."""
+
+
+def _lightning_version() -> str:
+    import lightning
+
+    return str(getattr(lightning, "__version__", "unknown"))
+
+
+def _missing(what: str, why: str) -> LightningInternalsError:
+    return LightningInternalsError(
+        f"phasetune needs {what} ({why}), which the installed Lightning {_lightning_version()} does not have; "
+        "install the Lightning phasetune is tested with (2.6), or report this so phasetune can follow the change"
+    )
+
+
+# ------------------------------------------------------------------------------------------------ patches
+
+
+def patch_method(obj: Any, name: str, wrapper: Callable[..., Any]) -> Undo:
+    """Replace ``obj.name`` on this instance by ``wrapper(original, *args, **kwargs)``; return its undo.
+
+    ``original`` is what ``obj.name`` was before (the class's method, or the user's own instance attribute).
+    A patch phasetune left on the instance (a fit that never reached teardown) is removed first, so patches
+    never stack. The replacement is a plain function, so Lightning's ``is_overridden`` sees a hook as overridden.
+    """
+    before = obj.__dict__.get(name, _ABSENT)
+    while before is not _ABSENT and hasattr(before, _ORIGINAL):
+        before = getattr(before, _ORIGINAL)
+    if before is _ABSENT:
+        obj.__dict__.pop(name, None)
+    else:
+        obj.__dict__[name] = before
+    original = getattr(obj, name)
+
+    def patched(*args: Any, **kwargs: Any) -> Any:
+        return wrapper(original, *args, **kwargs)
+
+    setattr(patched, _ORIGINAL, before)
+    obj.__dict__[name] = patched
+
+    def undo() -> None:
+        if obj.__dict__.get(name) is not patched:
+            return  # undone already, or replaced by someone else since: leave theirs
+        if before is _ABSENT:
+            del obj.__dict__[name]
+        else:
+            obj.__dict__[name] = before
+
+    return undo
+
+
+def route_load_checkpoint(strategy: Any, wrapper: Callable[..., Any]) -> Undo:
+    """Run ``wrapper(original, checkpoint_path, *args, **kwargs)`` as ``strategy.load_checkpoint``.
+
+    Why: ``FSDPStrategy``/``ModelParallelStrategy`` load optimizer state in ``load_checkpoint``, before
+    callbacks are restored, and Lightning has no hook in between where the saved phase could be rebuilt.
+    """
+    return patch_method(strategy, "load_checkpoint", wrapper)
+
+
+def replace_optimizer_state(strategy: Any, wrapper: Callable[..., Any]) -> Undo:
+    """Run ``wrapper(original, optimizer)`` as ``strategy.optimizer_state``.
+
+    Why: ``FSDPStrategy.optimizer_state`` re-keys full optimizer state by parameter index, which fails with
+    FlatParameters and depends on the group order phases change; there is no option to key it by name.
+    """
+    return patch_method(strategy, "optimizer_state", wrapper)
+
+
+def replace_clip_grad_by_norm(precision_plugin: Any, wrapper: Callable[..., Any]) -> Undo:
+    """Run ``wrapper(original, optimizer, clip_val)`` as ``precision_plugin.clip_grad_by_norm``.
+
+    Why: ``gradient_clip_val`` reaches ``torch.nn.utils.clip_grad_norm_`` there, which fails on DTensors of
+    several meshes; the only public alternative, ``LightningModule.configure_gradient_clipping``, is the user's.
+    """
+    return patch_method(precision_plugin, "clip_grad_by_norm", wrapper)
+
+
+def set_fsdp_auto_wrap_policy(strategy: Any, policy: Any) -> Undo:
+    """Make ``FSDPStrategy`` wrap with ``policy``; return the undo that gives it back the previous policy.
+
+    Why: the strategy keeps the ``auto_wrap_policy`` it passes to FSDP in the undocumented ``kwargs`` dict, and
+    offers no way to change it after construction.
+    """
+    kwargs = _fsdp_kwargs(strategy)
+    before = kwargs.get("auto_wrap_policy", _ABSENT)
+    kwargs["auto_wrap_policy"] = policy
+
+    def undo() -> None:
+        if kwargs.get("auto_wrap_policy", _ABSENT) is not policy:
+            return
+        if before is _ABSENT:
+            del kwargs["auto_wrap_policy"]
+        else:
+            kwargs["auto_wrap_policy"] = before
+
+    return undo
+
+
+def fsdp_auto_wrap_policy(strategy: Any) -> Any:
+    """The ``auto_wrap_policy`` an ``FSDPStrategy`` passes to FSDP (None: none).
+
+    Why: the strategy keeps it only in the undocumented ``kwargs`` dict (a set of classes given to the
+    strategy is already turned into a ``ModuleWrapPolicy`` there).
+    """
+    return _fsdp_kwargs(strategy).get("auto_wrap_policy")
+
+
+def _fsdp_kwargs(strategy: Any) -> dict[str, Any]:
+    kwargs = getattr(strategy, "kwargs", None)
+    if not isinstance(kwargs, dict):
+        raise _missing(
+            f"{type(strategy).__name__}.kwargs (a dict holding what the strategy passes to FSDP)",
+            "to combine its auto_wrap_policy with awp_overrides and min_num_params",
+        )
+    return kwargs
+
+
+# ------------------------------------------------------------------------------------------------ reads
+
+
+def fsdp_state_dict_type(strategy: Any) -> str:
+    """``"full"`` or ``"sharded"``: how an ``FSDPStrategy`` writes checkpoints.
+
+    Why: ``FSDPStrategy(state_dict_type=...)`` keeps the choice only in the private ``_state_dict_type``;
+    the FSDP1 adapter consolidates optimizer state for full checkpoints only.
+    """
+    value = getattr(strategy, "_state_dict_type", None)
+    if value not in ("full", "sharded"):
+        raise _missing(
+            f"{type(strategy).__name__}._state_dict_type ('full' or 'sharded'; found {value!r})",
+            "to know whether checkpoints hold consolidated optimizer state",
+        )
+    return str(value)
+
+
+def fsdp_full_checkpoint_weights_only(weights_only: bool | None) -> bool | None:
+    """The ``weights_only`` ``FSDPStrategy.load_checkpoint`` effectively reads a full (one-file) checkpoint with.
+
+    Why: it reads full checkpoints with Lightning's private ``_lazy_load``, which unpickles everything whatever
+    ``weights_only`` says, and Lightning 2.6 passes None for resumes under FSDP anyway (``trainer.fit(...,
+    weights_only=...)`` is dropped for strategies that restore after setup). phasetune's read of the same file
+    just before is no stricter: an explicit value is honoured, None reads it as Lightning will.
+    """
+    return False if weights_only is None else weights_only
+
+
+def sharded_checkpoint_metadata_name() -> str:
+    """The file name, inside a sharded (distributed-checkpoint) Lightning checkpoint directory, of the file
+    that holds the non-tensor state (callbacks, loops, hyperparameters).
+
+    Why: Lightning names it with the private ``_METADATA_FILENAME`` (``meta.pt``) and has no public accessor.
+    """
+    from lightning.fabric.utilities import load
+
+    name = getattr(load, "_METADATA_FILENAME", None)
+    if not isinstance(name, str):
+        raise _missing(
+            "lightning.fabric.utilities.load._METADATA_FILENAME (the name of a sharded checkpoint's meta.pt)",
+            "to read the FinetuningScheduler state before the strategy loads optimizer state",
+        )
+    return name
+
+
+def model_parallel_optimizer_key(index: int = 0) -> str:
+    """The key under which ``ModelParallelStrategy`` stores optimizer ``index`` in a distributed checkpoint.
+
+    Why: its ``save_checkpoint``/``load_checkpoint`` name it ``f"optimizer_{index}"`` inline; no public constant.
+    """
+    return f"optimizer_{index}"
+
+
+def copy_callback(plain: Any, cls: type) -> Any:
+    """An instance of ``cls`` (a subclass of ``type(plain)``) holding ``plain``'s settings and state as they are.
+
+    Why: ``EarlyStopping``/``ModelCheckpoint`` keep settings in attributes their ``__init__`` derives from its
+    arguments (some private, e.g. ``_last_global_step_saved``); there is no public way to rebuild one as a
+    subclass, so the instance attributes are copied.
+    """
+    if not isinstance(getattr(plain, "__dict__", None), dict):
+        raise _missing(f"an instance __dict__ on {type(plain).__name__}", f"to upgrade it to {cls.__name__}")
+    new = cls.__new__(cls)
+    new.__dict__.update(plain.__dict__)
+    return new
 
 
 def apply_cli_optimizers(cli: Any, model: Any, config_init: Any) -> None:
@@ -25,23 +224,3 @@ def apply_cli_optimizers(cli: Any, model: Any, config_init: Any) -> None:
         cli._add_configure_optimizers_method_to_model(cli.subcommand)
     finally:
         cli.model, cli.config_init = saved
-
-
-def checkpoint_metadata_file(checkpoint_dir: Path) -> Path:
-    """The file of a sharded (distributed-checkpoint) Lightning checkpoint directory that holds the
-    non-tensor state (callbacks, loops, hyperparameters).
-
-    Lightning names it with the private ``_METADATA_FILENAME`` (``meta.pt``) and has no public accessor.
-    """
-    from lightning.fabric.utilities.load import _METADATA_FILENAME  # private: no public name for meta.pt
-
-    return Path(checkpoint_dir) / _METADATA_FILENAME
-
-
-def fsdp_state_dict_type(strategy: Any) -> str:
-    """``"full"`` or ``"sharded"``: how an ``FSDPStrategy`` writes checkpoints.
-
-    ``FSDPStrategy(state_dict_type=...)`` keeps the choice only in the private ``_state_dict_type``; the FSDP1
-    adapter needs it to consolidate optimizer state for full checkpoints only.
-    """
-    return str(getattr(strategy, "_state_dict_type", "full"))  # private: no public accessor

@@ -19,6 +19,7 @@ from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch.nn.parallel import DistributedDataParallel
 
 from phasetune.errors import ConfigurationError
+from phasetune.lightning import _compat
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -75,18 +76,21 @@ class StrategyAdapter:
     def after_thaw(self, trainer: pl.Trainer) -> None:
         """Called after parameters were thawed (a transition or a resume)."""
 
-    def hook_module(self, pl_module: pl.LightningModule, name: str, fn: Callable[..., Any]) -> None:
-        """Give ``pl_module`` an instance-level hook ``name`` for this fit (removed by :meth:`release`)."""
-        setattr(pl_module, name, fn)
-        self._module_hooks = [*getattr(self, "_module_hooks", []), (pl_module, name, fn)]
+    def hook_module(self, pl_module: pl.LightningModule, name: str, wrapper: Callable[..., Any]) -> None:
+        """Run ``wrapper(original)`` as ``pl_module``'s hook ``name`` for this fit (undone by :meth:`release`)."""
+        self.keep_undo(_compat.patch_method(pl_module, name, wrapper))
+
+    def keep_undo(self, undo: _compat.Undo) -> None:
+        """Run ``undo`` (of a patch made for this fit) in :meth:`release`."""
+        self._undo = [*getattr(self, "_undo", []), undo]
 
     def release(self) -> None:
-        """Remove the instance-level hooks set on the LightningModule (at the end of a fit), so the module is
-        left as the user gave it (picklable, no phasetune closures)."""
-        for pl_module, name, fn in getattr(self, "_module_hooks", []):
-            if pl_module.__dict__.get(name) is fn:
-                del pl_module.__dict__[name]
-        self._module_hooks = []
+        """Undo every patch made for this fit, newest first (the callback calls it at the end of a fit), so
+        the module, strategy and precision plugin are left as the user gave them (picklable, no phasetune
+        closures, ready for another fit)."""
+        undo, self._undo = getattr(self, "_undo", []), []
+        for fn in reversed(undo):
+            fn()
 
     def check(self, fts: Any, trainer: pl.Trainer) -> list[str]:
         """Strategy-specific problems found before training (the callback raises them together)."""
@@ -109,14 +113,9 @@ class StrategyAdapter:
     # -- snapshots --------------------------------------------------------------------------------------
     snapshot_copy: Callable[[torch.Tensor, torch.Tensor], None] | None = None
 
-    def rank_local_state(self, value: Any) -> Any:
-        """What a checkpoint stores for ``value``, callback state that may differ per rank (a snapshot of
-        shards). All ranks call it together. Default: ``value`` itself (every rank holds the same)."""
-        return value
-
-    def own_rank_state(self, stored: Any) -> Any:
-        """This rank's value out of what :meth:`rank_local_state` stored (None: nothing usable)."""
-        return stored
+    #: restore-best snapshots hold this rank's own shards (sharded strategies): each rank keeps its own, in a
+    #: file of its own when rank 0 writes the checkpoint, never gathered
+    rank_local_snapshots: bool = False
 
 
 class DDPStrategyAdapter(StrategyAdapter):

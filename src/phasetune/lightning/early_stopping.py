@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from lightning.pytorch.callbacks import EarlyStopping
 
+from phasetune.lightning import _compat
+
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
@@ -36,8 +38,7 @@ class FTSEarlyStopping(EarlyStopping):
     @classmethod
     def upgrade(cls, plain: EarlyStopping) -> FTSEarlyStopping:
         """A phase-aware copy of a plain ``EarlyStopping`` with the same settings and state."""
-        new = cls.__new__(cls)
-        new.__dict__.update(plain.__dict__)
+        new = _compat.copy_callback(plain, cls)
         new._init_phase_state()
         return new
 

@@ -2,8 +2,7 @@
 
 - The schedule is resolved at ``on_fit_start``: wrapping or sharding replaces every parameter after setup.
 - Restore-best snapshots hold each rank's own shards. A checkpoint's callback state is written by rank 0,
-  so the snapshots of all ranks are gathered to rank 0 when the state is saved, and each rank takes its own
-  part back on resume.
+  so each rank keeps its snapshot in a file of its own that the state references (never gathered).
 - Both strategies load optimizer state in ``load_checkpoint``, before Lightning restores callbacks; the
   adapters read the callback's saved state from the checkpoint first (:func:`read_callback_state`) to
   rebuild the saved phase.
@@ -11,18 +10,17 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Mapping
-from pathlib import Path
+import re
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
 
-from phasetune import _dist
-from phasetune.lightning._compat import checkpoint_metadata_file
+from phasetune.errors import ConfigurationError
+from phasetune.lightning import _compat
 from phasetune.lightning.adapters import StrategyAdapter
 
 if TYPE_CHECKING:
@@ -34,93 +32,96 @@ class ShardedStrategyAdapter(StrategyAdapter):
     loads optimizer state, and per-rank snapshot state."""
 
     _fts: Any = None  # the FinetuningScheduler, set by the subclass's check()
+    rank_local_snapshots = True
 
     def defer_init(self, pl_module: pl.LightningModule) -> bool:
         return True  # wrapping/sharding replaces every parameter after setup
 
     def route_checkpoint_loads(self, strategy: Any) -> None:
-        """Make ``strategy.load_checkpoint`` call :meth:`before_checkpoint_load` first.
+        """Make ``strategy.load_checkpoint`` run inside :meth:`checkpoint_load` (until :meth:`release`)."""
 
-        Bound from the class so repeated fits do not stack; parameters :meth:`before_checkpoint_load`
-        returns are thawed again once the strategy's load is done.
-        """
-        class_load = functools.partial(type(strategy).load_checkpoint, strategy)
+        def load_checkpoint(original: Any, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+            weights_only = kwargs.get("weights_only", args[0] if args else None)
+            with self.checkpoint_load(checkpoint_path, weights_only):
+                return original(checkpoint_path, *args, **kwargs)
 
-        def load_checkpoint(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
-            restore = self.before_checkpoint_load(checkpoint_path)
-            try:
-                return class_load(checkpoint_path, *args, **kwargs)
-            finally:
-                for p in restore:
-                    p.requires_grad_(True)
+        self.keep_undo(_compat.route_load_checkpoint(strategy, load_checkpoint))
 
-        strategy.load_checkpoint = load_checkpoint
+    def checkpoint_load(self, checkpoint_path: Any, weights_only: bool | None) -> AbstractContextManager[Any]:
+        """Rebuild the checkpoint's phase (thawed set, groups) before the strategy loads optimizer state; the
+        returned context is entered around the strategy's load (nothing here; the FSDP2 adapter shapes the
+        optimizer's state like the checkpoint's)."""
+        self.resume_from(checkpoint_path, weights_only)
+        return nullcontext()
 
-    def before_checkpoint_load(self, checkpoint_path: Any) -> list[torch.Tensor]:
-        """Rebuild the checkpoint's phase (thawed set, groups) before the strategy loads optimizer state.
+    def file_weights_only(self, weights_only: bool | None) -> bool | None:
+        """The ``weights_only`` the strategy's own load of a single-file checkpoint uses, given ``weights_only``:
+        the state is read as strictly as the strategy will read the file, no more, no less."""
+        return weights_only
 
-        Returns parameters frozen for the duration of the load (none here; see the FSDP2 adapter).
-        """
-        self.resume_from(checkpoint_path)
-        return []
-
-    def resume_from(self, checkpoint_path: Any) -> bool:
+    def resume_from(self, checkpoint_path: Any, weights_only: bool | None = None) -> bool:
         """Apply the FinetuningScheduler state saved in ``checkpoint_path`` now (False outside a fit).
 
-        A checkpoint without that state is refused here, before the strategy loads optimizer state that
-        does not fit phase 0's groups.
+        ``weights_only`` is what Lightning passed the strategy's ``load_checkpoint``. A checkpoint without that
+        state is refused here, before the strategy loads optimizer state that does not fit phase 0's groups.
         """
         trainer, fts = self.trainer, self._fts
         if trainer is None or fts is None or fts.engine is None or trainer.state.fn != TrainerFn.FITTING:
             return False
-        path = Path(checkpoint_path)
-        if not path.exists():
+        fs, path = url_to_fs(str(checkpoint_path))
+        if not fs.exists(path):
             return False  # the strategy reports a missing checkpoint itself
-        state = read_callback_state(path, fts.state_key)
+        if fs.isfile(path):
+            weights_only = self.file_weights_only(weights_only)
+        state = read_callback_state(checkpoint_path, fts.state_key, weights_only)
         if not state:
             from phasetune.lightning.callback import checkpoint_without_state
 
-            raise checkpoint_without_state(path)
+            raise checkpoint_without_state(checkpoint_path)
         fts.resume_early(state)
         return True
 
-    def rank_local_state(self, value: Any) -> Any:
-        """Every rank's ``value`` (its shards) gathered on rank 0, which writes the checkpoint.
 
-        All ranks call this together (Lightning builds the checkpoint dict on every rank); ranks other
-        than 0 return None, which nobody writes.
-        """
-        rank, world = _dist.rank(), _dist.world_size()
-        if value is None or world == 1:
-            return value
-        gathered: list[Any] | None = [None] * world if rank == 0 else None
-        dist.gather_object(value, gathered, dst=0)
-        return {"per_rank": gathered} if rank == 0 else None
+def read_callback_state(checkpoint_path: Any, state_key: str, weights_only: bool | None = None) -> dict[str, Any] | None:
+    """The callback state ``state_key`` saved in a checkpoint (a sharded directory or a single file; a local
+    path or an fsspec URL, read as Lightning reads them); None when there is none.
 
-    def own_rank_state(self, stored: Any) -> Any:
-        """This rank's part of what :meth:`rank_local_state` stored (None when the world size changed)."""
-        if not (isinstance(stored, Mapping) and "per_rank" in stored):
-            return stored
-        per_rank = stored["per_rank"]
-        world = _dist.world_size()
-        if len(per_rank) != world:
-            rank_zero_warn(
-                f"the checkpoint's restore-best snapshot was taken on {len(per_rank)} ranks, this run has {world}; "
-                "the phase restores the best state seen after resuming"
-            )
-            return None
-        return per_rank[_dist.rank()]
+    A checkpoint that cannot be read raises a :class:`~phasetune.errors.ConfigurationError` naming it and
+    what to do.
+    """
+    fs, path = url_to_fs(str(checkpoint_path))
+    try:
+        if fs.isdir(path):
+            meta = f"{path.rstrip('/')}/{_compat.sharded_checkpoint_metadata_name()}"
+            ckpt = _torch_load(fs, meta, weights_only) if fs.isfile(meta) else None
+        else:
+            ckpt = _torch_load(fs, path, weights_only, mmap=True) if fs.isfile(path) else None
+    except Exception as error:
+        raise unreadable_checkpoint(checkpoint_path, weights_only, error) from error
+    callbacks = ckpt.get("callbacks") if isinstance(ckpt, dict) else None
+    return (callbacks or {}).get(state_key)
 
 
-def read_callback_state(checkpoint_path: Path, state_key: str) -> dict[str, Any] | None:
-    """The callback state ``state_key`` saved in a checkpoint: a sharded directory or a single file."""
-    if checkpoint_path.is_dir():
-        meta = checkpoint_metadata_file(checkpoint_path)
-        if not meta.is_file():
-            return None
-        ckpt = torch.load(meta, map_location="cpu", weights_only=True)
-    elif checkpoint_path.is_file():
-        ckpt = torch.load(checkpoint_path, map_location="cpu", mmap=True, weights_only=True)
-    else:
-        return None
-    return (ckpt.get("callbacks") or {}).get(state_key)
+def _torch_load(fs: Any, path: str, weights_only: bool | None, mmap: bool = False) -> Any:
+    if isinstance(fs, LocalFileSystem):  # mmap: a full checkpoint's tensors are not read into memory
+        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=weights_only)
+    with fs.open(path, "rb") as f:
+        return torch.load(f, map_location="cpu", weights_only=weights_only)
+
+
+def unreadable_checkpoint(checkpoint_path: Any, weights_only: bool | None, error: BaseException) -> ConfigurationError:
+    """One line saying why the FinetuningScheduler state of ``checkpoint_path`` could not be read, and what to do."""
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+    if refused:
+        return ConfigurationError(
+            f"cannot resume from {checkpoint_path}: it holds {refused[1]}, which torch.load refuses with "
+            f"weights_only={weights_only}{' (the default: True)' if weights_only is None else ''}. If you trust "
+            f"this checkpoint, call torch.serialization.add_safe_globals([{refused[1]}]) before fit (Lightning "
+            "2.6 does not pass trainer.fit(..., weights_only=False) on to FSDP and ModelParallel strategies)"
+        )
+    detail = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    return ConfigurationError(
+        f"cannot resume from {checkpoint_path}: reading its FinetuningScheduler state failed with "
+        f"{type(error).__name__}: {detail}. Check that it is a complete checkpoint written by Lightning and "
+        "readable from every process"
+    )

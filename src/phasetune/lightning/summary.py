@@ -24,7 +24,7 @@ from phasetune.report import fmt_bytes, fmt_count, fmt_seconds, fmt_value, forma
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-    from phasetune.lightning.callback import PhaseRecord
+    from phasetune.run import PhaseRecord
 
 
 @dataclass

@@ -15,15 +15,13 @@ from typing import Any
 
 import torch
 
+from phasetune.sharding.dtensor import dtensor_mesh, local_shard
+
 
 def _grads(parameters: Iterable[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
     return [p.grad for p in parameters if p.grad is not None]
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if getattr(t, "device_mesh", None) is not None and hasattr(t, "to_local") else t
 
 
 def grad_norm(parameters: Iterable[torch.Tensor] | torch.Tensor, norm_type: float = 2.0) -> torch.Tensor:
@@ -35,7 +33,7 @@ def grad_norm(parameters: Iterable[torch.Tensor] | torch.Tensor, norm_type: floa
     norm_type = float(norm_type)
     by_mesh: dict[Any, list[torch.Tensor]] = {}
     for g in _grads(parameters):
-        by_mesh.setdefault(getattr(g, "device_mesh", None), []).append(g)
+        by_mesh.setdefault(dtensor_mesh(g), []).append(g)
     if not by_mesh:
         return torch.tensor(0.0)
     norms = []
@@ -72,7 +70,7 @@ def clip_grad_norm_(
     coef = torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for g in _grads(params):
-        local = _local(g)
+        local = local_shard(g)
         by_device.setdefault(local.device, []).append(local)
     for device, gs in by_device.items():
         torch._foreach_mul_(gs, coef.to(device))

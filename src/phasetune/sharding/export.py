@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from phasetune._dist import initialized, rank
-from phasetune.sharding.plan import logical_name
+from phasetune.sharding.names import logical_name
 
 
 def _prefix_of(module: nn.Module, submodule: nn.Module | None) -> str:

@@ -32,7 +32,7 @@ from torch import nn
 from torch.distributed.fsdp.wrap import CustomPolicy, size_based_auto_wrap_policy
 
 from phasetune.report import few
-from phasetune.sharding.plan import logical_name
+from phasetune.sharding.names import logical_name
 
 FLAT_PARAM = "_flat_param"
 

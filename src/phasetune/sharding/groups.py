@@ -15,15 +15,12 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-
-def _dtensor_mesh(t: torch.Tensor) -> Any:
-    mesh = getattr(t, "device_mesh", None)
-    return mesh if mesh is not None and hasattr(t, "to_local") else None
+from phasetune.sharding.dtensor import dtensor_mesh
 
 
 def tensor_kind(t: torch.Tensor) -> tuple[torch.dtype, Any]:
     """``(dtype, mesh)`` of ``t``; ``mesh`` is None for a plain tensor."""
-    return t.dtype, _dtensor_mesh(t)
+    return t.dtype, dtensor_mesh(t)
 
 
 def describe_kind(kind: tuple[torch.dtype, Any]) -> str:

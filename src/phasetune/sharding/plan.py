@@ -13,7 +13,8 @@ kwargs, ``{}`` for the defaults). ``mp_policy`` may be a dict with dtype names (
 sharded it yet, so no parameter is left unsharded (its gradients would not be synchronised).
 
 Only torch is needed: :func:`apply_plan` works on any ``nn.Module`` with an optional ``DeviceMesh``; the
-Lightning adapter and the plain-PyTorch strategy both call it.
+Lightning adapter and the plain-PyTorch strategy both call it. Module names are logical names
+(:mod:`phasetune.sharding.names`): wrapper segments such as ``_checkpoint_wrapped_module`` do not count.
 """
 
 from __future__ import annotations
@@ -28,11 +29,10 @@ import torch
 from torch import nn
 
 from phasetune.errors import ConfigurationError
+from phasetune.sharding.names import is_sharded, logical_modules, module_path, root_name
 
 ACT_CKPT_MODES = ("composable", "wrapped", "wrapped_offload")
 ALIASES = ("act_ckpt", "cpu_offload_policy")
-#: name segments that wrappers insert into parameter names (activation checkpointing, torch.compile)
-WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
 
 
 def _fully_shard() -> Any:
@@ -72,108 +72,6 @@ class PlanReport:
     notes: list[str] = field(default_factory=list)
     root: str | None = None
     matches: dict[str, list[str]] = field(default_factory=dict)
-
-
-# ------------------------------------------------------------------------------------------------ names
-
-
-def logical_name(name: str) -> str:
-    """``name`` without the segments wrappers insert (``a._checkpoint_wrapped_module.b`` -> ``a.b``; FSDP1's
-    ``_fsdp_wrapped_module`` too)."""
-    parts = [p for p in name.split(".") if p not in WRAPPER_SEGMENTS]
-    return ".".join(parts)
-
-
-def is_sharded(module: nn.Module) -> bool:
-    """Whether ``fully_shard`` was applied to ``module`` itself."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(module, FSDPModule)
-
-
-def reshard_all(module: nn.Module) -> int:
-    """Free the gathered (unsharded) parameters of every unit in ``module``; returns how many units.
-
-    Call it after writing sharded parameters out of band (restoring a snapshot, loading weights): a unit
-    left gathered -- ``reshard_after_forward=False``, or after a forward without backward -- would
-    otherwise keep computing with its stale gathered copy.
-    """
-    units = [m for m in module.modules() if is_sharded(m)]
-    for m in units:
-        m.reshard()
-    return len(units)
-
-
-def _logical_modules(module: nn.Module) -> dict[str, nn.Module]:
-    """Logical module name -> outermost module with that name (a wrapper rather than what it wraps)."""
-    out: dict[str, nn.Module] = {}
-    for name, m in module.named_modules():
-        out.setdefault(logical_name(name), m)
-    return out
-
-
-def root_name(module: nn.Module) -> str:
-    """The innermost module of ``module`` that holds every parameter ('' when that is ``module``)."""
-    names = [logical_name(n).split(".")[:-1] for n, _ in module.named_parameters()]
-    if not names:
-        return ""
-    common = names[0]
-    for parts in names[1:]:
-        k = 0
-        while k < min(len(common), len(parts)) and common[k] == parts[k]:
-            k += 1
-        common = common[:k]
-    return ".".join(common)
-
-
-def param_units(module: nn.Module) -> dict[str, str | None]:
-    """Logical parameter name -> logical name of the ``fully_shard`` unit managing it (None: unsharded).
-
-    A parameter belongs to the innermost sharded module that contains it.
-    """
-    units = {logical_name(n) for n, m in module.named_modules() if is_sharded(m)}
-    out: dict[str, str | None] = {}
-    for name, _ in module.named_parameters():
-        logical = logical_name(name)
-        parts = logical.split(".")[:-1]
-        owner = None
-        for depth in range(len(parts), -1, -1):
-            candidate = ".".join(parts[:depth])
-            if candidate in units:
-                owner = candidate
-                break
-        out[logical] = owner
-    return out
-
-
-def _original_class(m: nn.Module) -> type:
-    from torch.distributed.fsdp import FSDPModule
-
-    if is_sharded(m):  # fully_shard swaps in a class FSDP<Name>(FSDPModule, <Name>)
-        return next(c for c in type(m).__mro__[1:] if not issubclass(c, FSDPModule))
-    return type(m)
-
-
-def logical_view(module: nn.Module) -> nn.Module:
-    """A stand-in tree of ``module`` for reading its structure (schedule generation), not for running.
-
-    It shares ``module``'s parameters under their logical names, skips activation-checkpoint wrappers and
-    gives every node its original class name (``Block``, not ``FSDPBlock``), so names and repeated-block
-    detection match the unsharded model.
-    """
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import ActivationWrapper
-
-    from phasetune.generate import stand_in_tree
-
-    def unwrap(m: nn.Module) -> nn.Module:
-        while isinstance(m, ActivationWrapper):
-            m = next(iter(m.children()))
-        return m
-
-    top, _ = stand_in_tree(
-        module, unwrap=unwrap, class_of=_original_class, own_params=lambda m: m.named_parameters(recurse=False)
-    )
-    return top
 
 
 # ------------------------------------------------------------------------------------------------ parsing
@@ -298,7 +196,7 @@ def match_plan(module: nn.Module, entries: Sequence[PlanEntry]) -> list[tuple[Pl
     container without ``forward``), a module listed after a module containing it (FSDP2 shards inner
     modules first) or inside a module that was already sharded.
     """
-    modules = _logical_modules(module)
+    modules = logical_modules(module)
     names = [n for n in modules if n]
     problems: list[str] = []
     out: list[tuple[PlanEntry, list[str]]] = []
@@ -408,6 +306,19 @@ def apply_fully_shard(module: nn.Module, kwargs: Mapping[str, Any], mesh: Any = 
     return _fully_shard()(module, **kw)
 
 
+def reshard_all(module: nn.Module) -> int:
+    """Free the gathered (unsharded) parameters of every unit in ``module``; returns how many units.
+
+    Call it after writing sharded parameters out of band (restoring a snapshot, loading weights): a unit
+    left gathered -- ``reshard_after_forward=False``, or after a forward without backward -- would
+    otherwise keep computing with its stale gathered copy.
+    """
+    units = [m for m in module.modules() if is_sharded(m)]
+    for m in units:
+        m.reshard()
+    return len(units)
+
+
 def apply_plan(
     module: nn.Module,
     plan: Mapping[str, Any] | Sequence[PlanEntry] | None,
@@ -431,32 +342,25 @@ def apply_plan(
     for entry, names in matched:
         report.matches[entry.key] = list(names)
         for n in names:
-            target = _logical_modules(module)[n]
+            target = logical_modules(module)[n]
             if n in done or is_sharded(target):
                 by = "an earlier fsdp_plan entry" if n in done else "configure_model"
                 report.notes.append(f"{n or 'the root module'!r} was already sharded by {by}; fsdp_plan entry '{entry.key}' skipped it")
                 continue
             if entry.act_ckpt is not None:
-                target = apply_act_ckpt(module, _module_path(module, n), entry.act_ckpt)
+                target = apply_act_ckpt(module, module_path(module, n), entry.act_ckpt)
                 report.act_ckpt[n] = entry.act_ckpt.mode
             apply_fully_shard(target, entry.shard_kwargs, mesh)
             report.sharded.append(n)
             done.add(n)
     if shard_root:
-        target = _logical_modules(module)[root]
+        target = logical_modules(module)[root]
         if not is_sharded(target):
             apply_fully_shard(target, default_shard_kwargs(default_kwargs), mesh)
             report.sharded.append(root)
         report.root = root
     return report
 
-
-def _module_path(root: nn.Module, logical: str) -> str:
-    """The real attribute path of the outermost module whose logical name is ``logical``."""
-    for name, _ in root.named_modules():
-        if logical_name(name) == logical:
-            return name
-    raise KeyError(logical)
 
 
 __all__ = [
@@ -467,12 +371,7 @@ __all__ = [
     "apply_act_ckpt",
     "apply_fully_shard",
     "apply_plan",
-    "is_sharded",
-    "logical_name",
-    "logical_view",
     "match_plan",
-    "param_units",
     "parse_plan",
     "reshard_all",
-    "root_name",
 ]

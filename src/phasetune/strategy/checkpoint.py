@@ -22,8 +22,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from phasetune import _dist
+from phasetune._dist import barrier, broadcast_object
 from phasetune.io import atomic_torch_save, atomic_write_text
-from phasetune.strategy.distributed import barrier, broadcast_object
 
 log = logging.getLogger("phasetune")
 

@@ -3,7 +3,8 @@
 Under ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` set) the default process group is created with
 ``nccl`` when CUDA is available and ``gloo`` otherwise. Started as a plain ``python train.py``, a one-process
 group is created in memory, so the same script (FSDP2, DCP checkpoints and all) runs unchanged on one
-process. A group the caller already created is used as it is.
+process. A group the caller already created is used as it is. Rank queries and collectives that work
+with or without a group are in :mod:`phasetune._dist`.
 """
 
 from __future__ import annotations
@@ -58,16 +59,3 @@ def init_distributed(backend: str | None = None, device: str | torch.device | No
         owns = True
     return DistEnv(dist.get_rank(), local_rank, dist.get_world_size(), device, owns)
 
-
-def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def broadcast_object(obj: object, src: int = 0) -> object:
-    """``obj`` from rank ``src`` on every rank (a no-op on one process)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]

@@ -33,13 +33,15 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 from torch.optim import Optimizer
 
+from phasetune._dist import barrier
 from phasetune.errors import ConfigurationError
 from phasetune.report import few
-from phasetune.sharding import clip_grad_norm_, grad_norm, save_full_model, split_groups
-from phasetune.sharding.plan import apply_plan, logical_name, match_plan, parse_plan, root_name
+from phasetune.sharding import clip_grad_norm_, grad_norm, optim_state, save_full_model, split_groups
+from phasetune.sharding.names import logical_name, root_name
+from phasetune.sharding.plan import apply_plan, match_plan, parse_plan
 from phasetune.strategy import checkpoint as ckpt
-from phasetune.strategy import optim_state
-from phasetune.strategy.distributed import DistEnv, barrier, init_distributed
+from phasetune.strategy import optim_offload
+from phasetune.strategy.distributed import DistEnv, init_distributed
 from phasetune.strategy.materialize import has_meta_params, materialize, materialize_problems, params_on_meta
 
 log = logging.getLogger("phasetune")
@@ -292,7 +294,7 @@ class FSDP2Strategy:
     def maybe_offload_optimizer(self, optimizer: Optimizer) -> Optimizer:
         """With ``optimizer_offload``, move the optimizer state to CPU (e.g. around generation in RL loops)."""
         if self.optimizer_offload and id(optimizer) not in self._offloaded:
-            self._offloaded[id(optimizer)] = optim_state.offload_state(optimizer)
+            self._offloaded[id(optimizer)] = optim_offload.offload_state(optimizer)
         return optimizer
 
     def maybe_load_optimizer(self, optimizer: Optimizer, device: str | torch.device | None = None) -> Optimizer:
@@ -300,7 +302,7 @@ class FSDP2Strategy:
         if given)."""
         if self.optimizer_offload and id(optimizer) in self._offloaded:
             devices = self._offloaded.pop(id(optimizer))
-            optim_state.load_state(optimizer, devices, self.device, override=device)
+            optim_offload.load_state(optimizer, devices, self.device, override=device)
         return optimizer
 
     # ------------------------------------------------------------------ checkpoints
@@ -322,7 +324,7 @@ class FSDP2Strategy:
         Saves the model, the optimizer and lr scheduler (``finetuning``'s current ones unless given), the
         :class:`~phasetune.loop.ScheduledFinetuning` state, RNG states, step counters and ``client_state``
         (plain containers of numbers, strings and tensors). Every rank must call it. Optimizer state of
-        parameters a transition just added is saved too (see :mod:`phasetune.strategy.optim_state`).
+        parameters a transition just added is not: they have none yet (see :mod:`phasetune.sharding.optim_state`).
         """
         if max_num < 1 or not max_mem > 0:
             raise ConfigurationError(f"save_ckpt needs max_num >= 1 and max_mem > 0 (GiB), got max_num={max_num}, "
@@ -336,17 +338,11 @@ class FSDP2Strategy:
         optimizer, schedulers = _resolve_optim(optimizer, scheduler, finetuning)
         started = time.perf_counter()
         app_state: dict[str, Any] = {"model": get_model_state_dict(model)}
-        fresh: list[str] = []
         if optimizer is not None:
             if id(optimizer) in self._offloaded:
                 raise RuntimeError("save_ckpt: the optimizer state is offloaded; call maybe_load_optimizer first")
-            filled = optim_state.fill_missing_state(optimizer)
-            try:
+            with optim_state.no_placeholder_state(optimizer):
                 app_state["optim"] = get_optimizer_state_dict(model, optimizer)
-            finally:
-                optim_state.drop_state(optimizer, filled)
-            name_of = {id(p): n for n, p in model.named_parameters()}
-            fresh = [name_of[id(p)] for p in filled]
         shared = {
             "schedulers": [s.state_dict() for s in schedulers],
             "client": dict(client_state or {}),
@@ -355,7 +351,7 @@ class FSDP2Strategy:
         }
         rank_state = {"rng": _rng_state(), "finetuning": finetuning.state_dict() if finetuning is not None else None}
         meta = {"world_size": self.world_size, "global_step": self.global_step, "has_optimizer": optimizer is not None,
-                "stateless_params": fresh, "depth": getattr(finetuning, "depth", None),
+                "depth": getattr(finetuning, "depth", None),
                 "num_schedulers": len(schedulers)}
         tag = tag or f"step_{self.global_step}"
         path = ckpt.save(save_dir, tag, app_state, rank_state, shared, meta, max_num, max_mem)
@@ -407,17 +403,19 @@ class FSDP2Strategy:
                                      "load_lr_scheduler_states=False)")
         app_state: dict[str, Any] = {"model": get_model_state_dict(model)}
         load_optim = optimizer is not None and load_optimizer_states and meta.get("has_optimizer", False)
-        if load_optim:
+        shaped: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        if load_optim:  # while it loads, the optimizer holds state for exactly what the checkpoint has state for
             assert optimizer is not None
-            optim_state.fill_missing_state(optimizer)  # the template must hold every parameter's state
-            app_state["optim"] = get_optimizer_state_dict(model, optimizer)
-        ckpt.load_app_state(path, app_state)
-        set_model_state_dict(model, app_state["model"], options=StateDictOptions(strict=load_module_strict))
-        if load_optim:
-            assert optimizer is not None
-            set_optimizer_state_dict(model, optimizer, app_state["optim"])
-            params = dict(model.named_parameters())
-            optim_state.drop_state(optimizer, [params[n] for n in meta.get("stateless_params", []) if n in params])
+            params = {logical_name(n): p for n, p in model.named_parameters()}
+            saved = optim_state.saved_state_names(path, "optim")
+            shaped = optim_state.shaped_like_checkpoint(optimizer, saved, params)
+        with shaped:
+            if load_optim:
+                app_state["optim"] = get_optimizer_state_dict(model, optimizer)
+            ckpt.load_app_state(path, app_state)
+            set_model_state_dict(model, app_state["model"], options=StateDictOptions(strict=load_module_strict))
+            if load_optim:
+                set_optimizer_state_dict(model, optimizer, app_state["optim"])
         shared = torch.load(path / ckpt.SHARED_FILE, map_location="cpu", weights_only=True)
         if load_lr_scheduler_states:
             for s, st in zip(schedulers, shared["schedulers"]):

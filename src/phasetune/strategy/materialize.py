@@ -17,7 +17,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from phasetune._dist import rank
-from phasetune.sharding.plan import logical_name
+from phasetune.sharding.names import logical_name
 
 
 @contextlib.contextmanager

@@ -24,7 +24,6 @@ What the strategy needs beyond the default adapter:
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +32,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
 from phasetune.errors import ConfigurationError
-from phasetune.lightning._compat import fsdp_state_dict_type
+from phasetune.lightning import _compat
 from phasetune.lightning.adapters import register_adapter
 from phasetune.lightning.sharded import ShardedStrategyAdapter
 from phasetune.sharding import fsdp1
@@ -96,36 +95,37 @@ class FSDPStrategyAdapter(ShardedStrategyAdapter):
                 "in LightningModule.configure_model or let the strategy's auto_wrap_policy (plus awp_overrides) "
                 "do it, and pass a fresh, unwrapped module to each fit."
             )
-        user = strategy.kwargs.get("auto_wrap_policy")
-        if isinstance(user, fsdp1.AlignedWrapPolicy):  # the strategy served an earlier fit with phasetune
+        user = _compat.fsdp_auto_wrap_policy(strategy)
+        if isinstance(user, fsdp1.AlignedWrapPolicy):  # left by an earlier fit that never reached teardown
             user = user.user_policy
-            strategy.kwargs["auto_wrap_policy"] = user
+            _compat.set_fsdp_auto_wrap_policy(strategy, user)  # repaired for good: nothing to undo
         self.user_policy = user
         self.policy = None
-        # The combined policy goes into FSDPStrategy.kwargs (what it passes to FSDP) right after the module's
-        # own configure_model: wrap() calls made there by hand keep seeing only the user's policy. An instance
-        # attribute (a plain closure, so Lightning sees the hook as overridden) bound from the class.
-        class_hook = type(pl_module).configure_model
 
-        def configure_model() -> None:
-            class_hook(pl_module)
+        # The combined policy is given to the strategy right after the module's own configure_model: wrap()
+        # calls made there by hand keep seeing only the user's policy.
+        def configure_model(original: Any) -> None:
+            original()
             if self.awp_overrides or self.min_num_params:
                 self.policy = fsdp1.AlignedWrapPolicy(user, self.awp_overrides, self.min_num_params)
-                strategy.kwargs["auto_wrap_policy"] = self.policy
+                self.keep_undo(_compat.set_fsdp_auto_wrap_policy(strategy, self.policy))
 
         self.hook_module(pl_module, "configure_model", configure_model)
-        # Checkpoints: the strategy's own optimizer_state re-keys full state by parameter index (fails with
-        # FlatParameters), and load_checkpoint loads optimizer state before callbacks are restored. Both are
-        # replaced on this strategy instance, bound from the class so repeated fits do not stack.
-        class_optimizer_state = functools.partial(type(strategy).optimizer_state, strategy)
 
-        def optimizer_state(optimizer: torch.optim.Optimizer) -> Any:
-            if fsdp_state_dict_type(strategy) != "full":
-                return class_optimizer_state(optimizer)
+        # Full checkpoints: the strategy's own optimizer_state re-keys by parameter index (fails with
+        # FlatParameters); key it by logical name instead. load_checkpoint: rebuild the saved phase first.
+        state_dict_type = _compat.fsdp_state_dict_type(strategy)
+
+        def optimizer_state(original: Any, optimizer: torch.optim.Optimizer) -> Any:
+            if state_dict_type != "full":
+                return original(optimizer)
             return fsdp1.full_optimizer_state(strategy.model, optimizer)
 
-        strategy.optimizer_state = optimizer_state  # type: ignore[method-assign]
+        self.keep_undo(_compat.replace_optimizer_state(strategy, optimizer_state))
         self.route_checkpoint_loads(strategy)
+
+    def file_weights_only(self, weights_only: bool | None) -> bool | None:
+        return _compat.fsdp_full_checkpoint_weights_only(weights_only)
 
     # -- names ----------------------------------------------------------------------------------------
     def _root(self) -> torch.nn.Module | None:

@@ -13,28 +13,33 @@ What the strategy needs beyond the default adapter:
 - **Gradient clipping** with ``gradient_clip_val``: one global norm across meshes and plain tensors.
 - **Resume.** The strategy loads optimizer state together with the model, before callbacks are restored,
   and DCP only loads into an optimizer shaped like the saved one. The adapter reads the callback's saved
-  state first, rebuilds the saved phase (thawed set and groups), primes state for exactly the parameters
-  the checkpoint has state for, and only then lets the strategy load.
-- **Per-rank snapshots.** Restore-best snapshots hold each rank's shards; checkpoints (written by rank 0)
-  keep every rank's part.
+  state first, rebuilds the saved phase (thawed set and groups), gives the optimizer state for exactly the
+  parameters the checkpoint has state for (:mod:`phasetune.sharding.optim_state`), and only then lets the
+  strategy load.
+- **Per-rank snapshots.** Restore-best snapshots hold each rank's shards; each rank keeps its own in a file
+  that checkpoints (written by rank 0) reference, never gathered.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
+from phasetune.lightning import _compat
 from phasetune.lightning.adapters import register_adapter
 from phasetune.lightning.sharded import ShardedStrategyAdapter
-from phasetune.sharding import clip, export, groups
+from phasetune.sharding import clip, export, groups, optim_state
 from phasetune.sharding import plan as fsdp_plan
-from phasetune.sharding.checkpoint import prime_optimizer_state, saved_state_names
+from phasetune.sharding.names import logical_name, logical_view, param_units
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -64,23 +69,22 @@ class ModelParallelStrategyAdapter(ShardedStrategyAdapter):
         super().connect(trainer)
         pl_module = trainer.lightning_module
         strategy = trainer.strategy
-        # configure_model is a public hook; an instance attribute runs the plan right after the class's own
-        # configure_model (a plain closure, not functools.wraps, so Lightning sees the hook as overridden).
-        class_hook = type(pl_module).configure_model
 
-        def configure_model() -> None:
-            class_hook(pl_module)
+        # configure_model is a public hook: the plan runs right after the class's own configure_model.
+        def configure_model(original: Any) -> None:
+            original()
             if pl_module.device_mesh is not None:  # a later fit under another strategy: nothing to shard over
                 self.apply_plan(pl_module)
 
         self.hook_module(pl_module, "configure_model", configure_model)
-        # gradient_clip_val reaches the precision plugin's public clip_grad_by_norm; clip with one global norm.
+
+        # gradient_clip_val: clip with one global norm across meshes and plain tensors.
         precision = trainer.precision_plugin
 
-        def clip_grad_by_norm(optimizer: torch.optim.Optimizer, clip_val: float) -> None:
+        def clip_grad_by_norm(original: Any, optimizer: torch.optim.Optimizer, clip_val: float) -> None:
             clip.clip_grad_norm_(list(precision.main_params(optimizer)), clip_val)
 
-        precision.clip_grad_by_norm = clip_grad_by_norm  # type: ignore[method-assign]
+        self.keep_undo(_compat.replace_clip_grad_by_norm(precision, clip_grad_by_norm))
         # The strategy loads optimizer state in load_checkpoint, before callbacks are restored: rebuild the
         # saved phase first (see the module docstring).
         self.route_checkpoint_loads(strategy)
@@ -110,13 +114,13 @@ class ModelParallelStrategyAdapter(ShardedStrategyAdapter):
 
     # -- names ----------------------------------------------------------------------------------------
     def named_parameters(self, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
-        return {fsdp_plan.logical_name(n): p for n, p in pl_module.named_parameters()}
+        return {logical_name(n): p for n, p in pl_module.named_parameters()}
 
     def named_buffers(self, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
-        return {fsdp_plan.logical_name(n): b for n, b in pl_module.named_buffers()}
+        return {logical_name(n): b for n, b in pl_module.named_buffers()}
 
     def structure_module(self, pl_module: pl.LightningModule) -> torch.nn.Module:
-        return fsdp_plan.logical_view(pl_module)
+        return logical_view(pl_module)
 
     def after_thaw(self, trainer: pl.Trainer) -> None:
         """Free gathered parameters so the next forward gathers the restored and thawed ones.
@@ -132,7 +136,7 @@ class ModelParallelStrategyAdapter(ShardedStrategyAdapter):
         self._fts = fts
         engine = fts.engine
         pl_module = trainer.lightning_module
-        units = fsdp_plan.param_units(pl_module)
+        units = param_units(pl_module)
         phase_of = {n: k for k in range(engine.final_depth + 1) for n in engine.schedule[k].params}
         problems = dtype_problems(engine.params, units, phase_of)
         self._split_groups(fts, trainer)
@@ -161,26 +165,18 @@ class ModelParallelStrategyAdapter(ShardedStrategyAdapter):
             )
 
     # -- resume -------------------------------------------------------------------------------------------
-    def before_checkpoint_load(self, checkpoint_path: Any) -> list[torch.Tensor]:
-        """Rebuild the checkpoint's phase before the strategy loads it; return parameters to thaw again after.
-
-        Parameters that train but have no optimizer state in the checkpoint (their phase began right before
-        the save) are frozen during the load, which would otherwise refuse them, and thawed again after.
-        """
-        if not self.resume_from(checkpoint_path):
-            return []
-        trainer, fts = self.trainer, self._fts
-        names = saved_state_names(Path(checkpoint_path))
-        optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        if names is None or optimizer is None:
-            return []
-        name_of = fts.engine.name_of
-        held = [(name_of.get(id(p)), p) for g in optimizer.param_groups for p in g["params"]]
-        prime_optimizer_state(optimizer, [p for n, p in held if n in names])
-        stateless = [p for n, p in held if n not in names and p.requires_grad]
-        for p in stateless:
-            p.requires_grad_(False)
-        return stateless
+    def checkpoint_load(self, checkpoint_path: Any, weights_only: bool | None) -> AbstractContextManager[Any]:
+        """Rebuild the checkpoint's phase, then shape the optimizer's state like the checkpoint's for the
+        strategy's load (see :mod:`phasetune.sharding.optim_state`): parameters whose phase began right
+        before the save have no saved state and start fresh, as in the uninterrupted run."""
+        trainer = self.trainer
+        if not self.resume_from(checkpoint_path, weights_only) or trainer is None or not trainer.optimizers:
+            return nullcontext()
+        fs, path = url_to_fs(str(checkpoint_path))
+        key = _compat.model_parallel_optimizer_key(0)
+        saved = optim_state.saved_state_names(path, key) if isinstance(fs, LocalFileSystem) else None
+        params = self.named_parameters(trainer.lightning_module)
+        return optim_state.shaped_like_checkpoint(trainer.optimizers[0], saved, params)
 
 
 # ------------------------------------------------------------------------------------------------ checks

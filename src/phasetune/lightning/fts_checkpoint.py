@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from phasetune.lightning import _compat
+
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
@@ -33,9 +35,9 @@ class FTSCheckpoint(ModelCheckpoint):
     @classmethod
     def upgrade(cls, plain: ModelCheckpoint, **overrides: Any) -> FTSCheckpoint:
         """A depth-aware copy of a plain ``ModelCheckpoint`` with the same settings and state."""
-        new = cls.__new__(cls)
-        new.__dict__.update(plain.__dict__)
-        new.__dict__.update(overrides)
+        new = _compat.copy_callback(plain, cls)
+        for name, value in overrides.items():
+            setattr(new, name, value)
         new._init_depth_state()
         return new
 

@@ -1,0 +1,349 @@
+"""PhasetuneTrainerCallback: a fine-tuning schedule under the Hugging Face ``transformers.Trainer``.
+
+A thin mapping of Trainer events onto :class:`phasetune.run.PhaseRun`, which owns the run (schedule,
+engine, history, snapshots, checkpoint state, when a phase ends). The Trainer builds its optimizer and lr
+scheduler inside ``train()`` and loads their checkpoint state before any callback event, so the callback
+needs the Trainer hook of :mod:`phasetune.hf.trainer` (:class:`PhasetuneTrainer`, or
+:class:`PhasetuneTrainerMixin` on your own Trainer class), which calls :meth:`setup`,
+:meth:`fit_optimizer` and :meth:`after_prepare` at the right moments.
+
+Order in ``train()``: ``create_optimizer`` (hook: build the run, freezing the model to phase 0; the Trainer's
+optimizer is built over every scheduled parameter, its groups kept as the template, then fitted to phase 0)
+-> Accelerate wraps model (DDP) and optimizer -> ``create_scheduler`` (hook: the Trainer's scheduler is built
+over phase 0's groups; a resumed run replays its saved phase here) -> the Trainer loads optimizer and scheduler
+state -> ``on_train_begin`` -> per epoch: ``on_epoch_begin`` (transition when the phase ended) ...
+``on_evaluate`` (record the metric, snapshot the phase's best state) ... ``on_save`` (the run's state into the
+checkpoint folder) -> ``on_train_end``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from transformers import TrainerCallback
+
+from phasetune import io, thaw, transitions
+from phasetune.errors import ConfigurationError
+from phasetune.hf import settings
+from phasetune.run import PhaseRecord, PhaseRun, RunEnv, RunOptions
+from phasetune.schedule import Schedule
+from phasetune.sharding.names import logical_name
+
+if TYPE_CHECKING:
+    from transformers import Trainer
+
+#: the run's state in each Trainer checkpoint folder (written atomically by rank 0 after the Trainer's files)
+STATE_FILE = "phasetune_state.pt"
+NON_FINITE = "the monitored value is not finite"
+TRAINER_STOPPED = "trainer stopped (num_train_epochs, max_steps or should_training_stop)"
+
+
+class PhasetuneTrainerCallback(TrainerCallback):
+    """Run a multi-phase fine-tuning schedule (gradual unfreezing) in a ``transformers.Trainer``.
+
+    Pass it in ``callbacks=`` of a :class:`~phasetune.hf.PhasetuneTrainer` (or of a Trainer class that mixes
+    in :class:`~phasetune.hf.PhasetuneTrainerMixin`). Parameter names in the schedule are the model's own
+    ``named_parameters()`` (``bert.encoder.layer.5.output.dense.weight``, ``classifier.weight``).
+
+    Args:
+        schedule: YAML path or dict, validated like the Lightning callback's ``ft_schedule``; ``None``
+            generates one from the model (``schedule_style``).
+        patience, min_delta, check_finite: phase-aware early stopping on the Trainer's
+            ``metric_for_best_model`` (``greater_is_better`` gives the direction): a phase ends after
+            ``patience`` evaluations without an improvement of at least ``min_delta``; a non-finite value
+            ends training (``check_finite=True``). The plain loop's names and defaults.
+        no_decay: parameter-name substrings whose parameters get ``weight_decay=0`` groups (not needed with
+            the Trainer's own optimizer, whose decay / no-decay groups are the template of every phase).
+
+    The other keyword arguments are the Lightning callback's and the plain loop's, with the same meaning
+    and default (:class:`phasetune.run.RunOptions`). ``snapshot_storage="disk"`` writes its files under
+    ``TrainingArguments.output_dir``.
+    """
+
+    def __init__(
+        self,
+        schedule: str | os.PathLike[str] | Mapping[Any, Any] | None = None,
+        *,
+        max_depth: int = -1,
+        base_max_lr: float | None = 1e-5,
+        restore_best: bool = True,
+        epoch_transitions_only: bool = False,
+        patience: int = 3,
+        min_delta: float = 0.0,
+        check_finite: bool = True,
+        schedule_style: str = "blocks",
+        reinit_optim_cfg: Mapping[str, Any] | None = None,
+        reinit_lr_cfg: Mapping[str, Any] | None = None,
+        enforce_phase0_params: bool = True,
+        no_decay: Sequence[str] | None = None,
+        apply_lambdas_new_pgs: bool = False,
+        frozen_bn_track_running_stats: bool = True,
+        snapshot_storage: str = "memory",
+    ) -> None:
+        self.options = RunOptions(
+            max_depth=max_depth, base_max_lr=base_max_lr, restore_best=restore_best,
+            epoch_transitions_only=epoch_transitions_only, schedule_style=schedule_style,
+            reinit_optim_cfg=reinit_optim_cfg, reinit_lr_cfg=reinit_lr_cfg,
+            enforce_phase0_params=enforce_phase0_params, apply_lambdas_new_pgs=apply_lambdas_new_pgs,
+            frozen_bn_track_running_stats=frozen_bn_track_running_stats, snapshot_storage=snapshot_storage,
+        )
+        problems = self.options.problems(explicit_schedule=schedule is not None)
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            problems.append(f"patience must be an integer >= 1, got {patience!r}")
+        if problems:
+            raise ConfigurationError(problems)
+        self.schedule_source = schedule
+        self.patience, self.min_delta, self.check_finite = patience, min_delta, check_finite
+        self.no_decay = list(no_decay) if no_decay else None
+        self.run: PhaseRun | None = None
+        self.tracker = transitions.PatienceTracker(patience=patience, min_delta=min_delta)
+        self.done = False
+        self.resume_from: str | None = None  # set by the Trainer hook from train(resume_from_checkpoint=...)
+        self._trainer: Trainer | None = None
+        self._monitor: str | None = None
+        self._stepped = False  # an optimizer step happened in this train() call (evaluations before it are not observed)
+        self._prepared = False  # after_prepare ran for the current run
+
+    # ------------------------------------------------------------------ read-only state
+    @property
+    def schedule(self) -> Schedule | None:
+        """The resolved schedule (exact parameter names per phase)."""
+        return self.run.schedule if self.run else None
+
+    @property
+    def depth(self) -> int | None:
+        """Index of the phase being trained."""
+        return self.run.depth if self.run else None
+
+    @property
+    def final_depth(self) -> int | None:
+        return self.run.final_depth if self.run else None
+
+    @property
+    def history(self) -> list[PhaseRecord]:
+        """One record per phase started in the current (or last) ``train()``."""
+        return self.run.history if self.run else []
+
+    @property
+    def thawed_params(self) -> list[str]:
+        """Names of the parameters trained in the current phase (phases 0..depth)."""
+        return self.run.thawed_params if self.run else []
+
+    @property
+    def monitor(self) -> str | None:
+        """The evaluation metric phases end by (``metric_for_best_model`` as the metrics dict names it)."""
+        return self._monitor
+
+    # ------------------------------------------------------------------ called by the Trainer hook
+    def setup(self, trainer: Trainer, model: torch.nn.Module) -> None:
+        """Build the run for this ``train()``: resolve the schedule, freeze the model to phase 0, check the
+        Trainer's settings; then leave every scheduled parameter trainable until :meth:`after_prepare`, so that
+        the Trainer's optimizer (its groups are the template of later phases) and DDP see all of them."""
+        self._trainer = trainer
+        args = trainer.args
+        self._monitor = settings.metric_key(args)
+        mode: Literal["min", "max"] = "max" if self._monitor and args.greater_is_better else "min"
+        self.tracker = transitions.PatienceTracker(mode=mode, patience=self.patience, min_delta=self.min_delta)
+        self.done, self._stepped, self._prepared = False, False, False
+        # names as the model writes them, without the segments wrappers insert (activation checkpointing)
+        params = {logical_name(n): p for n, p in model.named_parameters()}
+        env = RunEnv(
+            named_buffers=lambda: dict(model.named_buffers()),
+            snapshot_dir=str(args.output_dir),
+            device=next((p.device for p in params.values()), None),
+            optimizer_source="the Trainer's optimizer",
+        )
+        self.run = PhaseRun(
+            self.schedule_source, params, {n: tuple(p.shape) for n, p in params.items()}, options=self.options,
+            env=env, model=model, no_decay=self.no_decay, monitor=self._monitor, mode=mode,
+        )
+        ddp = trainer.accelerator.ddp_handler
+        problems = settings.trainer_problems(
+            args, self.run.schedule, self.run.final_depth, restore_best=self.options.restore_best,
+            epoch_transitions_only=self.options.epoch_transitions_only,
+            find_unused_parameters=None if ddp is None else ddp.find_unused_parameters,
+            world_size=args.world_size, fsdp=trainer.is_fsdp_enabled, deepspeed=trainer.is_deepspeed_enabled,
+        )
+        if problems:
+            raise ConfigurationError(problems)
+        for note in settings.scheduler_notes(self.run.schedule, self.run.final_depth):
+            env.warn(note)
+        # DDP registers only parameters that require grad when it wraps the model (right after this hook), and
+        # the Trainer groups only those: every scheduled one is trainable until after_prepare freezes again.
+        thaw.thaw(self.run.engine.params, self.run.schedule.params_through(self.run.final_depth))
+
+    def fit_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Take later phases' parameters out of the Trainer's freshly built optimizer (its groups stay the
+        template: later phases copy the hyperparameters of the group each parameter was in)."""
+        assert self.run is not None
+        self.run.fit_optimizer(optimizer, [], expected=True)
+
+    def after_prepare(self, trainer: Trainer) -> None:
+        """Freeze to phase 0 again, check the optimizer and scheduler, and replay a resumed run's saved phase
+        (thawed set, groups, optimizer, scheduler) before the Trainer loads optimizer and scheduler state."""
+        run = self.run
+        assert run is not None
+        if self._prepared:
+            return
+        self._prepared = True
+        run.engine.start()  # freeze everything, thaw phase 0 (DDP has registered every scheduled parameter)
+        optimizer, schedulers = self._optimizer_and_schedulers(trainer)
+        problems = run.check(optimizer, schedulers)
+        if problems:
+            raise ConfigurationError(problems)
+        if self.resume_from is None:
+            return
+        state = read_state(self.resume_from)
+        new_opt, scheds, replaced = run.resume(state, optimizer, schedulers, where=self.resume_from)
+        self._install(trainer, new_opt if new_opt is not optimizer else None, scheds[0] if replaced is not None else None)
+        self.tracker.load_state_dict(state["tracker"])
+        self.done = bool(state["done"])
+
+    # ------------------------------------------------------------------ Trainer events
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.run is None or self._trainer is None or not self._prepared:
+            raise ConfigurationError(
+                "PhasetuneTrainerCallback needs its Trainer hook to reach the optimizer: use "
+                "phasetune.hf.PhasetuneTrainer instead of transformers.Trainer, or mix PhasetuneTrainerMixin into "
+                "your Trainer class (class MyTrainer(PhasetuneTrainerMixin, Trainer))"
+            )
+        self.run.start(epoch=_epoch_starting(state), step=state.global_step)
+        if self.done:
+            control.should_training_stop = True
+            self.run.env.info("the schedule was already complete in the checkpoint; nothing left to train")
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._stepped = True
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        assert self.run is not None and self._trainer is not None
+        if self.done:
+            return
+        epoch = _epoch_starting(state)
+        decision = self.run.decide(epoch, self.tracker.done)
+        if decision is None or not decision.transition:
+            return
+        optimizer, schedulers = self._optimizer_and_schedulers(self._trainer)
+        t = self.run.transition(epoch=epoch, step=state.global_step, reason=decision.reason,
+                                optimizer=optimizer, schedulers=schedulers)
+        self._install(self._trainer, t.optimizer if t.new_optimizer else None, t.new_scheduler)
+        self.tracker.reset()
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Mapping[str, Any] | None = None,
+                    **kwargs: Any) -> None:
+        # only evaluations inside train() after a step: not eval_on_start, nor trainer.evaluate() afterwards
+        if self.run is None or self._trainer is None or not self._stepped or self.done or not self.run.history:
+            return
+        epoch = _epoch_done(state)
+        value = None if self._monitor is None else (metrics or {}).get(self._monitor)
+        phase = self.run.engine.phase
+        optimizer, schedulers = self._optimizer_and_schedulers(self._trainer)
+        agreed = self.run.observe(value, epoch=epoch, step=state.global_step, optimizer=optimizer,
+                                  schedulers=schedulers)
+        if agreed is None:
+            if self._monitor is not None and phase.max_transition_epoch < 0 and not self.run.is_final:
+                raise ConfigurationError(
+                    f"metric_for_best_model {self._monitor!r} is not among the evaluation metrics "
+                    f"({', '.join(sorted(metrics or {}))}); phase {phase.index} ends only by it: name one of them"
+                )
+            return
+        if self.check_finite and not math.isfinite(agreed):
+            self._stop(control, epoch, state.global_step, NON_FINITE)
+            return
+        self.tracker.update(agreed)
+        if self.run.is_final:  # the final phase ends the run as soon as its patience runs out
+            decision = self.run.decide(epoch + 1, self.tracker.done)
+            if decision is not None and decision.stop:
+                self._stop(control, epoch, state.global_step, decision.reason)
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        assert self.run is not None
+        if self.done or not self.run.is_final:
+            return
+        epoch = _epoch_done(state)
+        decision = self.run.decide(epoch + 1, self.tracker.done)
+        if decision is not None and decision.stop:  # the final phase's max_transition_epoch
+            self._stop(control, epoch, state.global_step, decision.reason)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.run is None or not state.is_world_process_zero:
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir():  # every rank holds the same run state under DDP: rank 0 writes it
+            io.atomic_torch_save(self.state_dict(), folder / STATE_FILE)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.run is None or not self.run.history or self.done:
+            return
+        decision = self.run.decide(math.ceil(state.epoch or 0), self.tracker.done)
+        reason = decision.reason if decision is not None else TRAINER_STOPPED
+        self.run.finish(epoch=math.ceil(state.epoch or 0), step=state.global_step, reason=reason)
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the run exactly (the restore-best snapshot included)."""
+        assert self.run is not None
+        state = self.run.state_dict()
+        state.update(tracker=self.tracker.state_dict(), done=self.done)
+        return state
+
+    # ------------------------------------------------------------------ helpers
+    def _stop(self, control: Any, epoch: int, step: int, reason: str) -> None:
+        assert self.run is not None
+        self.done = True
+        control.should_training_stop = True
+        self.run.finish(epoch=epoch + 1, step=step, reason=reason)
+        self.run.env.info(f"final phase {self.run.depth} ended after epoch {epoch} ({reason})" if self.run.is_final
+                          else f"training ended after epoch {epoch} ({reason})")
+
+    @staticmethod
+    def _optimizer_and_schedulers(trainer: Trainer) -> tuple[torch.optim.Optimizer, list[Any]]:
+        return unwrap_optimizer(trainer.optimizer), [trainer.lr_scheduler] if trainer.lr_scheduler is not None else []
+
+    @staticmethod
+    def _install(trainer: Trainer, optimizer: torch.optim.Optimizer | None, scheduler: Any) -> None:
+        """Give the Trainer (and the callback handler, which passes them to callbacks) a phase's new optimizer
+        or lr scheduler; a new optimizer is wrapped by Accelerate like the Trainer's own."""
+        if optimizer is not None:
+            trainer.optimizer = trainer.accelerator.prepare_optimizer(optimizer)
+            trainer.callback_handler.optimizer = trainer.optimizer
+        if scheduler is not None:
+            trainer.lr_scheduler = scheduler
+            trainer.callback_handler.lr_scheduler = scheduler
+
+
+def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside Accelerate's ``AcceleratedOptimizer`` (the one phasetune regroups)."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    return optimizer.optimizer if isinstance(optimizer, AcceleratedOptimizer) else optimizer
+
+
+def read_state(checkpoint: str | os.PathLike[str]) -> dict[str, Any]:
+    """The run state saved in a Trainer checkpoint folder, or a one-line error saying why there is none."""
+    path = Path(checkpoint) / STATE_FILE
+    if not path.is_file():
+        raise ConfigurationError(
+            f"cannot resume from {checkpoint}: it holds no {STATE_FILE} (it was saved by a Trainer without "
+            "PhasetuneTrainerCallback, or the run stopped while saving). To start a schedule from its weights, load "
+            "them (from_pretrained on that folder) and call train() without resume_from_checkpoint"
+        )
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _epoch_starting(state: Any) -> int:
+    """The epoch about to run (``state.epoch`` is fractional: completed epochs plus the share of the current)."""
+    return math.floor(state.epoch or 0)
+
+
+def _epoch_done(state: Any) -> int:
+    """The epoch being trained or just finished, at an evaluation or an epoch end."""
+    return max(math.ceil(state.epoch or 0) - 1, 0)
+
+
+__all__ = ["STATE_FILE", "PhasetuneTrainerCallback", "read_state", "unwrap_optimizer"]

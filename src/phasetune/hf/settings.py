@@ -1,0 +1,112 @@
+"""Trainer settings a schedule cannot work with, found before training: each problem names the setting.
+
+Pure functions of ``TrainingArguments`` (read by attribute) and the resolved schedule, so they are tested
+without building a Trainer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from phasetune.schedule import Schedule
+
+#: ``optim`` choices whose optimizers do not train through param groups that can be added later: GaLore and
+#: APOLLO group parameters by target module when built, LOMO/AdaLomo update inside the backward pass.
+NO_NEW_GROUPS = ("galore", "apollo", "lomo", "adalomo")
+
+
+def metric_key(args: Any) -> str | None:
+    """The key of ``metric_for_best_model`` in the evaluation metrics (the Trainer adds ``eval_``)."""
+    name = getattr(args, "metric_for_best_model", None)
+    if not name:
+        return None
+    return name if name.startswith("eval_") else f"eval_{name}"
+
+
+def metric_driven_phases(schedule: Schedule, final_depth: int, epoch_transitions_only: bool) -> list[int]:
+    """Phases before the final one that end only when the metric stops improving (no max_transition_epoch)."""
+    if epoch_transitions_only:
+        return []
+    return [p.index for p in schedule.phases[:final_depth] if p.max_transition_epoch < 0]
+
+
+def trainer_problems(
+    args: Any,
+    schedule: Schedule,
+    final_depth: int,
+    *,
+    restore_best: bool,
+    epoch_transitions_only: bool,
+    find_unused_parameters: bool | None,
+    world_size: int,
+    fsdp: bool = False,
+    deepspeed: bool = False,
+) -> list[str]:
+    """What in ``args`` keeps the schedule from running as written, each naming the TrainingArguments field."""
+    problems = []
+    evaluates = str(getattr(args, "eval_strategy", "no")) not in ("no", "IntervalStrategy.NO")
+    metric = metric_key(args)
+    by_metric = metric_driven_phases(schedule, final_depth, epoch_transitions_only)
+    if by_metric:
+        which = ", ".join(str(k) for k in by_metric)
+        if metric is None:
+            problems.append(
+                f"TrainingArguments.metric_for_best_model is unset, but phase(s) {which} end only when the evaluation "
+                "metric stops improving: set metric_for_best_model (e.g. 'eval_loss') or give those phases a "
+                "max_transition_epoch"
+            )
+        if not evaluates:
+            problems.append(
+                f"TrainingArguments.eval_strategy='no', but phase(s) {which} end only when the evaluation metric "
+                "stops improving: set eval_strategy='epoch' (and an eval_dataset) or give those phases a "
+                "max_transition_epoch"
+            )
+    elif restore_best and final_depth > 0 and (metric is None or not evaluates):
+        setting = "metric_for_best_model is unset" if metric is None else "eval_strategy='no'"
+        problems.append(
+            f"restore_best=True restores each phase's best state by the evaluation metric, but TrainingArguments."
+            f"{setting}: set metric_for_best_model (e.g. 'eval_loss') with eval_strategy='epoch', or pass "
+            "restore_best=False to PhasetuneTrainerCallback"
+        )
+    optim = str(getattr(args, "optim", ""))
+    optim = optim.split(".")[-1].lower() if optim.startswith("OptimizerNames.") else optim.lower()
+    if final_depth > 0 and optim.startswith(NO_NEW_GROUPS):
+        problems.append(
+            f"TrainingArguments.optim={optim!r} builds an optimizer that cannot take the parameter groups later phases "
+            "add (it groups parameters when built, or updates them inside backward); use an optimizer such as "
+            "'adamw_torch' or 'sgd', or a one-phase schedule"
+        )
+    if fsdp:
+        problems.append(
+            "TrainingArguments.fsdp is set, but phasetune.hf does not support the Trainer's FSDP yet (Accelerate "
+            "replaces the parameters the schedule holds when it shards the model); use DDP, or phasetune's FSDP2 "
+            "front ends (the Lightning ModelParallelStrategyAdapter or phasetune.FSDP2Strategy)"
+        )
+    if deepspeed:
+        problems.append(
+            "TrainingArguments.deepspeed is set, but phasetune.hf does not support DeepSpeed (it builds and owns the "
+            "optimizer and its groups); use DDP"
+        )
+    if world_size > 1 and final_depth > 0 and find_unused_parameters is False:
+        problems.append(
+            "TrainingArguments.ddp_find_unused_parameters is False (the Trainer's choice with activation "
+            "checkpointing), but under DDP phasetune registers every scheduled parameter with DDP while only the "
+            "current phase's get gradients: set ddp_find_unused_parameters=True"
+        )
+    return problems
+
+
+def scheduler_notes(schedule: Schedule, final_depth: int) -> list[str]:
+    """Warnings for schedule keys the Trainer reads differently from Lightning (it steps every optimizer step)."""
+    notes = []
+    for phase in schedule.phases[1 : final_depth + 1]:
+        spec = phase.new_lr_scheduler
+        if spec is None:
+            continue
+        interval = spec.pl_lrs_cfg.get("interval", "epoch")
+        if interval != "step":
+            notes.append(
+                f"phase {phase.index}, key 'new_lr_scheduler': the Trainer steps lr schedulers after every optimizer "
+                f"step, not per {interval!r} (pl_lrs_cfg is Lightning's); size the scheduler in steps"
+            )
+    return notes

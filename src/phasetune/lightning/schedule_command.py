@@ -1,0 +1,215 @@
+"""``phasetune schedule generate|check|show``: a schedule for the model of a ``phasetune fit`` config.
+
+The config is read by :class:`PhasetuneCLI` without running anything; its model is built to read parameter
+names and shapes, and its :class:`FinetuningScheduler` (if any) supplies the schedule and its settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import torch
+
+from phasetune import generate
+from phasetune.errors import PhasetuneError, ScheduleError
+from phasetune.lightning.adapters import select_adapter
+from phasetune.lightning.callback import FinetuningScheduler
+from phasetune.lightning.fit_command import PhasetuneCLI
+from phasetune.report import covering_modules, fmt_count, format_table
+from phasetune.schedule import Schedule, resolve_schedule
+
+SCHEDULE_HELP = """\
+phasetune schedule generate --config CONFIG [--recipe NAME] [--lr LR] [--lr_decay F]
+                           [--phase_steps N [N ...]] [--warmup_fraction F] [--steps_per_epoch N]
+                           [--include_stem true|false] [--blocks_per_phase N] [--output FILE]
+phasetune schedule check [SCHEDULE] --config CONFIG
+phasetune schedule show [SCHEDULE] --config CONFIG
+
+CONFIG is a `phasetune fit` config; its model is built (weights included) to read parameter names.
+SCHEDULE defaults to the ft_schedule of the FinetuningScheduler in CONFIG. Further arguments are
+config overrides, e.g. --model.init_args.lr 1e-4.
+"""
+
+
+class UsageError(PhasetuneError):
+    """A ``phasetune schedule`` command line that cannot be parsed."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line instead of usage + message
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+RECIPE_OPTIONS = ("lr", "lr_decay", "phase_steps", "warmup_fraction", "steps_per_epoch", "include_stem",
+                  "blocks_per_phase")
+
+
+def _schedule_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="phasetune schedule", usage=SCHEDULE_HELP,
+                                     description="Generate, check or show a fine-tuning schedule for a model.")
+    sub = parser.add_subparsers(dest="action", required=True, metavar="{generate,check,show}")
+    gen = sub.add_parser("generate", prog="phasetune schedule generate",
+                         help="write a schedule generated from the model's structure")
+    gen.add_argument("--recipe", "--style", dest="style", choices=generate.STYLES, default=None,
+                     help="'blocks' (head, then one repeated block per phase, then the stem), 'discriminative' "
+                          "(the same with lrs falling by --lr_decay per block), 'lpft' (head, then everything) or "
+                          "'pairs' (the classic: two tensors per phase); default: the config's schedule_style")
+    gen.add_argument("--lr", type=float, help="lr of phase 1 (phase 0 trains at configure_optimizers' lr)")
+    gen.add_argument("--lr_decay", type=float, help="discriminative: lr factor from one block to the one below")
+    gen.add_argument("--phase_steps", type=int, nargs="+", metavar="N",
+                     help="optimizer steps per phase (one value for all, or one per phase): each phase >= 1 gets "
+                          "a warm-up then linear decay over its steps (phasetune.lr_shapes.WarmupLinearDecay)")
+    gen.add_argument("--warmup_fraction", type=float, help="share of each phase's steps spent warming up (0.1)")
+    gen.add_argument("--steps_per_epoch", type=int,
+                     help="with --phase_steps: write each phase's end as max_transition_epoch")
+    gen.add_argument("--include_stem", type=_bool, help="schedule the embeddings (stem) in a last phase (true)")
+    gen.add_argument("--blocks_per_phase", type=int, help="discriminative/blocks: blocks thawed per phase (1)")
+    gen.add_argument("-o", "--output", help="file to write (default: print to stdout)")
+    for name, text in (("check", "validate a schedule against the model (every problem at once)"),
+                       ("show", "show a schedule as a table: parameters, lr and transition rule per phase")):
+        p = sub.add_parser(name, prog=f"phasetune schedule {name}", help=text)
+        p.add_argument("schedule", nargs="?", help="schedule YAML (default: the config's ft_schedule)")
+    for p in sub.choices.values():
+        p.add_argument("-c", "--config", required=True, help="a `phasetune fit` config file naming the model")
+    return parser
+
+
+@dataclass
+class _Target:
+    """The model of a config, by logical parameter name, and the FinetuningScheduler settings it names."""
+
+    params: dict[str, torch.Tensor]
+    structure: torch.nn.Module
+    fts: FinetuningScheduler
+    model_name: str
+
+
+def _load_target(config: str, overrides: Sequence[str]) -> _Target:
+    argv, sys.argv = sys.argv, ["phasetune schedule", "--config", config, *overrides]
+    quiet = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:  # the Trainer is built only to read its callbacks: no "GPU available" lines
+        logger.setLevel(logging.WARNING)
+    try:  # through sys.argv: LightningCLI warns when given args while the process has command-line arguments
+        cli = PhasetuneCLI(run=False, save_config_callback=None, seed_everything_default=False,
+                           parser_kwargs={"prog": "phasetune schedule", "exit_on_error": False})
+    finally:
+        sys.argv = argv
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
+    model = cli.model
+    if not any(True for _ in model.parameters()):
+        with torch.device("meta"):  # names and shapes are all a schedule needs
+            model.configure_model()
+    found = [c for c in cli.trainer.callbacks if isinstance(c, FinetuningScheduler)]
+    fts = found[0] if found else FinetuningScheduler()
+    adapter = select_adapter(cli.trainer.strategy, fts.strategy_adapter_cfg)
+    return _Target(adapter.named_parameters(model), adapter.structure_module(model), fts, type(model).__name__)
+
+
+def _schedule_source(args: argparse.Namespace, target: _Target) -> tuple[Any, str]:
+    if args.schedule:
+        return args.schedule, args.schedule
+    if target.fts.ft_schedule is not None:
+        src = target.fts.ft_schedule
+        return src, str(src) if not isinstance(src, dict) else "the config's ft_schedule"
+    raw = generate.generate_schedule(target.structure, target.fts.schedule_style)
+    return raw, f"the schedule generated for {target.model_name} (style {target.fts.schedule_style!r})"
+
+
+def schedule_main(argv: Sequence[str]) -> int:
+    """``phasetune schedule generate|check|show``; returns the exit code."""
+    args, overrides = _schedule_parser().parse_known_args(list(argv))
+    target = _load_target(args.config, overrides)
+    shapes = {n: tuple(p.shape) for n, p in target.params.items()}
+    if args.action == "generate":
+        style = args.style or target.fts.schedule_style
+        options = {k: getattr(args, k) for k in RECIPE_OPTIONS if getattr(args, k) is not None}
+        if options.get("phase_steps") and len(options["phase_steps"]) == 1:
+            options["phase_steps"] = options["phase_steps"][0]
+        try:
+            raw = generate.generate_schedule(target.structure, style, **options)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        schedule = resolve_schedule(raw, shapes)
+        header = (f"phasetune schedule generated for {target.model_name} (style {style!r}): {len(schedule)} phases\n"
+                  + _phase0_note(raw, options) + "edit it, then pass it as FinetuningScheduler(ft_schedule=...)")
+        if args.output:
+            schedule.dump(args.output, resolved=False, header=header)
+            print(f"wrote {args.output} ({len(schedule)} phases)")
+        else:
+            print("".join(f"# {line}\n" for line in header.splitlines()) + schedule.to_yaml(resolved=False), end="")
+        return 0
+    source, desc = _schedule_source(args, target)
+    try:
+        schedule = resolve_schedule(source, shapes, epoch_transitions_only=target.fts.epoch_transitions_only)
+    except ScheduleError as e:
+        print(f"phasetune: {e}", file=sys.stderr)
+        return 1
+    if args.action == "show":
+        print(f"{desc} for {target.model_name}:")
+        print(_schedule_table(schedule, target))
+    for note in schedule.warnings:
+        print(f"note: {note}")
+    if schedule.unscheduled:
+        print(f"note: {len(schedule.unscheduled)} of {len(shapes)} parameters are in no phase and stay frozen "
+              f"(e.g. {schedule.unscheduled[0]!r})")
+    if args.action == "check":
+        print(f"{desc}: OK, {len(schedule)} phases for {target.model_name}")
+    return 0
+
+
+def _phase0_note(raw: dict[int, dict[str, Any]], options: dict[str, Any]) -> str:
+    """What the schedule cannot say about phase 0: its lr and lr shape come from configure_optimizers."""
+    if "phase_steps" not in options:
+        return "phase 0 trains with configure_optimizers' optimizer, lr and lr scheduler\n"
+    from phasetune.recipes import DEFAULT_WARMUP_FRACTION, phase_lr_shape
+
+    steps = options["phase_steps"] if isinstance(options["phase_steps"], int) else options["phase_steps"][0]
+    shape = phase_lr_shape(steps, options.get("warmup_fraction", DEFAULT_WARMUP_FRACTION))
+    return ("phase 0 trains with configure_optimizers' optimizer and lr; for the same lr shape, return with it\n"
+            f"phasetune.lr_shapes.WarmupLinearDecay(optimizer, total_steps={shape['total_steps']}, "
+            f"warmup_steps={shape['warmup_steps']}) stepped every step\n")
+
+
+def _schedule_table(schedule: Schedule, target: _Target) -> str:
+    numel = {n: p.numel() for n, p in target.params.items()}
+    total = max(sum(numel.values()), 1)
+    fts, rows, cumulative = target.fts, [], 0
+    last = len(schedule) - 1 if fts.max_depth < 0 else min(fts.max_depth, len(schedule) - 1)
+    for phase in schedule.phases[: last + 1]:
+        count = sum(numel[n] for n in phase.params)
+        cumulative += count
+        if phase.index == 0:
+            lr = "optimizer's"
+        elif phase.lr is not None:
+            lr = f"{phase.lr:.3g}"
+        else:
+            lr = f"{fts.base_max_lr:.3g} (base)" if fts.base_max_lr else "1/10 of phase 0"
+        rows.append([phase.index, f"{fmt_count(count)} ({len(phase.params)})", f"{100.0 * cumulative / total:.1f}%",
+                     lr, _rule(phase.max_transition_epoch, phase.index == last, fts.epoch_transitions_only),
+                     covering_modules(phase.params, list(numel), limit=2)])
+    return format_table(["phase", "params (tensors)", "trainable", "lr", "ends", "thaws"], rows, align="lrrrll")
+
+
+def _rule(epoch: int, final: bool, epoch_only: bool) -> str:
+    stop = "run ends" if final else "next phase"
+    if epoch_only:
+        return f"epoch {epoch}: {stop}"
+    if epoch >= 0:
+        return f"early stopping or epoch {epoch}: {stop}"
+    return f"early stopping: {stop}"
+

@@ -1,0 +1,470 @@
+"""One scheduled fine-tuning run, whichever front end drives it (torch only).
+
+:class:`PhaseRun` owns everything a run needs around the :class:`~phasetune.engine.PhaseEngine`: the
+schedule resolved against the model, the history of phases, the restore-best snapshots, the per-phase
+clocks, the checkpoint state and the end-of-epoch decision. A front end (the Lightning callback, the
+plain-loop :class:`~phasetune.loop.ScheduledFinetuning`) maps its hooks onto these calls and says where
+it runs through a :class:`RunEnv`; the knobs both share are one :class:`RunOptions`::
+
+    run = PhaseRun(schedule, params, shapes, options=RunOptions(), env=RunEnv(...), model=model)
+    run.fit_optimizer(optimizer, schedulers)          # phase 0 over exactly phase 0's parameters
+    run.start(epoch=0, step=0)
+    ... after each validation: run.observe(value, epoch=..., step=..., optimizer=..., schedulers=...)
+    ... before each epoch:     decision = run.decide(next_epoch, early_stopping_done)
+                               if decision and decision.transition: run.transition(...)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from phasetune import generate, snapshots, thaw, transitions
+from phasetune.engine import PhaseEngine, Transition
+from phasetune.errors import ConfigurationError
+from phasetune.memory import PeakMemory
+from phasetune.param_groups import Phase0Report
+from phasetune.report import covering_modules, fmt_count
+from phasetune.run_types import Decision, PhaseRecord, RunEnv, RunOptions
+from phasetune.schedule import Schedule, diff_fingerprints, resolve_schedule
+
+log = logging.getLogger("phasetune")
+if not logging.getLogger().hasHandlers() and not log.handlers:  # transition lines show without logging setup
+    log.addHandler(logging.StreamHandler())
+    log.setLevel(logging.INFO)
+
+#: format of :meth:`PhaseRun.state_dict`; format 1 (phasetune 0.1 callback and loop) is still read
+STATE_FORMAT = 2
+
+
+def implicit_schedule(structure: nn.Module, options: RunOptions) -> dict[int, dict[str, Any]]:
+    """The schedule generated from ``structure`` when the user gives none (``options.schedule_style``)."""
+    raw = generate.generate_schedule(structure, options.schedule_style)
+    for k in range(1, len(raw)):
+        if options.reinit_optim_cfg:
+            raw[k]["new_optimizer"] = dict(options.reinit_optim_cfg)
+        if options.reinit_lr_cfg:
+            raw[k]["new_lr_scheduler"] = dict(options.reinit_lr_cfg)
+    return raw
+
+
+class PhaseRun:
+    """A run of a schedule over ``params`` (logical name -> tensor that trains it).
+
+    Args:
+        source: schedule YAML path or mapping; ``None`` generates one from ``structure``.
+        params: every parameter by its schedule name, in registration order (names may share a tensor).
+        shapes: every parameter's logical (unsharded) shape, by the same names.
+        options: the shared knobs.
+        env: where the run happens.
+        model: the module whose frozen BatchNorm layers follow ``frozen_bn_track_running_stats``.
+        structure: the module implicit schedules are generated from (default: ``model``).
+        no_decay: parameter-name substrings whose parameters get ``weight_decay=0`` groups.
+        group_splitter: applied to each phase's new groups (sharded strategies keep groups homogeneous).
+        monitor, mode: the monitored metric (for messages and checkpoint checks) and whether lower is better.
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        params: Mapping[str, torch.Tensor],
+        shapes: Mapping[str, tuple[int, ...]],
+        *,
+        options: RunOptions,
+        env: RunEnv,
+        model: nn.Module | None = None,
+        structure: nn.Module | None = None,
+        no_decay: Sequence[str] | None = None,
+        group_splitter: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None,
+        monitor: str | None = None,
+        mode: str = "min",
+    ) -> None:
+        self.options = options
+        self.env = env
+        self.model = model
+        self.monitor = monitor
+        self.mode = mode
+        if source is None:
+            if structure is None and model is None:
+                raise ConfigurationError("no schedule given and no model to generate one from")
+            source = implicit_schedule(structure if structure is not None else model, options)  # type: ignore[arg-type]
+        schedule = resolve_schedule(source, dict(shapes), epoch_transitions_only=options.epoch_transitions_only)
+        for note in schedule.warnings:
+            env.warn(f"schedule {schedule.source}: {note}")
+        if schedule.unscheduled:
+            env.warn(
+                f"{len(schedule.unscheduled)} of {len(shapes)} parameters are in no phase and stay frozen for the "
+                f"whole run (e.g. {schedule.unscheduled[0]!r}); add them to a phase to train them."
+            )
+        if options.max_depth > len(schedule) - 1:
+            env.warn(f"max_depth={options.max_depth} exceeds the last phase ({len(schedule) - 1}); running all phases.")
+        self.engine = PhaseEngine(
+            schedule,
+            params,
+            base_lr=options.base_max_lr,
+            max_depth=options.max_depth,
+            no_decay=no_decay,
+            apply_lambdas_new_pgs=options.apply_lambdas_new_pgs,
+        )
+        self.engine.group_splitter = group_splitter
+        self.engine.start()
+        self._apply_bn_mode()
+        self.history: list[PhaseRecord] = []
+        self.snapshot: snapshots.Snapshot | None = None
+        self._snapshot_file: dict[str, Any] | None = None  # the file the current snapshot was written to
+        self._clock: float | None = None
+        self._memory: PeakMemory | None = None
+
+    # ------------------------------------------------------------------ read-only state
+    @property
+    def schedule(self) -> Schedule:
+        return self.engine.schedule
+
+    @property
+    def depth(self) -> int:
+        return self.engine.depth
+
+    @property
+    def final_depth(self) -> int:
+        return self.engine.final_depth
+
+    @property
+    def is_final(self) -> bool:
+        return self.engine.is_final
+
+    @property
+    def thawed_params(self) -> list[str]:
+        """Names of the parameters trained in the current phase (phases 0..depth)."""
+        return self.engine.schedule.params_through(self.engine.depth)
+
+    # ------------------------------------------------------------------ setup
+    def fit_optimizer(self, optimizer: Optimizer, schedulers: Sequence[Any], *, expected: bool = False) -> Phase0Report:
+        """Make ``optimizer`` hold exactly phase 0's parameters (or only report, without enforcement).
+
+        ``expected``: the optimizer was built before the model was frozen (over every parameter), so taking
+        later phases' parameters out is routine and said at INFO level rather than as a warning.
+        """
+        enforce = self.options.enforce_phase0_params
+        report = self.engine.prepare_optimizer(optimizer, schedulers, enforce=enforce)
+        if not report.changed:
+            return report
+        source = self.env.optimizer_source
+        if expected and enforce and not report.unnamed:
+            self.env.info(f"fitted {source} to phase 0 (it also held {len(report.extra)} tensors of later phases, "
+                          f"now taken out; {len(report.missing)} phase-0 tensors added)")
+            return report
+        what = report.describe()
+        if enforce:
+            extra = (f"; groups {report.empty_groups} are now empty and kept so lr scheduler lists stay aligned"
+                     if report.empty_groups else "")
+            self.env.warn(f"{source} held {what}. phasetune rebuilt its groups over exactly phase 0's parameters, "
+                          f"keeping the optimizer, its hyperparameters and the lr scheduler{extra}.")
+        else:
+            self.env.warn(f"{source} held {what}; enforce_phase0_params=False leaves it as it is: parameters of "
+                          "later phases already in it will train with its settings, not their phase's.")
+        return report
+
+    def check(self, optimizer: Optimizer, schedulers: Sequence[Any]) -> list[str]:
+        """Problems that would stop a later transition, found before training."""
+        return self.engine.check_setup(optimizer, schedulers)
+
+    def start(self, *, epoch: int, step: int | None) -> None:
+        """Begin recording (a fresh run's phase 0, or the phase a resume restored) and start the clocks."""
+        if not self.history:
+            self.history = [self._new_record(self.depth, epoch, step)]
+        self._memory = PeakMemory(self.env.device)
+        self._start_clock()
+
+    # ------------------------------------------------------------------ per epoch
+    def decide(self, next_epoch: int, early_stopping_done: bool = False) -> Decision | None:
+        """Whether the current phase ends before ``next_epoch`` starts: a transition, or the end of the run
+        after the final phase; None to keep training."""
+        rec = self.history[-1]
+        reason = transitions.phase_end_reason(
+            next_epoch=next_epoch,
+            phase_start_epoch=rec.start_epoch,
+            max_transition_epoch=self.engine.phase.max_transition_epoch,
+            early_stopping_done=early_stopping_done,
+            epoch_transitions_only=self.options.epoch_transitions_only,
+        )
+        if reason is None:
+            return None
+        return Decision(transition=not self.is_final, reason=reason)
+
+    def observe(
+        self,
+        value: float | torch.Tensor | None,
+        *,
+        epoch: int,
+        step: int | None,
+        optimizer: Optimizer | None,
+        schedulers: Sequence[Any],
+    ) -> float | None:
+        """Record a check of the monitored value (rank 0's decides for every rank; a collective).
+
+        When it is the phase's best so far, it is recorded in the history and, with ``restore_best`` before
+        the final phase, the trainable state is snapshotted. Returns the agreed value (None when absent).
+        """
+        local = None if value is None else float(value)
+        agreed = self.env.broadcast(local)
+        if agreed is None or not math.isfinite(agreed):
+            return agreed
+        rec = self.history[-1]
+        best = rec.best_value
+        if best is not None and not (agreed < best if self.mode == "min" else agreed > best):
+            return agreed
+        rec.best_value, rec.best_epoch = agreed, epoch
+        # the final phase has no transition after it, so its best state would never be restored
+        if self.options.restore_best and not self.is_final:
+            self._take_snapshot(epoch, step, agreed, optimizer, schedulers)
+        return agreed
+
+    def transition(
+        self, *, epoch: int, step: int | None, reason: str, optimizer: Optimizer, schedulers: Sequence[Any]
+    ) -> Transition:
+        """End the current phase before ``epoch`` (restoring its best state) and start the next one."""
+        old = self.depth
+        rec = self.history[-1]
+        rec.end_epoch, rec.end_step, rec.end_reason = epoch, step, reason
+        self._close_clock()
+        restore_note = self._restore_best(rec, optimizer, schedulers)
+        t = self.engine.advance(optimizer, schedulers)
+        self._apply_bn_mode()
+        self.snapshot, self._snapshot_file = None, None
+        self.history.append(self._new_record(t.depth, epoch, step))
+        self._start_clock()
+        now = self.history[-1]
+        extras = []
+        if t.new_optimizer:
+            extras.append(f"new optimizer {type(t.optimizer).__name__}")
+        if t.new_scheduler is not None:
+            extras.append(f"new lr scheduler {type(t.new_scheduler).__name__}")
+        if t.already_in_optimizer:
+            extras.append(f"{len(t.already_in_optimizer)} already in the optimizer")
+        self.env.info(
+            f"phase {old} -> {t.depth} at epoch {epoch} ({reason}): {restore_note}; thawed "
+            f"{covering_modules(t.thawed, list(self.engine.params))} ({fmt_count(now.trainable_params - rec.trainable_params)} "
+            f"params in {len(t.thawed)} tensors) at lr {t.lr:.3g}; "
+            f"{100.0 * now.trainable_params / max(now.total_params, 1):.1f}% of the parameters now train"
+            + ("; " + ", ".join(extras) if extras else "")
+        )
+        return t
+
+    def finish(self, *, epoch: int, step: int | None, reason: str) -> None:
+        """Close the last phase's record (once) and its clock; warn when the schedule did not run to its end."""
+        if not self.history:
+            return
+        rec = self.history[-1]
+        if rec.end_epoch is None:
+            rec.end_epoch, rec.end_step, rec.end_reason = epoch, step, reason
+        self._close_clock()
+        self._clock = None
+        if self.depth < self.final_depth:
+            self.env.warn(
+                f"training ended in phase {self.depth} of {self.final_depth}: {rec.end_reason}; raise max_epochs or "
+                "lower the phases' max_transition_epoch to run the whole schedule"
+            )
+
+    # ------------------------------------------------------------------ restore-best
+    def _take_snapshot(
+        self, epoch: int, step: int | None, value: float, optimizer: Optimizer | None, schedulers: Sequence[Any]
+    ) -> None:
+        self.snapshot = snapshots.take_snapshot(
+            depth=self.depth,
+            epoch=epoch,
+            step=epoch if step is None else step,
+            value=value,
+            params=self.engine.trainable(),
+            buffers=self.env.named_buffers(),
+            optimizer=optimizer,
+            schedulers=schedulers,
+        )
+        self._snapshot_file = None
+        if self.options.snapshot_storage == "disk":
+            self._snapshot_file = self._write_snapshot(self.snapshot, f"phase{self.depth}")
+
+    def _restore_best(self, rec: PhaseRecord, optimizer: Optimizer, schedulers: Sequence[Any]) -> str:
+        """Restore the ending phase's best state if asked; return how the transition line describes it."""
+        if not self.options.restore_best:
+            return "kept the last state (restore_best=False)"
+        snap = self.snapshot
+        if snap is None or snap.depth != self.depth:
+            self.env.warn(
+                f"restore_best: no best state was recorded in phase {self.depth} (is {self.monitor or 'the metric'!r} "
+                "reported after validation?); continuing from the current state"
+            )
+            return "kept the last state (no best state was recorded)"
+        problems = snapshots.restore_snapshot(
+            snap,
+            params=self.engine.trainable(),
+            buffers=self.env.named_buffers(),
+            optimizer=optimizer,
+            schedulers=schedulers,
+            copy_into=self.env.copy_into,
+        )
+        if problems:
+            self.env.warn(
+                f"restore_best in phase {self.depth} could not restore the best state of epoch {snap.epoch} exactly: "
+                + "; ".join(problems) + ". The phase continues from a partly restored state; check that the model, "
+                "optimizer and lr schedulers were not replaced or regrouped during the phase."
+            )
+            return f"restoring phase {self.depth}'s best state failed ({len(problems)} problem(s), see the warning)"
+        rec.restored_best = True
+        return f"restored phase {self.depth}'s best state (epoch {rec.best_epoch}, {self.monitor}={rec.best_value:.4g})"
+
+    def _write_snapshot(self, snap: snapshots.Snapshot, tag: str) -> dict[str, Any]:
+        root = Path(self.env.snapshot_dir or ".") / "phasetune_snapshots"
+        return snapshots.save_snapshot_file(snap, root, tag, self.env.rank, self.env.world_size)
+
+    def _snapshot_reference(self) -> dict[str, Any]:
+        """Where checkpoint state finds the current snapshot: inline, or a per-rank file reference."""
+        snap = self.snapshot
+        if snap is None:
+            return {}
+        if self._snapshot_file is not None:
+            return {"snapshot_ref": dict(self._snapshot_file)}
+        if self.env.rank_local_snapshots and not self.env.state_saved_per_rank:
+            # each rank's shards stay with that rank: written once per snapshot, never gathered to rank 0
+            self._snapshot_file = self._write_snapshot(snap, f"phase{snap.depth}_step{snap.step}")
+            return {"snapshot_ref": dict(self._snapshot_file)}
+        return {"snapshot": snap.to_state(), "snapshot_world": [self.env.rank, self.env.world_size]}
+
+    def _load_snapshot(self, state: Mapping[str, Any], depth: int) -> snapshots.Snapshot | None:
+        world = self.env.world_size
+        snap = None
+        if state.get("snapshot") is not None:
+            saved_rank, saved_world = state.get("snapshot_world") or [0, 1]
+            if self.env.rank_local_snapshots and (saved_world != world or saved_rank != self.env.rank):
+                self.env.warn(f"the restore-best snapshot was saved by rank {saved_rank} of {saved_world} processes and "
+                              f"cannot be used with {world}; the phase restores the best state seen after resuming")
+                return None
+            snap = snapshots.Snapshot.from_state(state["snapshot"])
+        elif state.get("snapshot_ref"):
+            snap = self._read_snapshot_file(state["snapshot_ref"])
+            if snap is not None:
+                self._snapshot_file = dict(state["snapshot_ref"])
+        return snap if snap is not None and snap.depth == depth else None
+
+    def _read_snapshot_file(self, ref: Mapping[str, Any]) -> snapshots.Snapshot | None:
+        snap, problem = snapshots.load_snapshot_file(ref, self.env.rank, self.env.world_size,
+                                                     same_world_needed=self.env.rank_local_snapshots)
+        if problem:
+            self.env.warn(f"{problem}; the phase restores the best state seen after resuming")
+        return snap
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the run exactly (with this rank's snapshot or a reference to it)."""
+        self._close_clock()
+        state: dict[str, Any] = {
+            "format": STATE_FORMAT,
+            "depth": self.depth,
+            "fingerprint": self.engine.schedule.fingerprint(),
+            "history": [asdict(r) for r in self.history],
+            "monitor": self.monitor,
+            "mode": self.mode,
+        }
+        state.update(self._snapshot_reference())
+        return state
+
+    def check_state(self, state: Mapping[str, Any], where: Any = None) -> None:
+        """Refuse checkpoint state this run cannot continue, naming what differs and what to do."""
+        src = f" {where}" if where is not None else ""
+        if state.get("format") not in (1, STATE_FORMAT):
+            raise ConfigurationError(
+                f"the fine-tuning state of checkpoint{src} has format {state.get('format')!r}; this phasetune reads "
+                f"formats 1 and {STATE_FORMAT}: resume it with the phasetune version that wrote it"
+            )
+        saved = state.get("monitor")
+        has_best = any(r.get("best_value") is not None for r in state.get("history", []))
+        if saved is not None and self.monitor is not None and saved != self.monitor and has_best:
+            raise ConfigurationError(
+                f"checkpoint{src} was saved monitoring {saved!r}, this run monitors {self.monitor!r}: its best values "
+                f"and restore-best snapshot are of {saved!r}. Resume with monitor={saved!r} (FTSEarlyStopping/"
+                "FTSCheckpoint monitor, or the metric you pass), or start a new fit from its weights"
+            )
+        saved_mode = state.get("mode")
+        if saved_mode is not None and saved_mode != self.mode and has_best:
+            raise ConfigurationError(
+                f"checkpoint{src} was saved with mode={saved_mode!r} for {saved!r}, this run uses mode={self.mode!r}; "
+                f"resume with mode={saved_mode!r}"
+            )
+
+    def resume(
+        self, state: Mapping[str, Any], optimizer: Optimizer, schedulers: Sequence[Any], where: Any = None
+    ) -> tuple[Optimizer, list[Any], dict[str, Any] | None]:
+        """Continue a saved run: rebuild the saved phase (thawed set, groups, optimizer, scheduler) before
+        the optimizer state is loaded, and restore the history and snapshot.
+
+        Returns the optimizer, the lr schedulers and, when a phase replaced the scheduler, its config fields.
+        """
+        self.check_state(state, where)
+        src = f" from {where}" if where is not None else ""
+        if self.depth != 0:
+            raise ConfigurationError("resume needs a run that has not transitioned yet; build a new one to resume")
+        blocking, benign = diff_fingerprints(state["fingerprint"], self.engine.schedule.fingerprint())
+        if blocking:
+            details = "".join(f"\n  - {b}" for b in blocking)
+            raise ConfigurationError(
+                f"cannot resume{src}: the checkpoint was trained with a different schedule or model:{details}\n"
+                "resume with the schedule and model the checkpoint was saved with, or start a new fit without it"
+            )
+        for b in benign:
+            self.env.warn(f"resuming with a changed schedule value: {b}; later phases use the current value")
+        depth = int(state["depth"])
+        if depth > self.final_depth:
+            raise ConfigurationError(
+                f"the checkpoint was saved in phase {depth}, beyond max_depth={self.options.max_depth} (last phase "
+                f"{self.final_depth}); raise max_depth to at least {depth} to resume it"
+            )
+        scheds: list[Any] = list(schedulers)
+        cfg = None
+        if depth > 0:
+            optimizer, scheds, cfg = self.engine.replay(depth, optimizer, schedulers)
+            self._apply_bn_mode()
+        self.history = [PhaseRecord.from_state(r) for r in state.get("history", [])]
+        self.snapshot = self._load_snapshot(state, depth)
+        self.env.info(f"resumed in phase {depth} of {self.final_depth} ({len(self.thawed_params)} trainable tensors)")
+        return optimizer, scheds, cfg
+
+    # ------------------------------------------------------------------ records and clocks
+    def _apply_bn_mode(self) -> None:
+        if self.model is not None:
+            thaw.apply_frozen_batchnorm_mode(self.model, self.options.frozen_bn_track_running_stats)
+
+    def _new_record(self, depth: int, epoch: int, step: int | None) -> PhaseRecord:
+        names = self.engine.schedule.params_through(depth)
+        shapes = self.engine.schedule.shapes  # logical shapes: tensors may be shards or shared FlatParameters
+        trainable = sum(math.prod(shapes[n]) for n in names)
+        total = sum(math.prod(s) for s in shapes.values())
+        lr = None if depth == 0 else self.engine.lr_for(depth)
+        return PhaseRecord(depth, epoch, step, lr, trainable, total)
+
+    def _start_clock(self) -> None:
+        self._clock = time.perf_counter()
+        if self._memory is not None:
+            self._memory.reset()
+
+    def _close_clock(self) -> None:
+        if self._clock is None or not self.history:
+            return
+        now = time.perf_counter()
+        rec = self.history[-1]
+        rec.wall_time += now - self._clock
+        self._clock = now
+        peak = self._memory.read() if self._memory is not None else None
+        if peak is not None:
+            rec.peak_memory = max(rec.peak_memory or 0, peak)
+            rec.peak_memory_kind = self._memory.kind  # type: ignore[union-attr]
+
+
+__all__ = ["Decision", "PhaseRecord", "PhaseRun", "RunEnv", "RunOptions", "implicit_schedule"]

@@ -1,0 +1,158 @@
+"""What a run is configured with and what it reports: options, environment, phase records, decisions.
+
+Torch only; :class:`phasetune.run.PhaseRun` uses them, and every front end builds them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+from phasetune import _dist, generate
+
+log = logging.getLogger("phasetune")
+
+SNAPSHOT_STORAGES = ("memory", "disk")
+
+
+@dataclass
+class PhaseRecord:
+    """What happened in one phase (a run's ``history`` holds one per phase started)."""
+
+    depth: int
+    start_epoch: int
+    start_step: int | None
+    lr: float | None
+    trainable_params: int
+    total_params: int
+    end_epoch: int | None = None
+    end_step: int | None = None
+    end_reason: str | None = None
+    best_value: float | None = None
+    best_epoch: int | None = None
+    restored_best: bool = False
+    wall_time: float = 0.0
+    peak_memory: int | None = None  # bytes; what was measured: peak_memory_kind (see phasetune.memory)
+    peak_memory_kind: str | None = None
+
+    @property
+    def epochs(self) -> int | None:
+        return None if self.end_epoch is None else self.end_epoch - self.start_epoch
+
+    @property
+    def steps(self) -> int | None:
+        return None if self.end_step is None or self.start_step is None else self.end_step - self.start_step
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> PhaseRecord:
+        """A record from :func:`dataclasses.asdict` output (fields a format-1 loop record lacked default)."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in state.items() if k in known}
+        values.setdefault("start_step", None)
+        values.setdefault("trainable_params", 0)
+        values.setdefault("total_params", 0)
+        return cls(**values)
+
+
+@dataclass
+class RunOptions:
+    """The knobs every front end shares, with one name and one default each."""
+
+    #: last phase to run; -1 runs every phase
+    max_depth: int = -1
+    #: lr of phases >= 1 that set no ``lr``; ``None``: a tenth of the optimizer's first group lr
+    base_max_lr: float | None = 1e-5
+    #: before each transition, restore the best state (by the monitored value) of the phase that ends
+    restore_best: bool = True
+    #: phases end only at their ``max_transition_epoch`` (required in every phase); no early stopping
+    epoch_transitions_only: bool = False
+    #: how an implicit schedule (none given) is generated: one of :data:`phasetune.generate.STYLES`
+    schedule_style: str = "blocks"
+    #: for implicit schedules: a ``new_optimizer`` / ``new_lr_scheduler`` mapping applied at every transition
+    reinit_optim_cfg: Mapping[str, Any] | None = None
+    reinit_lr_cfg: Mapping[str, Any] | None = None
+    #: rebuild the optimizer's groups over exactly phase 0's parameters (True), or only warn (False)
+    enforce_phase0_params: bool = True
+    #: groups added to a LambdaLR/MultiplicativeLR follow its last lambda instead of keeping their lr
+    apply_lambdas_new_pgs: bool = False
+    #: frozen BatchNorm layers keep updating running statistics (True) or are put in eval mode (False)
+    frozen_bn_track_running_stats: bool = True
+    #: where restore-best keeps its snapshot: "memory" (CPU memory) or "disk" (a file per rank and phase)
+    snapshot_storage: str = "memory"
+
+    def problems(self, explicit_schedule: bool) -> list[str]:
+        """What is wrong with these options (empty when nothing is), each naming the option."""
+        found = []
+        md = self.max_depth
+        if isinstance(md, bool) or not isinstance(md, int) or md < -1:
+            found.append(f"max_depth must be -1 (all phases) or an integer >= 0, got {md!r}")
+        lr = self.base_max_lr
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
+            found.append(f"base_max_lr must be a positive number or None, got {lr!r}")
+        if self.schedule_style not in generate.STYLES:
+            found.append(f"schedule_style must be one of {generate.STYLES}, got {self.schedule_style!r}")
+        if self.snapshot_storage not in SNAPSHOT_STORAGES:
+            found.append(f"snapshot_storage must be 'memory' or 'disk', got {self.snapshot_storage!r}")
+        if (self.reinit_optim_cfg or self.reinit_lr_cfg) and explicit_schedule:
+            found.append(
+                "reinit_optim_cfg/reinit_lr_cfg apply to implicit schedules only; with an explicit schedule "
+                "put 'new_optimizer'/'new_lr_scheduler' in the phases that need them"
+            )
+        return found
+
+
+def _rank_zero_log(level: int) -> Callable[[str], None]:
+    def emit(message: str) -> None:
+        if _dist.rank() == 0:
+            log.log(level, "phasetune: %s", message)
+
+    return emit
+
+
+@dataclass
+class RunEnv:
+    """Where a run happens, as its front end knows it."""
+
+    #: rank 0's value on every rank; a collective that every rank calls (identity on one process)
+    broadcast: Callable[[Any], Any] = _dist.broadcast_object
+    #: a warning / an informational line, shown once (on rank 0)
+    warn: Callable[[str], None] = field(default_factory=lambda: _rank_zero_log(logging.WARNING))
+    info: Callable[[str], None] = field(default_factory=lambda: _rank_zero_log(logging.INFO))
+    #: the model's buffers by name (restore-best restores them: BatchNorm statistics move when frozen)
+    named_buffers: Callable[[], Mapping[str, torch.Tensor]] = dict
+    #: how a snapshot tensor is written back into a live one (FSDP1 FlatParameter views need their own)
+    copy_into: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+    #: snapshots hold this rank's own shards (sharded strategies), so each rank keeps its own
+    rank_local_snapshots: bool = False
+    #: every rank's :meth:`PhaseRun.state_dict` is saved (plain strategy), not only rank 0's (Lightning)
+    state_saved_per_rank: bool = False
+    #: where snapshot files go ("disk" storage, and rank-local snapshots of checkpoints saved by rank 0)
+    snapshot_dir: str | None = None
+    #: the device whose peak memory each phase records
+    device: torch.device | str | None = None
+    #: what the optimizer the run is given is called in messages
+    optimizer_source: str = "the optimizer"
+
+    @property
+    def rank(self) -> int:
+        return _dist.rank()
+
+    @property
+    def world_size(self) -> int:
+        return _dist.world_size()
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What :meth:`PhaseRun.decide` says: move to the next phase, or end the run; and why."""
+
+    transition: bool
+    reason: str
+
+    @property
+    def stop(self) -> bool:
+        return not self.transition

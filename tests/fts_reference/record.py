@@ -1,0 +1,74 @@
+"""Record the reference trajectories of every scenario under finetuning-scheduler (FTS) 2.14.1.
+
+Writes ``tests/fts_reference/fts_2.14.1.json``: per scenario its settings, the per-epoch rows and final
+parameter sums of :class:`~.scenarios.TrajectoryRecorder`, and FTS's info messages and warnings; plus the FTS,
+torch, Lightning and Python versions. FTS is not a dependency of phasetune: run this in a scratch environment,
+never in the project's ``.venv``::
+
+    python3 -m venv /tmp/ftsvenv
+    /tmp/ftsvenv/bin/pip install torch==2.13.0        # pinned: an open torch pulls GBs of CUDA packages
+    /tmp/ftsvenv/bin/pip install lightning==2.6.6 pyyaml   # the Lightning of the project's .venv
+    /tmp/ftsvenv/bin/pip install --no-deps finetuning-scheduler==2.14.1
+    cd /work/main && nice -n 10 /tmp/ftsvenv/bin/python -m tests.fts_reference.record [--only NAME ...] [--out PATH]
+
+It takes about 15 s on 2 CPU cores. The output is deterministic: two runs give byte-identical JSON
+(``--out`` to a second path and ``cmp`` them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .scenarios import SCENARIOS, run_scenario
+
+HERE = Path(__file__).resolve().parent
+FTS_VERSION = "2.14.1"
+DEFAULT_OUT = HERE / f"fts_{FTS_VERSION}.json"
+
+
+def record(names: list[str] | None = None) -> dict[str, Any]:
+    """Run the scenarios (all, or those named) under FTS and return the JSON-ready document."""
+    import finetuning_scheduler
+    import lightning
+    import torch
+    from finetuning_scheduler import FinetuningScheduler, FTSCheckpoint, FTSEarlyStopping
+
+    if finetuning_scheduler.__version__ != FTS_VERSION:
+        sys.exit(f"expected finetuning-scheduler {FTS_VERSION}, found {finetuning_scheduler.__version__}")
+    doc: dict[str, Any] = {
+        "recorded_with": {
+            "finetuning_scheduler": finetuning_scheduler.__version__,
+            "torch": torch.__version__,
+            "lightning": lightning.__version__,
+            "python": platform.python_version(),
+        },
+        "scenarios": {},
+    }
+    for sc in SCENARIOS:
+        if names and sc.name not in names:
+            continue
+        print(f"[record] {sc.name}", file=sys.stderr, flush=True)
+        with tempfile.TemporaryDirectory(prefix=f"fts_{sc.name}_") as root:
+            result = run_scenario(sc, FinetuningScheduler, FTSEarlyStopping, FTSCheckpoint, root)
+        doc["scenarios"][sc.name] = {"scenario": sc.to_dict(), **result}
+    return doc
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", help="scenario names (default: all)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    doc = record(args.only)
+    args.out.write_text(json.dumps(doc, indent=1, sort_keys=False) + "\n", encoding="utf-8")
+    print(f"[record] wrote {len(doc['scenarios'])} scenarios to {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
