@@ -187,7 +187,7 @@ def checkpoints(args) -> list[dict]:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     from phasetune import ScheduledFinetuning
-    from phasetune.strategy.checkpoint import dir_bytes
+    from phasetune.strategy.checkpoint_dirs import dir_bytes
 
     last = args.layers - 1
     schedule = {

@@ -41,3 +41,39 @@ def test_early_stopping_transitions_and_restore_best_agree_across_ranks(ranks):
     ]
     assert r0["params"] == r1["params"]
     assert ranks[0]["es_resumed"]["params"] == r0["params"] == ranks[1]["es_resumed"]["params"]
+
+
+FTS_SCENARIOS = ("es_restore_best", "epoch_only_123")
+
+
+@pytest.fixture(scope="module")
+def one_process_thawed(tmp_path_factory):
+    """The same FTS reference scenarios on one process: ``[epoch, depth, thawed names]`` per epoch."""
+    from fts_reference.scenarios import scenario, thawed_per_epoch
+    from phasetune import FinetuningScheduler, FTSCheckpoint, FTSEarlyStopping
+
+    return {name: thawed_per_epoch(scenario(name), FinetuningScheduler, FTSEarlyStopping, FTSCheckpoint,
+                                   tmp_path_factory.mktemp(name)) for name in FTS_SCENARIOS}
+
+
+def test_fts_reference_scenarios_thaw_the_same_sets_each_epoch_on_two_ddp_ranks_as_on_one_process(
+        ranks, one_process_thawed):
+    for name in FTS_SCENARIOS:
+        assert ranks[0]["fts_thawed"][name] == ranks[1]["fts_thawed"][name] == one_process_thawed[name], name
+
+
+def test_fts_reference_scenarios_on_two_ddp_ranks_thaw_as_many_tensors_each_epoch_as_fts_on_one(ranks):
+    from fts_reference.compare import load_reference
+
+    reference = load_reference()["scenarios"]
+    for name in FTS_SCENARIOS:
+        fts = [[e["epoch"], e["depth"], len(e["thawed"])] for e in reference[name]["epochs"]]
+        assert [[e, d, len(t)] for e, d, t in ranks[0]["fts_thawed"][name]] == fts, name
+
+
+def test_a_metric_the_ranks_see_differently_is_one_decision_for_all_ranks(ranks):
+    r0, r1 = ranks[0]["unsynced"], ranks[1]["unsynced"]
+    assert r0["reduce_transition_decisions"] is r1["reduce_transition_decisions"] is True
+    # rank 1's early stopping ends each phase (rank 0's loss keeps falling); both ranks move together
+    assert r0["phases"] == r1["phases"] and len(r0["phases"]) == 3 and r0["epoch"] == r1["epoch"] < 8
+    assert len(r0["warnings"]) == 1 and "sync_dist=True" in r0["warnings"][0] and r1["warnings"] == []

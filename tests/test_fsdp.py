@@ -28,7 +28,7 @@ from phasetune import (
     resolve_schedule,
 )
 from phasetune.lightning.adapters import select_adapter
-from phasetune.sharding import fsdp1
+from phasetune.sharding import fsdp1_alignment as fsdp1
 
 pytestmark = pytest.mark.filterwarnings("ignore:FSDP is switching to use `NO_SHARD`")
 

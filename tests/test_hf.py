@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 from types import SimpleNamespace
 
@@ -314,6 +316,14 @@ def test_a_new_scheduler_sized_in_epochs_is_flagged_because_the_trainer_steps_it
     with warnings.catch_warnings(), caplog.at_level("WARNING", logger="phasetune"):
         build(tmp_path, schedule, num_train_epochs=1).train()
     assert "steps lr schedulers after every optimizer step, not per 'epoch'" in caplog.text
+
+
+def test_importing_phasetune_hf_imports_transformers_but_not_lightning():
+    code = ("import sys; from phasetune.hf import PhasetuneTrainer; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')); "
+            "print(bad); sys.exit(1 if bad or 'transformers' not in sys.modules else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 # ---------------------------------------------------------------------------------------------- DDP

@@ -79,11 +79,11 @@ def test_non_contiguous_phase_keys_are_reported():
     assert any("contiguous from 0; missing 1" in p for p in found)
 
 
-def test_unmatched_entry_that_matches_as_prefix_suggests_dot_star():
-    found = problems({0: {"params": ["model.head"]}})
-    assert len(found) == 1
-    assert "phase 0, key 'params'" in found[0]
-    assert "'model.head.*'" in found[0]
+def test_entry_that_matches_only_as_a_prefix_is_taken_as_fts_does_with_a_note_naming_dot_star():
+    s = resolve_schedule({0: {"params": ["model.head"]}}, NAMES)
+    assert s[0].params == ("model.head.weight", "model.head.bias")
+    assert len(s.warnings) == 1
+    assert "phase 0, key 'params'" in s.warnings[0] and "'model.head.*'" in s.warnings[0]
 
 
 def test_unmatched_entry_with_a_typo_suggests_the_close_name():
@@ -191,14 +191,14 @@ def test_unreadable_sources(tmp_path):
 def test_all_problems_are_reported_at_once():
     found = problems(
         {
-            0: {"params": ["model.head"], "lrr": 1},
+            0: {"params": ["model.haed.*"], "lrr": 1},
             1: {"params": ["model.embed.*"], "lr": -1},
             3: {"params": ["model.layers.0.*"]},
         }
     )
     assert len(found) == 4
     with pytest.raises(ScheduleError, match="has 4 problems"):
-        resolve_schedule({0: {"params": ["model.head"], "lrr": 1}, 1: {"params": ["model.embed.*"], "lr": -1},
+        resolve_schedule({0: {"params": ["model.haed.*"], "lrr": 1}, 1: {"params": ["model.embed.*"], "lr": -1},
                           3: {"params": ["model.layers.0.*"]}}, NAMES)
 
 

@@ -18,8 +18,9 @@ from torch import nn
 
 from launch import launch
 from phasetune import ConfigurationError, FSDP2Strategy, ScheduledFinetuning
-from phasetune.strategy import block_plan, checkpoint, list_checkpoints
-from phasetune.strategy.fsdp2 import unit_dtype_problems
+from phasetune.strategy import block_plan, list_checkpoints
+from phasetune.strategy import checkpoint_dirs as checkpoint
+from phasetune.strategy.unit_plan import unit_dtype_problems
 from plain_models import SCHEDULE, TinyLM
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "plain_pytorch.md"

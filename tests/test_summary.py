@@ -58,11 +58,13 @@ def run(tmp_path_factory):
 def test_transition_line_says_what_why_lr_and_restore(run):
     lines = run[3]
     assert lines[0] == (
-        "phasetune: phase 0 -> 1 at epoch 2 (max_transition_epoch reached): restored phase 0's best state "
-        "(epoch 1, val_loss=0.5); thawed model.layers.2-3 (608 params in 8 tensors) at lr 0.05; "
+        "phasetune: phase 0 -> 1 at epoch 2 (max_transition_epoch reached): restored the best state "
+        "(val_loss=0.5 at epoch 1); thawed model.layers.2-3 (608 params in 8 tensors) at lr 0.05; "
         "46.1% of the parameters now train"  # (34 + 608) of 1394
     )
     assert "phase 1 -> 2 at epoch 3" in lines[1] and "thawed model.embed, model.layers.0-1" in lines[1]
+    # phase 1's only check (0.7) did not beat the run's best (0.5, phase 0): back to where phase 1 started
+    assert "phase 1 did not beat the best val_loss=0.5 at epoch 1: rolled back to the state it started from" in lines[1]
 
 
 def test_transition_line_says_when_the_last_state_is_kept(tmp_path, caplog):

@@ -222,7 +222,7 @@ class ScheduledFinetuning:
         self.optimizer = t.optimizer
         if t.new_scheduler is not None:
             self.schedulers = [t.new_scheduler]
-        self.tracker.reset()
+        self.tracker.start_phase()
         return t
 
     def _finish(self, epoch: int, global_step: int | None, reason: str) -> None:

@@ -21,7 +21,6 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,6 +35,7 @@ from phasetune.param_groups import Phase0Report
 from phasetune.report import covering_modules, fmt_count
 from phasetune.run_types import Decision, PhaseRecord, RunEnv, RunOptions
 from phasetune.schedule import Schedule, diff_fingerprints, resolve_schedule
+from phasetune.snapshot_store import SnapshotStore
 
 log = logging.getLogger("phasetune")
 if not logging.getLogger().hasHandlers() and not log.handlers:  # transition lines show without logging setup
@@ -119,8 +119,9 @@ class PhaseRun:
         self.engine.start()
         self._apply_bn_mode()
         self.history: list[PhaseRecord] = []
-        self.snapshot: snapshots.Snapshot | None = None
-        self._snapshot_file: dict[str, Any] | None = None  # the file the current snapshot was written to
+        #: the best monitored value of the run so far, and where it was seen: (value, epoch, phase)
+        self.best: tuple[float, int, int] | None = None
+        self.store = SnapshotStore(env, options.snapshot_storage)
         self._clock: float | None = None
         self._memory: PeakMemory | None = None
 
@@ -140,6 +141,11 @@ class PhaseRun:
     @property
     def is_final(self) -> bool:
         return self.engine.is_final
+
+    @property
+    def snapshot(self) -> snapshots.Snapshot | None:
+        """The current restore-best snapshot, if any."""
+        return self.store.snapshot
 
     @property
     def thawed_params(self) -> list[str]:
@@ -187,7 +193,8 @@ class PhaseRun:
     # ------------------------------------------------------------------ per epoch
     def decide(self, next_epoch: int, early_stopping_done: bool = False) -> Decision | None:
         """Whether the current phase ends before ``next_epoch`` starts: a transition, or the end of the run
-        after the final phase; None to keep training."""
+        when early stopping ends the final phase; None to keep training. The final phase's
+        ``max_transition_epoch`` does not end the run (front ends make sure training reaches it)."""
         rec = self.history[-1]
         reason = transitions.phase_end_reason(
             next_epoch=next_epoch,
@@ -196,8 +203,8 @@ class PhaseRun:
             early_stopping_done=early_stopping_done,
             epoch_transitions_only=self.options.epoch_transitions_only,
         )
-        if reason is None:
-            return None
+        if reason is None or (self.is_final and reason == transitions.EPOCH):
+            return None  # the final phase runs until early stopping or the front end's own limit
         return Decision(transition=not self.is_final, reason=reason)
 
     def observe(
@@ -211,22 +218,27 @@ class PhaseRun:
     ) -> float | None:
         """Record a check of the monitored value (rank 0's decides for every rank; a collective).
 
-        When it is the phase's best so far, it is recorded in the history and, with ``restore_best`` before
-        the final phase, the trainable state is snapshotted. Returns the agreed value (None when absent).
+        The phase's best value goes into its history record. When the value beats the best of the run so far,
+        ``restore_best`` snapshots the trainable state (not in the final phase, which is never restored).
+        Returns the agreed value (None when absent).
         """
         local = None if value is None else float(value)
         agreed = self.env.broadcast(local)
         if agreed is None or not math.isfinite(agreed):
             return agreed
         rec = self.history[-1]
-        best = rec.best_value
-        if best is not None and not (agreed < best if self.mode == "min" else agreed > best):
+        if rec.best_value is None or self._better(agreed, rec.best_value):
+            rec.best_value, rec.best_epoch = agreed, epoch
+        if self.best is not None and not self._better(agreed, self.best[0]):
             return agreed
-        rec.best_value, rec.best_epoch = agreed, epoch
+        self.best = (agreed, epoch, self.depth)
         # the final phase has no transition after it, so its best state would never be restored
         if self.options.restore_best and not self.is_final:
             self._take_snapshot(epoch, step, agreed, optimizer, schedulers)
         return agreed
+
+    def _better(self, value: float, than: float) -> bool:
+        return value < than if self.mode == "min" else value > than
 
     def transition(
         self, *, epoch: int, step: int | None, reason: str, optimizer: Optimizer, schedulers: Sequence[Any]
@@ -239,7 +251,12 @@ class PhaseRun:
         restore_note = self._restore_best(rec, optimizer, schedulers)
         t = self.engine.advance(optimizer, schedulers)
         self._apply_bn_mode()
-        self.snapshot, self._snapshot_file = None, None
+        self.store.clear()
+        if self.options.restore_best and self.best is not None and not self.is_final:
+            # the state a phase starts from is the run's best so far (frozen parameters have not moved since):
+            # a phase that never beats it is rolled back to it
+            value, best_epoch, _ = self.best
+            self._take_snapshot(best_epoch, step, value, t.optimizer, [t.new_scheduler] if t.new_scheduler else schedulers)
         self.history.append(self._new_record(t.depth, epoch, step))
         self._start_clock()
         now = self.history[-1]
@@ -278,7 +295,7 @@ class PhaseRun:
     def _take_snapshot(
         self, epoch: int, step: int | None, value: float, optimizer: Optimizer | None, schedulers: Sequence[Any]
     ) -> None:
-        self.snapshot = snapshots.take_snapshot(
+        self.store.put(snapshots.take_snapshot(
             depth=self.depth,
             epoch=epoch,
             step=epoch if step is None else step,
@@ -287,10 +304,7 @@ class PhaseRun:
             buffers=self.env.named_buffers(),
             optimizer=optimizer,
             schedulers=schedulers,
-        )
-        self._snapshot_file = None
-        if self.options.snapshot_storage == "disk":
-            self._snapshot_file = self._write_snapshot(self.snapshot, f"phase{self.depth}")
+        ))
 
     def _restore_best(self, rec: PhaseRecord, optimizer: Optimizer, schedulers: Sequence[Any]) -> str:
         """Restore the ending phase's best state if asked; return how the transition line describes it."""
@@ -310,6 +324,7 @@ class PhaseRun:
             optimizer=optimizer,
             schedulers=schedulers,
             copy_into=self.env.copy_into,
+            keep_lr_schedule=True,
         )
         if problems:
             self.env.warn(
@@ -317,49 +332,12 @@ class PhaseRun:
                 + "; ".join(problems) + ". The phase continues from a partly restored state; check that the model, "
                 "optimizer and lr schedulers were not replaced or regrouped during the phase."
             )
-            return f"restoring phase {self.depth}'s best state failed ({len(problems)} problem(s), see the warning)"
+            return f"restoring the best state failed ({len(problems)} problem(s), see the warning)"
         rec.restored_best = True
-        return f"restored phase {self.depth}'s best state (epoch {rec.best_epoch}, {self.monitor}={rec.best_value:.4g})"
-
-    def _write_snapshot(self, snap: snapshots.Snapshot, tag: str) -> dict[str, Any]:
-        root = Path(self.env.snapshot_dir or ".") / "phasetune_snapshots"
-        return snapshots.save_snapshot_file(snap, root, tag, self.env.rank, self.env.world_size)
-
-    def _snapshot_reference(self) -> dict[str, Any]:
-        """Where checkpoint state finds the current snapshot: inline, or a per-rank file reference."""
-        snap = self.snapshot
-        if snap is None:
-            return {}
-        if self._snapshot_file is not None:
-            return {"snapshot_ref": dict(self._snapshot_file)}
-        if self.env.rank_local_snapshots and not self.env.state_saved_per_rank:
-            # each rank's shards stay with that rank: written once per snapshot, never gathered to rank 0
-            self._snapshot_file = self._write_snapshot(snap, f"phase{snap.depth}_step{snap.step}")
-            return {"snapshot_ref": dict(self._snapshot_file)}
-        return {"snapshot": snap.to_state(), "snapshot_world": [self.env.rank, self.env.world_size]}
-
-    def _load_snapshot(self, state: Mapping[str, Any], depth: int) -> snapshots.Snapshot | None:
-        world = self.env.world_size
-        snap = None
-        if state.get("snapshot") is not None:
-            saved_rank, saved_world = state.get("snapshot_world") or [0, 1]
-            if self.env.rank_local_snapshots and (saved_world != world or saved_rank != self.env.rank):
-                self.env.warn(f"the restore-best snapshot was saved by rank {saved_rank} of {saved_world} processes and "
-                              f"cannot be used with {world}; the phase restores the best state seen after resuming")
-                return None
-            snap = snapshots.Snapshot.from_state(state["snapshot"])
-        elif state.get("snapshot_ref"):
-            snap = self._read_snapshot_file(state["snapshot_ref"])
-            if snap is not None:
-                self._snapshot_file = dict(state["snapshot_ref"])
-        return snap if snap is not None and snap.depth == depth else None
-
-    def _read_snapshot_file(self, ref: Mapping[str, Any]) -> snapshots.Snapshot | None:
-        snap, problem = snapshots.load_snapshot_file(ref, self.env.rank, self.env.world_size,
-                                                     same_world_needed=self.env.rank_local_snapshots)
-        if problem:
-            self.env.warn(f"{problem}; the phase restores the best state seen after resuming")
-        return snap
+        where = f"{self.monitor}={snap.value:.4g} at epoch {snap.epoch}"
+        if snap.epoch < rec.start_epoch:  # the phase's baseline: it never beat the run's best
+            return f"phase {self.depth} did not beat the best {where}: rolled back to the state it started from"
+        return f"restored the best state ({where})"
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
@@ -372,8 +350,9 @@ class PhaseRun:
             "history": [asdict(r) for r in self.history],
             "monitor": self.monitor,
             "mode": self.mode,
+            "best": None if self.best is None else list(self.best),
         }
-        state.update(self._snapshot_reference())
+        state.update(self.store.state())
         return state
 
     def check_state(self, state: Mapping[str, Any], where: Any = None) -> None:
@@ -432,7 +411,12 @@ class PhaseRun:
             optimizer, scheds, cfg = self.engine.replay(depth, optimizer, schedulers)
             self._apply_bn_mode()
         self.history = [PhaseRecord.from_state(r) for r in state.get("history", [])]
-        self.snapshot = self._load_snapshot(state, depth)
+        best = state.get("best")
+        if best is None:  # format 1 kept per-phase bests only: the run's best is the best of them
+            seen = [(r.best_value, r.best_epoch, r.depth) for r in self.history if r.best_value is not None]
+            best = min(seen) if self.mode == "min" and seen else max(seen) if seen else None
+        self.best = None if best is None else (float(best[0]), int(best[1]), int(best[2]))
+        self.store.load(state, depth)
         self.env.info(f"resumed in phase {depth} of {self.final_depth} ({len(self.thawed_params)} trainable tensors)")
         return optimizer, scheds, cfg
 

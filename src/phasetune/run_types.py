@@ -66,7 +66,8 @@ class RunOptions:
     max_depth: int = -1
     #: lr of phases >= 1 that set no ``lr``; ``None``: a tenth of the optimizer's first group lr
     base_max_lr: float | None = 1e-5
-    #: before each transition, restore the best state (by the monitored value) of the phase that ends
+    #: before each transition, restore the best state of the run so far (weights, optimizer state, buffers;
+    #: the lr schedule stays where it is)
     restore_best: bool = True
     #: phases end only at their ``max_transition_epoch`` (required in every phase); no early stopping
     epoch_transitions_only: bool = False

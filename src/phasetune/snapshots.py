@@ -21,6 +21,8 @@ from phasetune.io import atomic_torch_save
 from phasetune.sharding.dtensor import dtensor_like, is_dtensor, local_shard
 
 SNAPSHOT_FORMAT = 1
+#: group keys an lr scheduler moves: a restore that keeps the lr schedule leaves them as they are
+_LR_SCHEDULE_KEYS = ("lr", "initial_lr")
 
 
 def _copy(t: torch.Tensor, device: str | torch.device | None) -> torch.Tensor:
@@ -133,11 +135,13 @@ def restore_snapshot(
     optimizer: Optimizer | None,
     schedulers: Sequence[Any] = (),
     copy_into: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    keep_lr_schedule: bool = False,
 ) -> list[str]:
     """Write ``snap`` back into the live tensors; returns a list of problems (empty when exact).
 
     ``params`` must be the parameters trainable now; a snapshot from the same phase has the same names.
-    Sharded (DTensor) parameters and optimizer state get back this rank's shard.
+    Sharded (DTensor) parameters and optimizer state get back this rank's shard. With ``keep_lr_schedule``
+    the groups' lrs and the lr schedulers stay where they are (a restore goes back in weights, not in time).
     """
     problems = []
     if set(snap.params) != set(params):
@@ -159,7 +163,7 @@ def restore_snapshot(
                 )
             else:
                 for g, hp in zip(optimizer.param_groups, snap.group_hparams):
-                    g.update(hp)
+                    g.update({k: v for k, v in hp.items() if not (keep_lr_schedule and k in _LR_SCHEDULE_KEYS)})
             for n, p in params.items():
                 saved = snap.optimizer_state.get(n)
                 if saved is None:
@@ -173,6 +177,8 @@ def restore_snapshot(
                 for k in snap.optimizer_dtensors.get(n, ()):
                     state[k] = dtensor_like(state[k], p)
                 optimizer.state[p] = state
+    if keep_lr_schedule:
+        return problems
     for s, st in zip(schedulers, snap.schedulers):
         s.load_state_dict(_copy_mod.deepcopy(st))
     if len(snap.schedulers) != len(schedulers):

@@ -35,7 +35,8 @@ def phase_end_reason(
 @dataclass
 class PatienceTracker:
     """Phase-aware early stopping for plain loops: the phase is done after ``patience`` checks without
-    an improvement of at least ``min_delta`` (the same rule as Lightning's ``EarlyStopping``)."""
+    an improvement of at least ``min_delta`` on the best value of the run so far (the rule of Lightning's
+    ``EarlyStopping`` and of ``FTSEarlyStopping``, whose best score also carries over between phases)."""
 
     mode: Literal["min", "max"] = "min"
     patience: int = 3
@@ -72,7 +73,12 @@ class PatienceTracker:
         return False
 
     def reset(self) -> None:
+        """Forget everything (best value included)."""
         self.best, self.wait, self.done = math.nan, 0, False
+
+    def start_phase(self) -> None:
+        """A new phase gets fresh patience but must beat the best value of the run so far."""
+        self.wait, self.done = 0, False
 
     def state_dict(self) -> dict[str, float | int | bool | str]:
         return {"mode": self.mode, "patience": self.patience, "min_delta": self.min_delta,

@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
+from fts_reference.scenarios import scenario, thawed_per_epoch
 from helpers import ToyModule
 from launch import digest, write_report
 from phasetune import FinetuningScheduler, FTSCheckpoint, FTSEarlyStopping
@@ -32,7 +33,8 @@ def fit(name: str, schedule, ckpt=None, es=None, **fts_kwargs):
     ck = FTSCheckpoint(monitor="val_loss", save_top_k=-1, dirpath=str(OUT / name), filename="{epoch}")
     callbacks = [fts, ck] + ([es] if es else [])
     t = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_epochs=20, callbacks=callbacks, logger=False,
+        # epoch-driven runs end at the final phase's max_transition_epoch (6) by max_epochs, as in FTS
+        accelerator="cpu", devices=2, strategy="ddp", max_epochs=20 if es else 6, callbacks=callbacks, logger=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, deterministic=True,
         default_root_dir=str(OUT / name),
     )
@@ -56,4 +58,38 @@ es_schedule = {k: {kk: vv for kk, vv in v.items() if kk != "max_transition_epoch
 report["es_run"], _ = fit("es_run", es_schedule, es=FTSEarlyStopping(monitor="val_loss", patience=2))
 report["es_resumed"], _ = fit("es_resumed", es_schedule, ckpt=OUT / "es_run" / "epoch=3.ckpt",
                               es=FTSEarlyStopping(monitor="val_loss", patience=2))
+
+# FTS's reference scenarios (tests/fts_reference): the thawed set of every epoch, as on one process
+report["fts_thawed"] = {
+    name: thawed_per_epoch(scenario(name), FinetuningScheduler, FTSEarlyStopping, FTSCheckpoint, OUT / f"fts_{name}",
+                           devices=2, strategy="ddp")
+    for name in ("es_restore_best", "epoch_only_123")
+}
+
+
+class Unsynced(ToyModule):
+    """Each rank logs its own val_loss without sync_dist: rank 0's keeps falling, rank 1's stops improving."""
+
+    CURVES = ([1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3], [1.0, 0.9, 0.95, 0.96, 0.97, 0.98, 0.99, 1.0])
+
+    def validation_step(self, batch, batch_idx):
+        curve = self.CURVES[self.global_rank]
+        self.log("val_loss", torch.tensor(curve[min(self.current_epoch, len(curve) - 1)]))
+
+
+pl.seed_everything(3)
+unsynced_es = FTSEarlyStopping(monitor="val_loss", patience=1)
+unsynced_fts = FinetuningScheduler(ft_schedule=es_schedule)
+t = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=8, callbacks=[unsynced_fts, unsynced_es],
+               logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+               deterministic=True, default_root_dir=str(OUT / "unsynced"))
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    t.fit(Unsynced(batch_size=8))
+report["unsynced"] = {
+    "reduce_transition_decisions": unsynced_es.reduce_transition_decisions,
+    "phases": [[r.start_epoch, r.end_epoch, r.end_reason] for r in unsynced_fts.history],
+    "epoch": t.current_epoch,
+    "warnings": [str(w.message) for w in caught if "differs across ranks" in str(w.message)],
+}
 write_report(str(OUT), rank, report)

@@ -15,8 +15,15 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from fsdp2_models import ACT_CKPT_DEFAULTS, ACT_CKPT_PLAN, PLAN, SCHEDULE, LMModule, Probe, full_digest
+from fts_reference.scenarios import scenario, thawed_per_epoch
 from launch import write_report
-from phasetune import ConfigurationError, FinetuningScheduler, FTSCheckpoint, export_full_model
+from phasetune import (
+    ConfigurationError,
+    FinetuningScheduler,
+    FTSCheckpoint,
+    FTSEarlyStopping,
+    export_full_model,
+)
 
 warnings.simplefilter("ignore")
 torch.set_num_threads(1)
@@ -24,10 +31,10 @@ OUT = Path(sys.argv[1])
 CLIP = 0.1  # small enough that every step clips: a wrong (per-rank) norm would change the result
 
 
-def trainer(name: str, callbacks: list, max_epochs: int = 6, clip: float | None = CLIP) -> pl.Trainer:
+def trainer(name: str, callbacks: list, max_epochs: int = 6, clip: float | None = CLIP, max_steps: int = -1) -> pl.Trainer:
     return pl.Trainer(
         accelerator="cpu", devices=2, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
-        max_epochs=max_epochs, callbacks=callbacks, logger=False, enable_progress_bar=False,
+        max_epochs=max_epochs, max_steps=max_steps, callbacks=callbacks, logger=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, deterministic=True, default_root_dir=str(OUT / name),
         gradient_clip_val=clip, use_distributed_sampler=False,  # LMModule splits its data without shuffling
     )
@@ -43,7 +50,9 @@ def fit(name: str, module_cls: type = LMModule, plan: Any = PLAN, defaults: Any 
     callbacks = [fts, probe]
     if save:
         callbacks.append(FTSCheckpoint(monitor="val_loss", save_top_k=-1, dirpath=str(OUT / name), filename="{epoch}"))
-    t = trainer(name, callbacks, max_epochs)
+    # runs shorter than the schedule stop by steps (4 per epoch: 64 samples, 2 ranks, batch 8): max_epochs alone
+    # would be raised to the schedule's last max_transition_epoch, as in FTS
+    t = trainer(name, callbacks, max_epochs, max_steps=4 * max_epochs if max_epochs < 6 else -1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t.fit(module, ckpt_path=ckpt)
@@ -174,6 +183,16 @@ report["hf"] = {
     "weights": {k: v for k, v in full_digest(hf.model).items() if k.startswith(("classifier", "bert.encoder.layer.1.output"))},
 }
 export_full_model(t, OUT / "hf_export", submodule=hf.model)
+
+# FTS's reference scenarios (tests/fts_reference), each Linear its own FSDP2 unit: the thawed set of every epoch
+report["fts_thawed"] = {
+    name: thawed_per_epoch(
+        scenario(name), FinetuningScheduler, FTSEarlyStopping, FTSCheckpoint, OUT / f"fts_{name}", shardable=True,
+        scheduler_kwargs={"strategy_adapter_cfg": {"fsdp_plan": {r"layers\.\d": {}}}},
+        devices=2, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+    )
+    for name in ("es_restore_best", "epoch_only_123")
+}
 
 write_report(str(OUT), rank, report)
 torch.distributed.destroy_process_group()

@@ -67,7 +67,8 @@ def fit(name, orig, schedule=SCHEDULE, ckpt=None, es=False, cfg=OVERRIDES, **str
     callbacks = [fts, probe, ck] + ([FTSEarlyStopping(monitor="val_loss", patience=2)] if es else [])
     strategy = CPUFSDPStrategy(auto_wrap_policy={Block}, use_orig_params=orig, **strategy_kw)
     t = pl.Trainer(
-        accelerator="cpu", devices=2, strategy=strategy, max_epochs=20, callbacks=callbacks, logger=False,
+        # epoch-driven runs end at the final phase's max_transition_epoch (6) by max_epochs, as in FTS
+        accelerator="cpu", devices=2, strategy=strategy, max_epochs=20 if es else 6, callbacks=callbacks, logger=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, deterministic=True,
         default_root_dir=str(OUT / name),
     )
@@ -87,7 +88,7 @@ def fit(name, orig, schedule=SCHEDULE, ckpt=None, es=False, cfg=OVERRIDES, **str
 
 def patches_left(t: pl.Trainer) -> list[str]:
     """phasetune's instance patches still on the strategy, or a wrap policy other than the user's, after fit."""
-    from phasetune.sharding.fsdp1 import AlignedWrapPolicy
+    from phasetune.sharding.fsdp1_alignment import AlignedWrapPolicy
 
     left = [k for k in ("load_checkpoint", "optimizer_state") if k in vars(t.strategy)]
     return left + (["auto_wrap_policy"] if isinstance(t.strategy.kwargs.get("auto_wrap_policy"), AlignedWrapPolicy) else [])
@@ -121,8 +122,9 @@ def manual_fit(name):
     ck = FTSCheckpoint(monitor="val_loss", save_top_k=-1, dirpath=str(OUT / name), filename="{epoch}")
     t = pl.Trainer(
         accelerator="cpu", devices=2, strategy=CPUFSDPStrategy(use_orig_params=False),
-        max_epochs=3, callbacks=[fts, probe, ck], logger=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, default_root_dir=str(OUT / name),
+        # 3 epochs of 4 steps (64 samples, 2 ranks, batch 8): max_epochs alone would be raised to the schedule's 6
+        max_epochs=3, max_steps=12, callbacks=[fts, probe, ck], logger=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(OUT / name),
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

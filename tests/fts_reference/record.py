@@ -13,6 +13,10 @@ never in the project's ``.venv``::
 
 It takes about 15 s on 2 CPU cores. The output is deterministic: two runs give byte-identical JSON
 (``--out`` to a second path and ``cmp`` them).
+
+``--checkpoint`` instead writes ``fts_2.14.1_phase1.ckpt``: the ``last.ckpt`` FTS saves after epoch 4 of the
+``es_restore_best`` scenario (in phase 1), with the run's temporary directory in its paths replaced by
+``<root>``; the tests check what phasetune says when asked to resume from it.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from .scenarios import SCENARIOS, run_scenario
 HERE = Path(__file__).resolve().parent
 FTS_VERSION = "2.14.1"
 DEFAULT_OUT = HERE / f"fts_{FTS_VERSION}.json"
+CHECKPOINT_OUT = HERE / f"fts_{FTS_VERSION}_phase1.ckpt"
 
 
 def record(names: list[str] | None = None) -> dict[str, Any]:
@@ -60,11 +65,44 @@ def record(names: list[str] | None = None) -> dict[str, Any]:
     return doc
 
 
+def record_checkpoint(out: Path) -> None:
+    """Write the ``last.ckpt`` of a 5-epoch ``es_restore_best`` run under FTS (it ends in phase 1) to ``out``."""
+    import dataclasses
+
+    import torch
+    from finetuning_scheduler import FinetuningScheduler, FTSCheckpoint, FTSEarlyStopping
+
+    from .scenarios import scenario
+
+    sc = dataclasses.replace(scenario("es_restore_best"), trainer={"max_epochs": 5},
+                             checkpoint={**scenario("es_restore_best").checkpoint, "save_last": True})
+    with tempfile.TemporaryDirectory(prefix="fts_checkpoint_") as root:
+        run_scenario(sc, FinetuningScheduler, FTSEarlyStopping, FTSCheckpoint, root)
+        ckpt = torch.load(Path(root) / "checkpoints" / "last.ckpt", weights_only=False)
+
+    def scrub(value: Any) -> Any:
+        if isinstance(value, str):
+            return value.replace(root, "<root>")
+        if isinstance(value, dict):
+            return {scrub(k): scrub(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(scrub(v) for v in value)
+        return value
+
+    torch.save(scrub(ckpt), out)
+    depth = ckpt["callbacks"]["FinetuningScheduler"]["fts_metadata"]["current_ckpt_depth"]
+    print(f"[record] wrote the FTS checkpoint of epoch {ckpt['epoch']} (phase {depth}) to {out}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="scenario names (default: all)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--checkpoint", action="store_true", help=f"write {CHECKPOINT_OUT.name} instead")
     args = parser.parse_args(argv)
+    if args.checkpoint:
+        record_checkpoint(CHECKPOINT_OUT)
+        return
     doc = record(args.only)
     args.out.write_text(json.dumps(doc, indent=1, sort_keys=False) + "\n", encoding="utf-8")
     print(f"[record] wrote {len(doc['scenarios'])} scenarios to {args.out}", file=sys.stderr)

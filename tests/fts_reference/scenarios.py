@@ -376,3 +376,64 @@ def run_scenario(sc: Scenario, scheduler_cls: type, early_stopping_cls: type, ch
         "messages": _clean(logs.lines, root),
         "warnings": _clean([str(w.message) for w in caught], root),
     }
+
+
+# ---------------------------------------------------------------------------------------------- thawed sets only
+class ThawedRecorder(Callback):
+    """Records ``[epoch, depth, thawed names]`` at each epoch's first batch (as :class:`TrajectoryRecorder` does),
+    touching no weights: it runs under any strategy, sharded ones included."""
+
+    def __init__(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+        self.rows: list[list[Any]] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if batch_idx == 0:
+            depth = getattr(self.scheduler, "curr_depth", None)
+            self.rows.append([trainer.current_epoch, depth,
+                              [n for n, p in pl_module.named_parameters() if p.requires_grad]])
+
+
+class _Stack(nn.ModuleList):
+    """The layers with the forward :class:`ReferenceModule` runs over them."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self[:-1]:
+            x = torch.tanh(layer(x))
+        return self[-1](x)
+
+
+class ShardableReferenceModule(ReferenceModule):
+    """:class:`ReferenceModule` (same names, weights and data) whose ``layers`` container has a forward: FSDP2
+    shards the module holding every parameter (here ``layers``) last, and ``fully_shard`` refuses a plain
+    ``ModuleList``."""
+
+    def __init__(self, sc: Scenario) -> None:
+        super().__init__(sc)
+        self.layers = _Stack(list(self.layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def thawed_per_epoch(sc: Scenario, scheduler_cls: type, early_stopping_cls: type, checkpoint_cls: type,
+                     root_dir: str | Path, scheduler_kwargs: Mapping[str, Any] | None = None,
+                     shardable: bool = False, **trainer_kwargs: Any) -> list[list[Any]]:
+    """Fit ``sc`` as :func:`run_scenario` does, with ``trainer_kwargs`` added to the Trainer's (e.g. ``devices=2,
+    strategy="ddp"``) and ``scheduler_kwargs`` to the scheduler's; returns :class:`ThawedRecorder`'s rows.
+    ``shardable`` fits :class:`ShardableReferenceModule` (for FSDP2)."""
+    root = Path(root_dir)
+    pl.seed_everything(SEED, verbose=False)
+    module = ShardableReferenceModule(sc) if shardable else ReferenceModule(sc)
+    scheduler = scheduler_cls(ft_schedule=copy.deepcopy(dict(sc.schedule)), **sc.fts_kwargs, **(scheduler_kwargs or {}))
+    recorder = ThawedRecorder(scheduler)
+    callbacks: list[Callback] = [scheduler, recorder]
+    if sc.early_stopping is not None:
+        callbacks.append(early_stopping_cls(**sc.early_stopping))
+    callbacks.append(checkpoint_cls(dirpath=str(root / "checkpoints"), **sc.checkpoint))
+    trainer = pl.Trainer(default_root_dir=str(root), callbacks=callbacks,
+                         **{**BASE_TRAINER, **sc.trainer, **trainer_kwargs})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module)
+    return recorder.rows

@@ -14,7 +14,8 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy, StrategyRegistry
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch.nn.parallel import DistributedDataParallel
 
@@ -146,16 +147,63 @@ register_adapter(_is_plain_ddp, DDPStrategyAdapter)
 register_adapter(lambda s: isinstance(s, SingleDeviceStrategy), StrategyAdapter)
 
 
-def select_adapter(strategy: Strategy, cfg: Mapping[str, Any] | None = None) -> StrategyAdapter:
-    """The adapter for ``strategy``, built with ``cfg``; refuses strategies phasetune does not support."""
-    for matches, adapter in _REGISTRY:
-        if matches(strategy):
-            return adapter(**dict(cfg or {}))
-    supported = "single-device and DDP strategies (ddp, ddp_spawn, ddp_notebook)"
-    extra = [a.__name__ for _, a in _REGISTRY if a not in (StrategyAdapter, DDPStrategyAdapter)]
-    if extra:
-        supported += " and those with adapters: " + ", ".join(sorted(set(extra)))
-    raise ConfigurationError(
-        f"FinetuningScheduler does not support the {type(strategy).__name__} strategy yet; it supports "
-        f"{supported}. Use one of those, or write and register a StrategyAdapter for it."
+def strategy_names(strategy: Strategy) -> set[str]:
+    """The names a strategy goes by: its class name, its ``strategy_name``, and the Lightning registry names of
+    its class (``ddp``, ``ddp_spawn``, ... all name ``DDPStrategy``)."""
+    names = {type(strategy).__name__, type(strategy).__name__.lower()}
+    if isinstance(getattr(strategy, "strategy_name", None), str):
+        names.add(strategy.strategy_name)
+    names.update(name for name, entry in StrategyRegistry.items() if entry.get("strategy") is type(strategy))
+    return names
+
+
+def _custom_adapter(strategy: Strategy, custom: Mapping[str, type[StrategyAdapter]]) -> type[StrategyAdapter] | None:
+    names = strategy_names(strategy)
+    lowered = {n.lower() for n in names}
+    chosen = {key: cls for key, cls in custom.items() if key in names or key.lower() in lowered}
+    if len(set(chosen.values())) > 1:
+        raise ConfigurationError(
+            f"custom_strategy_adapters has several adapters for the {type(strategy).__name__} strategy "
+            f"({', '.join(f'{k!r}: {c.__name__}' for k, c in chosen.items())}); keep one"
+        )
+    if chosen:
+        return next(iter(chosen.values()))
+    rank_zero_warn(
+        f"custom_strategy_adapters has no entry for the {type(strategy).__name__} strategy (keys: "
+        f"{', '.join(map(repr, custom))}; it goes by {', '.join(map(repr, sorted(names)))}); using the built-in adapter"
     )
+    return None
+
+
+def select_adapter(
+    strategy: Strategy,
+    cfg: Mapping[str, Any] | None = None,
+    *,
+    custom: Mapping[str, type[StrategyAdapter]] | None = None,
+    allow_untested: bool = False,
+) -> StrategyAdapter:
+    """The adapter for ``strategy``, built with ``cfg``.
+
+    ``custom`` (strategy name -> adapter class, see :func:`strategy_names`) is looked up first, then the
+    registry. A strategy neither knows is refused, or with ``allow_untested`` run with the default adapter.
+    """
+    chosen = _custom_adapter(strategy, custom) if custom else None
+    if chosen is None:
+        chosen = next((adapter for matches, adapter in _REGISTRY if matches(strategy)), None)
+    if chosen is None and allow_untested:
+        rank_zero_warn(
+            f"allow_untested=True: running the {type(strategy).__name__} strategy with the default StrategyAdapter "
+            "(single-device behaviour); phasetune has not been tested with it."
+        )
+        chosen = StrategyAdapter
+    if chosen is None:
+        supported = "single-device and DDP strategies (ddp, ddp_spawn, ddp_notebook)"
+        extra = [a.__name__ for _, a in _REGISTRY if a not in (StrategyAdapter, DDPStrategyAdapter)]
+        if extra:
+            supported += " and those with adapters: " + ", ".join(sorted(set(extra)))
+        raise ConfigurationError(
+            f"FinetuningScheduler does not support the {type(strategy).__name__} strategy yet; it supports "
+            f"{supported}. Use one of those, write a StrategyAdapter for it (custom_strategy_adapters or "
+            "register_adapter), or pass allow_untested=True to try the default adapter."
+        )
+    return chosen(**dict(cfg or {}))

@@ -29,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from phasetune import snapshots, transitions
 from phasetune.engine import PhaseEngine
 from phasetune.errors import ConfigurationError, ScheduleError, ScheduleGenerated
+from phasetune.lightning import fts_compat
 from phasetune.lightning.adapters import StrategyAdapter, select_adapter
 from phasetune.lightning.companions import configure_companions
 from phasetune.lightning.early_stopping import FTSEarlyStopping
@@ -53,27 +54,21 @@ class FinetuningScheduler(Callback):
     Args:
         ft_schedule: schedule YAML path or dict; ``None`` generates one from the model (see
             ``schedule_style``) and runs it.
-        max_depth: last phase to run; -1 runs every phase.
-        base_max_lr: lr of phases >= 1 that set no ``lr``; ``None`` uses a tenth of phase 0's lr.
-        restore_best: before each transition, restore the best state (by the FTSCheckpoint monitor)
-            seen in the phase that is ending.
         gen_ft_sched_only: write the generated schedule to the log dir and stop before training
             (raises :class:`~phasetune.errors.ScheduleGenerated`, a clean ``SystemExit``).
-        epoch_transitions_only: phases end only at their ``max_transition_epoch`` (required in every
-            phase); early stopping is not used.
-        schedule_style: implicit schedule style, one of :data:`phasetune.generate.STYLES`.
-        reinit_optim_cfg: for implicit schedules, a ``new_optimizer`` mapping applied at every transition.
-        reinit_lr_cfg: for implicit schedules, a ``new_lr_scheduler`` mapping applied at every transition.
-        enforce_phase0_params: rebuild the groups of the optimizer from ``configure_optimizers`` over
-            exactly phase 0's parameters (True), or only warn when they differ (False).
-        apply_lambdas_new_pgs: groups added to a LambdaLR/MultiplicativeLR follow its last lambda
-            instead of keeping their lr.
-        frozen_bn_track_running_stats: frozen BatchNorm layers keep updating running statistics (True,
-            the default) or are put in eval mode while frozen (False).
-        snapshot_storage: where restore-best keeps its snapshot: ``"memory"`` (CPU memory; saved in
-            checkpoints, or as a file per rank under sharded strategies) or ``"disk"`` (a file under the
-            log dir per rank and phase, written atomically; checkpoints only reference it).
+        max_depth, base_max_lr, restore_best, epoch_transitions_only, schedule_style, reinit_optim_cfg,
+        reinit_lr_cfg, enforce_phase0_params, apply_lambdas_new_pgs, frozen_bn_track_running_stats,
+        snapshot_storage: the knobs every front end shares, with one meaning and default each: see
+            :class:`phasetune.RunOptions` (``self.options``).
         strategy_adapter_cfg: options for the strategy adapter (FSDP/FSDP2 adapters take some).
+        log_dir: where generated schedules, the resolved schedule and snapshot files go; ``None`` uses
+            ``trainer.log_dir`` (or ``default_root_dir``).
+        logging_level: level of the ``phasetune`` logger (``logging.DEBUG``, ``"INFO"``, ...); ``None`` leaves it.
+        allow_untested: run a strategy phasetune has no adapter for with the default adapter and a warning
+            instead of refusing it.
+        custom_strategy_adapters: strategy name (``"ddp"``, ``"fsdp"``, ``"ModelParallelStrategy"``, ...) ->
+            a :class:`~phasetune.lightning.StrategyAdapter` subclass or its import path; looked up before the
+            built-in adapters.
     """
 
     def __init__(
@@ -93,6 +88,10 @@ class FinetuningScheduler(Callback):
         frozen_bn_track_running_stats: bool = True,
         snapshot_storage: str = "memory",
         strategy_adapter_cfg: Mapping[str, Any] | None = None,
+        log_dir: str | os.PathLike[str] | None = None,
+        logging_level: int | str | None = None,
+        allow_untested: bool = False,
+        custom_strategy_adapters: Mapping[str, str | type[StrategyAdapter]] | None = None,
     ) -> None:
         self.options = RunOptions(
             max_depth=max_depth, base_max_lr=base_max_lr, restore_best=restore_best,
@@ -102,11 +101,18 @@ class FinetuningScheduler(Callback):
             frozen_bn_track_running_stats=frozen_bn_track_running_stats, snapshot_storage=snapshot_storage,
         )
         problems = self.options.problems(explicit_schedule=ft_schedule is not None)
+        fts_args = fts_compat.FTSArgs.parse(log_dir, logging_level, allow_untested, custom_strategy_adapters)
+        problems += fts_args.problems
         if problems:
             raise ConfigurationError(problems)
+        fts_args.apply_logging_level()
+        self._log_dir_arg, self._custom_adapters = fts_args.log_dir, fts_args.adapters
         self.ft_schedule = ft_schedule
         self.gen_ft_sched_only = gen_ft_sched_only
         self.strategy_adapter_cfg = dict(strategy_adapter_cfg or {})
+        self.logging_level = logging_level
+        self.allow_untested = allow_untested
+        self.custom_strategy_adapters = dict(custom_strategy_adapters or {})
         self._reset()
 
     def _reset(self) -> None:
@@ -181,18 +187,22 @@ class FinetuningScheduler(Callback):
 
     @property
     def log_dir(self) -> str | None:
-        """Where generated schedules and snapshot files of this fit go."""
-        return self._log_dir
+        """Where generated schedules and snapshot files of this fit go (``log_dir=...``, else the trainer's)."""
+        return self._log_dir if self._log_dir is not None else self._log_dir_arg
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         self._reset()
-        self.adapter = select_adapter(trainer.strategy, self.strategy_adapter_cfg)
+        self.adapter = select_adapter(trainer.strategy, self.strategy_adapter_cfg, custom=self._custom_adapters,
+                                      allow_untested=self.allow_untested)
         self.adapter.connect(trainer)
-        log_dir = trainer.log_dir  # a collective under DDP: every rank must read it
-        self._log_dir = str(log_dir if log_dir is not None else trainer.default_root_dir)
+        if self._log_dir_arg is not None:  # log_dir=...: the same on every rank, so no collective is skipped
+            self._log_dir = self._log_dir_arg
+        else:
+            log_dir = trainer.log_dir  # a collective under DDP: every rank must read it
+            self._log_dir = str(log_dir if log_dir is not None else trainer.default_root_dir)
         if self.gen_ft_sched_only:
             raise ScheduleGenerated(self._write_generated(trainer, pl_module))
         found = configure_companions(trainer, pl_module, stage, self, restore_best=self.options.restore_best,
@@ -244,11 +254,7 @@ class FinetuningScheduler(Callback):
             options=self.options, env=env, model=pl_module, structure=adapter.structure_module(pl_module),
             no_decay=no_decay, monitor=self.monitor, mode=self.monitor_mode,
         )
-        max_epochs = trainer.max_epochs
-        late = [p for p in self.run.schedule.phases[: self.run.final_depth + 1] if p.max_transition_epoch > (max_epochs or 0)]
-        if max_epochs is not None and max_epochs >= 0 and late:
-            rank_zero_warn(f"max_epochs={max_epochs} ends training before phase {late[0].index}'s max_transition_epoch "
-                           f"({late[0].max_transition_epoch}); later phases may not run.")
+        self._reach_every_phase(trainer)
         if trainer.is_global_zero:
             schedule = self.run.schedule
             if self.ft_schedule is None:
@@ -257,6 +263,17 @@ class FinetuningScheduler(Callback):
             schedule.dump(self._schedule_file(pl_module, "ft_schedule_resolved"),
                           header=f"resolved from {schedule.source}: exact parameter names per phase")
 
+    def _reach_every_phase(self, trainer: pl.Trainer) -> None:
+        """Raise ``max_epochs`` to the largest ``max_transition_epoch`` of the phases to run (with a warning), so
+        that every phase gets its epochs; the final phase then runs until early stopping or ``max_epochs``."""
+        assert self.run is not None
+        max_epochs = trainer.max_epochs
+        latest = max(p.max_transition_epoch for p in self.run.schedule.phases[: self.run.final_depth + 1])
+        if max_epochs is not None and 0 <= max_epochs < latest:
+            rank_zero_warn(f"max_epochs={max_epochs} would end training before the schedule's max_transition_epoch "
+                           f"{latest}; raised max_epochs to {latest} so that every phase runs")
+            trainer.fit_loop.max_epochs = latest
+
     # ------------------------------------------------------------------ resume and fit start
     def state_dict(self) -> dict[str, Any]:
         return self.run.state_dict() if self.run is not None else {}
@@ -264,8 +281,14 @@ class FinetuningScheduler(Callback):
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         # Lightning restores a callback's state only when the checkpoint has it; without it, the optimizer
         # state of a plain run would be loaded into phase 0's groups and fail with an opaque size mismatch.
-        if trainer.state.fn == TrainerFn.FITTING and self.state_key not in (checkpoint.get("callbacks") or {}):
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        state = (checkpoint.get("callbacks") or {}).get(self.state_key)
+        if state is None:
             raise checkpoint_without_state(trainer.ckpt_path)
+        fts_error = fts_compat.fts_checkpoint_error(state, trainer.ckpt_path)  # written by finetuning-scheduler
+        if fts_error is not None:
+            raise fts_error
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
@@ -364,24 +387,13 @@ class FinetuningScheduler(Callback):
         assert self.run is not None
         if not self._validated_this_epoch and self.monitor in trainer.callback_metrics:
             self._observe(trainer)
-        if self.run.is_final and not trainer.should_stop:
-            decision = self.run.decide(trainer.current_epoch + 1)
-            if decision is not None and decision.stop:
-                trainer.should_stop = True
-                if trainer.is_global_zero:
-                    log.info("phasetune: final phase %d reached max_transition_epoch %d; training ends",
-                             self.run.depth, self.run.engine.phase.max_transition_epoch)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.run is None or not self.run.history:
             return
         es = self.early_stopping
-        decision = self.run.decide(trainer.current_epoch)
-        reason = (
-            "early stopping" if es is not None and es.stopped_epoch else
-            transitions.EPOCH if decision is not None and decision.reason == transitions.EPOCH else
-            "trainer stopped (max_epochs, max_steps or should_stop)"
-        )
+        stopped = es is not None and es.stopped_epoch
+        reason = transitions.EARLY_STOPPING if stopped else "trainer stopped (max_epochs, max_steps or should_stop)"
         self.run.finish(epoch=trainer.current_epoch, step=trainer.global_step, reason=reason)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

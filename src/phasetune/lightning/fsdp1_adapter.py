@@ -35,7 +35,7 @@ from phasetune.errors import ConfigurationError
 from phasetune.lightning import _compat
 from phasetune.lightning.adapters import register_adapter
 from phasetune.lightning.sharded import ShardedStrategyAdapter
-from phasetune.sharding import fsdp1
+from phasetune.sharding import fsdp1_alignment as fsdp1
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl

@@ -15,8 +15,9 @@ if TYPE_CHECKING:
 class FTSCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` that knows the phase (depth) of its checkpoints.
 
-    ``depth_of`` maps each kept top-k path to the phase it was saved in and ``best_ckpt_depth`` is the
-    phase of ``best_model_path``. Depths are keyed by path and recorded when the file is written, so equal
+    ``depth_of`` maps each kept top-k path to the phase it was saved in, ``best_ckpt_depth`` is the
+    phase of ``best_model_path`` and ``current_ckpt_depth`` (as in finetuning-scheduler) the phase of the
+    most recently written checkpoint. Depths are keyed by path and recorded when the file is written, so equal
     monitored values in different phases, or a file name reused by a later save, cannot mix them up.
     (Any checkpoint also records its own phase in the FinetuningScheduler state it holds.)
     Takes every argument of ``ModelCheckpoint``.
@@ -29,6 +30,7 @@ class FTSCheckpoint(ModelCheckpoint):
     def _init_depth_state(self) -> None:
         self.depth_of: dict[str, int] = {}
         self.best_ckpt_depth: int | None = None
+        self.current_ckpt_depth = 0
         self.scheduler_callback: Any = None  # the FinetuningScheduler, linked at setup
         self._seen_score: Any = None
 
@@ -71,14 +73,17 @@ class FTSCheckpoint(ModelCheckpoint):
     def state_dict(self) -> dict[str, Any]:
         # Called while a checkpoint is being written: the path being saved is already in best_k_models.
         self._sync_depths()
+        self.current_ckpt_depth = self._depth
         state = super().state_dict()
-        state.update(depth_of=dict(self.depth_of), best_ckpt_depth=self.best_ckpt_depth)
+        state.update(depth_of=dict(self.depth_of), best_ckpt_depth=self.best_ckpt_depth,
+                     current_ckpt_depth=self.current_ckpt_depth)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state = dict(state_dict)
         depth_of = state.pop("depth_of", {})
         best_depth = state.pop("best_ckpt_depth", None)
+        self.current_ckpt_depth = state.pop("current_ckpt_depth", 0)
         same_dir = state.get("dirpath", self.dirpath) == self.dirpath
         super().load_state_dict(state)
         self.best_ckpt_depth = best_depth

@@ -5,6 +5,9 @@ block classes or an ``fsdp_plan``, shared with the Lightning adapter through :mo
 homogeneous optimizer groups, gradient accumulation, one global gradient norm for clipping, sharded DCP
 checkpoints with rotation, full-weights export and optimizer-state offload. It drives nothing by itself:
 the loop stays yours (see ``docs/plain_pytorch.md``).
+
+The class holds the training step; its units without a plan come from :mod:`phasetune.strategy.unit_plan`,
+what its checkpoints hold from :mod:`phasetune.strategy.checkpoint_io`.
 """
 
 from __future__ import annotations
@@ -23,26 +26,20 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 from torch.optim import Optimizer
 
 from phasetune._dist import barrier
 from phasetune.errors import ConfigurationError
 from phasetune.report import few
-from phasetune.sharding import clip_grad_norm_, grad_norm, optim_state, save_full_model, split_groups
-from phasetune.sharding.names import logical_name, root_name
+from phasetune.sharding import clip_grad_norm_, grad_norm, save_full_model, split_groups
+from phasetune.sharding.names import root_name
 from phasetune.sharding.plan import apply_plan, match_plan, parse_plan
-from phasetune.strategy import checkpoint as ckpt
-from phasetune.strategy import optim_offload
+from phasetune.strategy import checkpoint_io, optim_offload
 from phasetune.strategy.distributed import DistEnv, init_distributed
 from phasetune.strategy.materialize import has_meta_params, materialize, materialize_problems, params_on_meta
+from phasetune.strategy.unit_plan import block_plan, unit_dtype_problems
 
 log = logging.getLogger("phasetune")
 
@@ -335,29 +332,13 @@ class FSDP2Strategy:
                 f"of {self.accumulation_steps}; accumulated gradients are not saved, so save after optimizer_step "
                 "returned True"
             )
-        optimizer, schedulers = _resolve_optim(optimizer, scheduler, finetuning)
-        started = time.perf_counter()
-        app_state: dict[str, Any] = {"model": get_model_state_dict(model)}
-        if optimizer is not None:
-            if id(optimizer) in self._offloaded:
-                raise RuntimeError("save_ckpt: the optimizer state is offloaded; call maybe_load_optimizer first")
-            with optim_state.no_placeholder_state(optimizer):
-                app_state["optim"] = get_optimizer_state_dict(model, optimizer)
-        shared = {
-            "schedulers": [s.state_dict() for s in schedulers],
-            "client": dict(client_state or {}),
-            "counters": {"global_step": self.global_step, "micro_step": self.micro_step,
-                         "skipped_steps": self.skipped_steps},
-        }
-        rank_state = {"rng": _rng_state(), "finetuning": finetuning.state_dict() if finetuning is not None else None}
-        meta = {"world_size": self.world_size, "global_step": self.global_step, "has_optimizer": optimizer is not None,
-                "depth": getattr(finetuning, "depth", None),
-                "num_schedulers": len(schedulers)}
-        tag = tag or f"step_{self.global_step}"
-        path = ckpt.save(save_dir, tag, app_state, rank_state, shared, meta, max_num, max_mem)
-        if self.is_main:
-            log.info("phasetune: saved checkpoint %s in %.2fs", path, time.perf_counter() - started)
-        return path
+        optimizer, schedulers = checkpoint_io.resolve_optim(optimizer, scheduler, finetuning)
+        if optimizer is not None and id(optimizer) in self._offloaded:
+            raise RuntimeError("save_ckpt: the optimizer state is offloaded; call maybe_load_optimizer first")
+        counters = {"global_step": self.global_step, "micro_step": self.micro_step, "skipped_steps": self.skipped_steps}
+        return checkpoint_io.save(model, save_dir, tag or f"step_{self.global_step}", env=self.env, optimizer=optimizer,
+                                  schedulers=schedulers, finetuning=finetuning, client_state=client_state,
+                                  counters=counters, max_num=max_num, max_mem=max_mem)
 
     def load_ckpt(
         self,
@@ -378,63 +359,16 @@ class FSDP2Strategy:
         state of every phase's parameters has somewhere to go; pass a freshly built one. Returns the
         checkpoint directory and the ``client_state`` saved with it, or ``(None, {})`` when there is none.
         """
-        path = ckpt.resolve(load_dir, tag)
-        if path is None:
-            if self.is_main:
-                log.info("phasetune: no complete checkpoint under %s; starting from scratch", load_dir)
-            return None, {}
-        meta = ckpt.read_meta(path)
-        own = ckpt.rank_file(path, self.rank)
-        rank_state = torch.load(own if own.exists() else ckpt.rank_file(path, 0), map_location="cpu",
-                                weights_only=True)
-        if meta.get("depth") is not None and finetuning is None and meta["depth"] > 0:
-            raise ConfigurationError(
-                f"{path} was saved in phase {meta['depth']} of a ScheduledFinetuning; pass finetuning= (a new "
-                "ScheduledFinetuning over this model and optimizer) to load_ckpt so that phase's parameter groups "
-                "exist before the optimizer state is loaded"
-            )
-        if finetuning is not None and rank_state.get("finetuning") is not None:
-            finetuning.load_state_dict(rank_state["finetuning"])
-        optimizer, schedulers = _resolve_optim(optimizer, scheduler, finetuning)
-        saved_scheds = meta.get("num_schedulers", 0)
-        if load_lr_scheduler_states and saved_scheds != len(schedulers):
-            raise ConfigurationError(f"{path} holds the state of {saved_scheds} lr scheduler(s), but {len(schedulers)} "
-                                     "were given; pass the same schedulers as when saving (or "
-                                     "load_lr_scheduler_states=False)")
-        app_state: dict[str, Any] = {"model": get_model_state_dict(model)}
-        load_optim = optimizer is not None and load_optimizer_states and meta.get("has_optimizer", False)
-        shaped: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-        if load_optim:  # while it loads, the optimizer holds state for exactly what the checkpoint has state for
-            assert optimizer is not None
-            params = {logical_name(n): p for n, p in model.named_parameters()}
-            saved = optim_state.saved_state_names(path, "optim")
-            shaped = optim_state.shaped_like_checkpoint(optimizer, saved, params)
-        with shaped:
-            if load_optim:
-                app_state["optim"] = get_optimizer_state_dict(model, optimizer)
-            ckpt.load_app_state(path, app_state)
-            set_model_state_dict(model, app_state["model"], options=StateDictOptions(strict=load_module_strict))
-            if load_optim:
-                set_optimizer_state_dict(model, optimizer, app_state["optim"])
-        shared = torch.load(path / ckpt.SHARED_FILE, map_location="cpu", weights_only=True)
-        if load_lr_scheduler_states:
-            for s, st in zip(schedulers, shared["schedulers"]):
-                s.load_state_dict(st)
-        counters = shared["counters"]
-        self.global_step = counters["global_step"]
-        # saved between cycles; with other batch sizes or world size the next cycle still starts fresh
-        self.micro_step = counters["micro_step"] - counters["micro_step"] % self.accumulation_steps
-        self.skipped_steps = counters["skipped_steps"]
-        if meta.get("world_size") == self.world_size:
-            _set_rng_state(rank_state["rng"])
-        elif self.is_main:
-            log.warning("phasetune: %s was saved by %s processes, loading with %d: RNG states not restored",
-                        path, meta.get("world_size"), self.world_size)
-        barrier()
-        if self.is_main:
-            log.info("phasetune: loaded checkpoint %s (step %d%s)", path, self.global_step,
-                     f", phase {meta['depth']}" if meta.get("depth") is not None else "")
-        return path, dict(shared["client"])
+        path, client_state, counters = checkpoint_io.load(
+            model, load_dir, env=self.env, optimizer=optimizer, scheduler=scheduler, finetuning=finetuning, tag=tag,
+            load_module_strict=load_module_strict, load_optimizer_states=load_optimizer_states,
+            load_lr_scheduler_states=load_lr_scheduler_states)
+        if path is not None:
+            self.global_step = counters["global_step"]
+            # saved between cycles; with other batch sizes or world size the next cycle still starts fresh
+            self.micro_step = counters["micro_step"] - counters["micro_step"] % self.accumulation_steps
+            self.skipped_steps = counters["skipped_steps"]
+        return path, client_state
 
     # ------------------------------------------------------------------ export
     def save_model(self, model: nn.Module, output_dir: str | os.PathLike[str], tokenizer: Any = None) -> Path:
@@ -458,7 +392,7 @@ class FSDP2Strategy:
         return out
 
 
-# ---------------------------------------------------------------------------------------------- sharding units
+# ---------------------------------------------------------------------------------------------- helpers
 
 
 def decays(name: str, p: torch.Tensor) -> bool:
@@ -466,116 +400,6 @@ def decays(name: str, p: torch.Tensor) -> bool:
     return p.dim() >= 2 and not name.endswith("bias")
 
 
-def block_plan(model: nn.Module, block_classes: Sequence[str | type[nn.Module]] | None) -> dict[str, Any]:
-    """An ``fsdp_plan`` of one unit per transformer block (outermost modules of ``block_classes``, else of the
-    model's ``_no_split_modules``), plus the input embeddings and the output head unless their weights are tied.
-    """
-    wanted = [c if isinstance(c, str) else c.__name__ for c in block_classes or ()]
-    if not wanted:
-        for m in model.modules():
-            wanted.extend(getattr(m, "_no_split_modules", None) or ())
-    present = {type(m).__name__ for m in model.modules()}
-    unknown = [c for c in wanted if c not in present]
-    if block_classes and unknown:
-        import difflib
-
-        hints = {c: difflib.get_close_matches(c, sorted(present), n=2) for c in unknown}
-        raise ConfigurationError([f"block class {c!r} is not a module class of {type(model).__name__}"
-                                  + (f"; did you mean {', '.join(map(repr, h))}?" if h else "") for c, h in hints.items()])
-    names = set(wanted)
-    blocks: list[str] = []
-    for name, m in model.named_modules():
-        if name and type(m).__name__ in names and not any(name.startswith(b + ".") for b in blocks):
-            blocks.append(name)
-    if not blocks:
-        log.info("phasetune: no transformer block classes given or found (_no_split_modules); the model is one "
-                 "FSDP unit. Pass block_classes=[...] to shard it block by block.")
-    plan: dict[str, Any] = {}
-    for n in _embedding_and_head(model):
-        if not any(n == b or n.startswith(b + ".") for b in blocks):
-            plan[n] = {}
-    for b in blocks:
-        plan[b] = {}
-    return plan
-
-
-def _embedding_and_head(model: nn.Module) -> list[str]:
-    """Module names of the input embeddings and the output head (HF accessors, else every ``nn.Embedding``),
-    leaving out modules whose weights are tied (they must share one unit)."""
-    mods = {m: n for n, m in model.named_modules()}
-    found: list[nn.Module] = []
-    for getter in ("get_input_embeddings", "get_output_embeddings"):
-        fn = getattr(model, getter, None)
-        try:
-            m = fn() if callable(fn) else None
-        except (NotImplementedError, AttributeError):
-            m = None
-        if isinstance(m, nn.Module) and m is not model:
-            found.append(m)
-    if not found:
-        found = [m for m in model.modules() if isinstance(m, nn.Embedding)]
-    weights: dict[int, int] = {}
-    for m in found:
-        for p in m.parameters(recurse=False):
-            weights[id(p)] = weights.get(id(p), 0) + 1
-    shared = {i for i, c in weights.items() if c > 1}
-    out = []
-    for m in found:
-        if any(id(p) in shared for p in m.parameters(recurse=False)) or not mods.get(m):
-            continue
-        if mods[m] not in out:
-            out.append(mods[m])
-    return out
-
-
-def unit_dtype_problems(model: nn.Module, units: Sequence[str]) -> list[str]:
-    """FSDP2 gathers each unit's parameters as one dtype: list units whose own parameters mix dtypes."""
-    unit_set = set(units)
-    by_unit: dict[str, dict[torch.dtype, str]] = {}
-    for name, p in model.named_parameters():
-        name = logical_name(name)
-        parts = name.split(".")[:-1]
-        owner = next((".".join(parts[:d]) for d in range(len(parts), -1, -1) if ".".join(parts[:d]) in unit_set), "")
-        by_unit.setdefault(owner, {}).setdefault(p.dtype, name)
-    return [
-        f"FSDP unit {u or '<root>'!r} holds parameters of several dtypes ("
-        + ", ".join(f"{str(dt).removeprefix('torch.')} e.g. {ex!r}" for dt, ex in kinds.items())
-        + "); FSDP2 gathers a unit as one dtype: cast the module to one dtype, or give the odd parameters' module "
-        "its own unit (fsdp_plan)"
-        for u, kinds in by_unit.items() if len(kinds) > 1
-    ]
-
-
-# ---------------------------------------------------------------------------------------------- helpers
-
-
-def _resolve_optim(optimizer: Optimizer | None, scheduler: Any, finetuning: Any) -> tuple[Optimizer | None, list[Any]]:
-    if optimizer is None and finetuning is not None:
-        optimizer = finetuning.optimizer
-    if scheduler is None:
-        schedulers = list(finetuning.schedulers) if finetuning is not None else []
-    elif isinstance(scheduler, (list, tuple)):
-        schedulers = list(scheduler)
-    else:
-        schedulers = [scheduler]
-    return optimizer, schedulers
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    version, _, gauss = random.getstate()
-    random.setstate((version, tuple(state["python"]), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
