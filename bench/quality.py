@@ -356,7 +356,12 @@ def _write_md(args: argparse.Namespace, text: str) -> None:
     title = f"task {args.task}" + (f" ({', '.join(args.arms)})" if args.arms else "")
     sections[title] = (f"\n`{cmd}` ({args.steps} steps of {args.batch}, seeds "
                                      f"{' '.join(map(str, args.seeds))})\n\n{text}\n")
-    path.write_text("# bench/quality.py results\n\n" + "".join(f"## {t}\n{b}\n" for t, b in sections.items()))
+    choice = json.dumps(chosen(args), indent=1)
+    head = ("# bench/quality.py results\n\nSettings chosen on the validation split (one seed per setting) by\n"
+            "`python bench/quality.py select-baseline` and `python bench/quality.py select-recipes`, saved in\n"
+            f"`bench/results/quality_choice.json`:\n\n```json\n{choice}\n```\n\nEvery run: "
+            "`bench/results/quality_runs.jsonl`.\n\n")
+    path.write_text(head + "".join(f"## {t}\n{b}\n" for t, b in sections.items()))
 
 
 if __name__ == "__main__":

@@ -140,7 +140,7 @@ def test_validate_and_test_subcommands_run(tmp_path, capsys):
     assert run("validate", "--config", cfg) == 0
     assert run("test", "--config", cfg) == 0
     assert run("test", "--config", cfg, "--baseline", "also") == 1
-    assert "--baseline and --test_after_fit apply to fit, not test" in capsys.readouterr().err
+    assert "--baseline, --seeds and --test_after_fit apply to fit, not test" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ errors: one line, no traceback

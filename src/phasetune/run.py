@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from phasetune import generate, snapshots, thaw, transitions
+from phasetune import generate, rng, snapshots, thaw, transitions
 from phasetune.engine import PhaseEngine, Transition
 from phasetune.errors import ConfigurationError
 from phasetune.memory import PeakMemory
@@ -124,6 +124,7 @@ class PhaseRun:
         self.store = SnapshotStore(env, options.snapshot_storage)
         self._clock: float | None = None
         self._memory: PeakMemory | None = None
+        self._pending_rng: tuple[Mapping[str, Any], str] | None = None  # resume(defer_random_state=True)
 
     # ------------------------------------------------------------------ read-only state
     @property
@@ -340,8 +341,13 @@ class PhaseRun:
         return f"restored the best state ({where})"
 
     # ------------------------------------------------------------------ checkpoint state
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue the run exactly (with this rank's snapshot or a reference to it)."""
+    def state_dict(self, *, random_state: bool = False) -> dict[str, Any]:
+        """Everything needed to continue the run exactly (with this rank's snapshot or a reference to it).
+
+        ``random_state``: include the random state of this rank (``env.state_saved_per_rank``) or of every
+        rank (gathered: a collective every rank calls), restored by :meth:`resume`; front ends whose
+        trainer saves it itself (Hugging Face) leave it out.
+        """
         self._close_clock()
         state: dict[str, Any] = {
             "format": STATE_FORMAT,
@@ -353,6 +359,9 @@ class PhaseRun:
             "best": None if self.best is None else list(self.best),
         }
         state.update(self.store.state())
+        if random_state:
+            state["rng"] = rng.checkpoint_state(rank=self.env.rank, world_size=self.env.world_size,
+                                                gather=not self.env.state_saved_per_rank)
         return state
 
     def check_state(self, state: Mapping[str, Any], where: Any = None) -> None:
@@ -377,12 +386,21 @@ class PhaseRun:
                 f"checkpoint{src} was saved with mode={saved_mode!r} for {saved!r}, this run uses mode={self.mode!r}; "
                 f"resume with mode={saved_mode!r}"
             )
+        if state.get("rng") is not None:
+            refused = rng.problem(state["rng"], rank=self.env.rank, world_size=self.env.world_size,
+                                  mode=self.options.resume_rng, where=f" from checkpoint{src}")
+            if refused:
+                raise ConfigurationError(refused)
 
     def resume(
-        self, state: Mapping[str, Any], optimizer: Optimizer, schedulers: Sequence[Any], where: Any = None
+        self, state: Mapping[str, Any], optimizer: Optimizer, schedulers: Sequence[Any], where: Any = None,
+        *, defer_random_state: bool = False,
     ) -> tuple[Optimizer, list[Any], dict[str, Any] | None]:
         """Continue a saved run: rebuild the saved phase (thawed set, groups, optimizer, scheduler) before
-        the optimizer state is loaded, and restore the history and snapshot.
+        the optimizer state is loaded, and restore the history, snapshot and random state.
+
+        ``defer_random_state``: keep the random state for :meth:`restore_random_state` (a mid-epoch resume
+        restores it after the data iterator, which the interrupted run had created before saving, exists).
 
         Returns the optimizer, the lr schedulers and, when a phase replaced the scheduler, its config fields.
         """
@@ -417,8 +435,20 @@ class PhaseRun:
             best = min(seen) if self.mode == "min" and seen else max(seen) if seen else None
         self.best = None if best is None else (float(best[0]), int(best[1]), int(best[2]))
         self.store.load(state, depth)
+        if state.get("rng") is not None:  # last: nothing after it in a resume may draw from the generators
+            self._pending_rng = (state["rng"], src)
+            if not defer_random_state:
+                self.restore_random_state()
         self.env.info(f"resumed in phase {depth} of {self.final_depth} ({len(self.thawed_params)} trainable tensors)")
         return optimizer, scheds, cfg
+
+    def restore_random_state(self) -> None:
+        """Restore the random state :meth:`resume` read (once; a no-op when there is none left)."""
+        if self._pending_rng is None:
+            return
+        (saved, src), self._pending_rng = self._pending_rng, None
+        rng.restore_checkpoint_state(saved, rank=self.env.rank, world_size=self.env.world_size,
+                                     mode=self.options.resume_rng, warn=self.env.warn, where=src)
 
     # ------------------------------------------------------------------ records and clocks
     def _apply_bn_mode(self) -> None:

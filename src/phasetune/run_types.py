@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from phasetune import _dist, generate
+from phasetune import _dist, generate, rng
 
 log = logging.getLogger("phasetune")
 
@@ -84,6 +84,9 @@ class RunOptions:
     frozen_bn_track_running_stats: bool = True
     #: where restore-best keeps its snapshot: "memory" (CPU memory) or "disk" (a file per rank and phase)
     snapshot_storage: str = "memory"
+    #: a resume onto another number of processes, whose per-process random state cannot be restored:
+    #: refuse it ("exact") or re-seed every generator from the saved state with a warning ("reseed")
+    resume_rng: str = "exact"
 
     def problems(self, explicit_schedule: bool) -> list[str]:
         """What is wrong with these options (empty when nothing is), each naming the option."""
@@ -98,6 +101,8 @@ class RunOptions:
             found.append(f"schedule_style must be one of {generate.STYLES}, got {self.schedule_style!r}")
         if self.snapshot_storage not in SNAPSHOT_STORAGES:
             found.append(f"snapshot_storage must be 'memory' or 'disk', got {self.snapshot_storage!r}")
+        if self.resume_rng not in rng.RESUME_RNG:
+            found.append(f"resume_rng must be one of {rng.RESUME_RNG}, got {self.resume_rng!r}")
         if (self.reinit_optim_cfg or self.reinit_lr_cfg) and explicit_schedule:
             found.append(
                 "reinit_optim_cfg/reinit_lr_cfg apply to implicit schedules only; with an explicit schedule "

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import random
 import sys
 import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 
 from fts_reference.scenarios import scenario, thawed_per_epoch
-from helpers import ToyModule
+from helpers import ToyModule, dataset
 from launch import digest, write_report
 from phasetune import FinetuningScheduler, FTSCheckpoint, FTSEarlyStopping
 
@@ -92,4 +95,50 @@ report["unsynced"] = {
     "epoch": t.current_epoch,
     "warnings": [str(w.message) for w in caught if "differs across ranks" in str(w.message)],
 }
+
+
+# exact resume with randomness: Dropout, data noise from Python's random.gauss and NumPy, and a different
+# random stream on each rank (a resume that swapped or dropped ranks' states would not be bit-equal)
+class NoisyData(torch.utils.data.Dataset):
+    def __init__(self) -> None:
+        self.data = dataset(64, 0)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        x, y = self.data[i]
+        return x + 0.01 * random.gauss(0, 1) + 0.01 * float(np.random.normal()), y
+
+
+class RandomModule(ToyModule):
+    def __init__(self) -> None:
+        super().__init__(val_losses=LOSSES, optimizer="adam", lr=0.01, scheduler="step", batch_size=8)
+        self.drop = torch.nn.Dropout(0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(self.drop(x))
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(NoisyData(), batch_size=8, shuffle=True)
+
+
+def random_fit(name: str, ckpt=None):
+    pl.seed_everything(3)
+    module = RandomModule()
+    pl.seed_everything(100 + int(os.environ["RANK"]))  # the same weights, each rank's own random stream
+    fts = FinetuningScheduler(ft_schedule=es_schedule)
+    ck = FTSCheckpoint(monitor="val_loss", save_top_k=-1, dirpath=str(OUT / name), filename="{epoch}")
+    t = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=20, logger=False,
+                   callbacks=[fts, ck, FTSEarlyStopping(monitor="val_loss", patience=2)], enable_progress_bar=False,
+                   enable_model_summary=False, num_sanity_val_steps=0, deterministic=True,
+                   default_root_dir=str(OUT / name))
+    t.fit(module, ckpt_path=ckpt)
+    return {"params": digest(module), "phases": [[r.start_epoch, r.end_epoch, r.restored_best] for r in fts.history]}
+
+
+report["random_run"] = random_fit("random_run")
+for epoch in (3, 8):  # just before the restore-best transition of phase 0; the final phase
+    report[f"random_resumed_{epoch}"] = random_fit(f"random_resumed_{epoch}", OUT / "random_run" / f"epoch={epoch}.ckpt")
+
 write_report(str(OUT), rank, report)

@@ -12,7 +12,8 @@ optimizer is built over every scheduled parameter, its groups kept as the templa
 -> Accelerate wraps model (DDP) and optimizer -> ``create_scheduler`` (hook: the Trainer's scheduler is built
 over phase 0's groups; a resumed run replays its saved phase here) -> the Trainer loads optimizer and scheduler
 state -> ``on_train_begin`` -> per epoch: ``on_epoch_begin`` (transition when the phase ended) ...
-``on_evaluate`` (record the metric, snapshot the phase's best state) ... ``on_save`` (the run's state into the
+``on_evaluate`` (record the metric, snapshot the run's best state; the final phase's patience ends training)
+... ``on_save`` (the run's state into the
 checkpoint folder) -> ``on_train_end``.
 """
 
@@ -173,6 +174,9 @@ class PhasetuneTrainerCallback(TrainerCallback):
             raise ConfigurationError(problems)
         for note in settings.scheduler_notes(self.run.schedule, self.run.final_depth):
             env.warn(note)
+        late = settings.epochs_note(args, self.run.schedule, self.run.final_depth)
+        if late:
+            env.warn(late)
         # DDP registers only parameters that require grad when it wraps the model (right after this hook), and
         # the Trainer groups only those: every scheduled one is trainable until after_prepare freezes again.
         thaw.thaw(self.run.engine.params, self.run.schedule.params_through(self.run.final_depth))
@@ -232,7 +236,7 @@ class PhasetuneTrainerCallback(TrainerCallback):
         t = self.run.transition(epoch=epoch, step=state.global_step, reason=decision.reason,
                                 optimizer=optimizer, schedulers=schedulers)
         self._install(self._trainer, t.optimizer if t.new_optimizer else None, t.new_scheduler)
-        self.tracker.reset()
+        self.tracker.start_phase()
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Mapping[str, Any] | None = None,
                     **kwargs: Any) -> None:
@@ -261,15 +265,6 @@ class PhasetuneTrainerCallback(TrainerCallback):
             if decision is not None and decision.stop:
                 self._stop(control, epoch, state.global_step, decision.reason)
 
-    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        assert self.run is not None
-        if self.done or not self.run.is_final:
-            return
-        epoch = _epoch_done(state)
-        decision = self.run.decide(epoch + 1, self.tracker.done)
-        if decision is not None and decision.stop:  # the final phase's max_transition_epoch
-            self._stop(control, epoch, state.global_step, decision.reason)
-
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.run is None or not state.is_world_process_zero:
             return
@@ -280,8 +275,7 @@ class PhasetuneTrainerCallback(TrainerCallback):
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.run is None or not self.run.history or self.done:
             return
-        decision = self.run.decide(math.ceil(state.epoch or 0), self.tracker.done)
-        reason = decision.reason if decision is not None else TRAINER_STOPPED
+        reason = transitions.EARLY_STOPPING if self.tracker.done else TRAINER_STOPPED
         self.run.finish(epoch=math.ceil(state.epoch or 0), step=state.global_step, reason=reason)
 
     # ------------------------------------------------------------------ checkpoint state

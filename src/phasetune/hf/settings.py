@@ -6,6 +6,7 @@ without building a Trainer.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from phasetune.schedule import Schedule
@@ -64,7 +65,7 @@ def trainer_problems(
     elif restore_best and final_depth > 0 and (metric is None or not evaluates):
         setting = "metric_for_best_model is unset" if metric is None else "eval_strategy='no'"
         problems.append(
-            f"restore_best=True restores each phase's best state by the evaluation metric, but TrainingArguments."
+            f"restore_best=True restores the best state by the evaluation metric before each transition, but TrainingArguments."
             f"{setting}: set metric_for_best_model (e.g. 'eval_loss') with eval_strategy='epoch', or pass "
             "restore_best=False to PhasetuneTrainerCallback"
         )
@@ -110,3 +111,20 @@ def scheduler_notes(schedule: Schedule, final_depth: int) -> list[str]:
                 f"step, not per {interval!r} (pl_lrs_cfg is Lightning's); size the scheduler in steps"
             )
     return notes
+
+
+def epochs_note(args: Any, schedule: Schedule, final_depth: int) -> str | None:
+    """A warning when ``num_train_epochs`` ends training before a phase's ``max_transition_epoch``.
+
+    The Trainer fixes its step count before phasetune sees the schedule, so unlike the Lightning callback
+    (which raises ``max_epochs``) this only warns.
+    """
+    if getattr(args, "max_steps", -1) > 0:
+        return None
+    epochs = math.ceil(getattr(args, "num_train_epochs", 0))
+    late = [p for p in schedule.phases[: final_depth + 1] if p.max_transition_epoch > epochs]
+    if not late:
+        return None
+    return (f"TrainingArguments.num_train_epochs={epochs} ends training before phase {late[0].index}'s "
+            f"max_transition_epoch ({late[0].max_transition_epoch}); raise num_train_epochs to at least "
+            f"{max(p.max_transition_epoch for p in late)} so that every phase runs")

@@ -58,7 +58,7 @@ class FinetuningScheduler(Callback):
             (raises :class:`~phasetune.errors.ScheduleGenerated`, a clean ``SystemExit``).
         max_depth, base_max_lr, restore_best, epoch_transitions_only, schedule_style, reinit_optim_cfg,
         reinit_lr_cfg, enforce_phase0_params, apply_lambdas_new_pgs, frozen_bn_track_running_stats,
-        snapshot_storage: the knobs every front end shares, with one meaning and default each: see
+        snapshot_storage, resume_rng: the knobs every front end shares, with one meaning and default each: see
             :class:`phasetune.RunOptions` (``self.options``).
         strategy_adapter_cfg: options for the strategy adapter (FSDP/FSDP2 adapters take some).
         log_dir: where generated schedules, the resolved schedule and snapshot files go; ``None`` uses
@@ -87,6 +87,7 @@ class FinetuningScheduler(Callback):
         apply_lambdas_new_pgs: bool = False,
         frozen_bn_track_running_stats: bool = True,
         snapshot_storage: str = "memory",
+        resume_rng: str = "exact",
         strategy_adapter_cfg: Mapping[str, Any] | None = None,
         log_dir: str | os.PathLike[str] | None = None,
         logging_level: int | str | None = None,
@@ -99,6 +100,7 @@ class FinetuningScheduler(Callback):
             reinit_optim_cfg=reinit_optim_cfg, reinit_lr_cfg=reinit_lr_cfg,
             enforce_phase0_params=enforce_phase0_params, apply_lambdas_new_pgs=apply_lambdas_new_pgs,
             frozen_bn_track_running_stats=frozen_bn_track_running_stats, snapshot_storage=snapshot_storage,
+            resume_rng=resume_rng,
         )
         problems = self.options.problems(explicit_schedule=ft_schedule is not None)
         fts_args = fts_compat.FTSArgs.parse(log_dir, logging_level, allow_untested, custom_strategy_adapters)
@@ -125,6 +127,7 @@ class FinetuningScheduler(Callback):
         self.monitor_mode = "min"
         self._restored_state: dict[str, Any] | None = None
         self._resumed_early = False
+        self._resumed_mid_epoch = False
         self._log_dir: str | None = None
         self._validated_this_epoch = False
         self._fit_started = False
@@ -141,6 +144,7 @@ class FinetuningScheduler(Callback):
     apply_lambdas_new_pgs = _option("apply_lambdas_new_pgs")
     frozen_bn_track_running_stats = _option("frozen_bn_track_running_stats")
     snapshot_storage = _option("snapshot_storage")
+    resume_rng = _option("resume_rng")
 
     # ------------------------------------------------------------------ public read-only state
     @property
@@ -276,7 +280,8 @@ class FinetuningScheduler(Callback):
 
     # ------------------------------------------------------------------ resume and fit start
     def state_dict(self) -> dict[str, Any]:
-        return self.run.state_dict() if self.run is not None else {}
+        # every rank's random state is gathered here (Lightning calls this on every rank, writes rank 0's)
+        return self.run.state_dict(random_state=True) if self.run is not None else {}
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         # Lightning restores a callback's state only when the checkpoint has it; without it, the optimizer
@@ -289,6 +294,7 @@ class FinetuningScheduler(Callback):
         fts_error = fts_compat.fts_checkpoint_error(state, trainer.ckpt_path)  # written by finetuning-scheduler
         if fts_error is not None:
             raise fts_error
+        self._resumed_mid_epoch = _saved_mid_epoch(checkpoint, trainer.ckpt_path)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
@@ -339,7 +345,10 @@ class FinetuningScheduler(Callback):
         assert self.run is not None and self.adapter is not None and self._restored_state is not None
         state, self._restored_state = self._restored_state, None
         optimizer, schedulers = self._optimizer_and_schedulers(trainer)
-        new_opt, scheds, cfg = self.run.resume(state, optimizer, schedulers, where=trainer.ckpt_path)
+        # mid-epoch, Lightning creates the data iterator (drawing from the generators) after this, the
+        # interrupted run before its save: the random state then comes back in on_train_start, after it
+        new_opt, scheds, cfg = self.run.resume(state, optimizer, schedulers, where=trainer.ckpt_path,
+                                               defer_random_state=self._resumed_mid_epoch)
         if new_opt is not optimizer:
             self.adapter.install_optimizer(trainer, new_opt)
         if cfg is not None:
@@ -358,6 +367,7 @@ class FinetuningScheduler(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.run is not None
+        self.run.restore_random_state()  # a mid-epoch resume's, after Lightning created the data iterator
         es = self.early_stopping
         stopped = es is not None and es.wait_count >= es.patience  # restored from a run early stopping ended
         decision = self.run.decide(trainer.current_epoch, stopped)
@@ -420,6 +430,25 @@ class FinetuningScheduler(Callback):
         self.adapter.after_thaw(trainer)
         if self.early_stopping is not None:
             self.early_stopping.reset_for_phase()
+
+
+def _saved_mid_epoch(checkpoint: Mapping[str, Any], path: Any) -> bool:
+    """Whether ``checkpoint`` was saved in the middle of a training epoch; warns when its train DataLoader
+    kept no position there (a plain ``DataLoader``), so the rest of that epoch cannot be the interrupted run's."""
+    fit_loop = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+    progress = fit_loop.get("epoch_loop.batch_progress") or {}
+    batches = (progress.get("current") or {}).get("ready", 0)
+    if not batches or progress.get("is_last_batch", True):
+        return False
+    if not (fit_loop.get("state_dict") or {}).get("combined_loader"):
+        rank_zero_warn(
+            f"{path} was saved in the middle of an epoch (after {batches} batches) and the train DataLoader saved no "
+            "position: the rest of that epoch takes its batches from a new pass over the data, not the ones the "
+            "interrupted run had left, so the resumed run is not exact. Use "
+            "torchdata.stateful_dataloader.StatefulDataLoader (Lightning saves and restores its position) for an "
+            "exact mid-epoch resume, or resume from an end-of-epoch checkpoint."
+        )
+    return True
 
 
 def checkpoint_without_state(path: Any) -> ConfigurationError:

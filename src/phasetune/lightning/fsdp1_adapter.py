@@ -4,11 +4,11 @@ What the strategy needs beyond the default adapter:
 
 - **Wrapping that follows the schedule.** ``awp_overrides`` (module names or regexes) are wrapped in their
   own units besides what the strategy's ``auto_wrap_policy`` wraps; ``min_num_params`` adds size-based
-  wrapping (see :mod:`phasetune.sharding.fsdp1`). Both are ignored, with a warning, when the model is
+  wrapping (see :mod:`phasetune.sharding.fsdp1_alignment`). Both are ignored, with a warning, when the model is
   wrapped by hand in ``configure_model``.
 - **Logical names.** FSDP renames parameters and, with ``use_orig_params=False``, replaces each unit's by
   one ``FlatParameter``. The schedule, logs, snapshots and checkpoints use the unwrapped names; the
-  :class:`~phasetune.sharding.fsdp1.ParamIndex` built after wrapping translates both ways. The engine
+  :class:`~phasetune.sharding.fsdp1_alignment.ParamIndex` built after wrapping translates both ways. The engine
   thaws and groups the tensors the index gives (a unit's FlatParameter once, however many names share it).
   Wrapping replaces every parameter, so the schedule is resolved at ``on_fit_start``.
 - **Checks before training** (all problems in one error): with ``use_orig_params=False`` every unit's

@@ -76,7 +76,7 @@ def summary_table(history: Sequence[PhaseRecord], monitor: str | None = None) ->
             fmt_value(r.best_value) + ("" if r.best_epoch is None else f" @ {r.best_epoch}"),
             fmt_seconds(r.wall_time),
             fmt_bytes(r.peak_memory),
-            _REASONS.get(r.end_reason or "", r.end_reason or "-"),
+            _short_reason(r.end_reason),
         ])
     if len(history) > 1:
         done = [r for r in history if r.steps is not None]
@@ -100,10 +100,17 @@ def summary_table(history: Sequence[PhaseRecord], monitor: str | None = None) ->
     return "\n".join([table, *notes])
 
 
-_REASONS = {  # the callback's end reasons, short enough for a table column
+_REASONS = {  # the run's end reasons, short enough for a table column
     "max_transition_epoch reached": "epoch cap",
-    "trainer stopped (max_epochs, max_steps or should_stop)": "trainer limit",
 }
+
+
+def _short_reason(reason: str | None) -> str:
+    if reason is None:
+        return "-"
+    if reason.startswith("trainer stopped"):  # every front end's own limit (max_epochs, max_steps, ...)
+        return "trainer limit"
+    return _REASONS.get(reason, reason)
 
 
 def _or_dash(v: int | None) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import random
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.optim import Optimizer
 
+from phasetune import rng
 from phasetune._dist import barrier
 from phasetune.errors import ConfigurationError
 from phasetune.sharding import optim_state
@@ -86,7 +86,7 @@ def save(
         "client": dict(client_state or {}),
         "counters": dict(counters),
     }
-    rank_state = {"rng": _rng_state(), "finetuning": finetuning.state_dict() if finetuning is not None else None}
+    rank_state = {"rng": rng.capture(), "finetuning": finetuning.state_dict() if finetuning is not None else None}
     meta = {"world_size": env.world_size, "global_step": counters["global_step"], "has_optimizer": optimizer is not None,
             "depth": getattr(finetuning, "depth", None),
             "num_schedulers": len(schedulers)}
@@ -154,8 +154,8 @@ def load(
         for s, st in zip(schedulers, shared["schedulers"]):
             s.load_state_dict(st)
     if meta.get("world_size") == env.world_size:
-        _set_rng_state(rank_state["rng"])
-    elif env.is_main:
+        rng.restore(rank_state["rng"])
+    elif env.is_main and finetuning is None:  # a ScheduledFinetuning refused this, or re-seeded as asked
         log.warning("phasetune: %s was saved by %s processes, loading with %d: RNG states not restored",
                     path, meta.get("world_size"), env.world_size)
     barrier()
@@ -164,18 +164,3 @@ def load(
         log.info("phasetune: loaded checkpoint %s (step %d%s)", path, counters["global_step"],
                  f", phase {meta['depth']}" if meta.get("depth") is not None else "")
     return Loaded(path, dict(shared["client"]), counters)
-
-
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    version, _, gauss = random.getstate()
-    random.setstate((version, tuple(state["python"]), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

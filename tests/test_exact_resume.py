@@ -1,0 +1,322 @@
+"""Exact resume with randomness: a shuffled DataLoader (no generator of its own), Dropout, and data that
+draws from Python's ``random`` (gauss cache) and NumPy. Resumed from any epoch checkpoint, a run ends
+bit-equal to the uninterrupted one, in Lightning and in the plain loop; without the random state it does not."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import signal
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+import phasetune.rng
+from helpers import SCHEDULE_3, ToyModule, dataset, trainer
+from phasetune import (
+    ConfigurationError,
+    FinetuningScheduler,
+    FSDP2Strategy,
+    FTSCheckpoint,
+    FTSEarlyStopping,
+    ScheduledFinetuning,
+)
+from phasetune.strategy import list_checkpoints
+from plain_models import SCHEDULE as PLAIN_SCHEDULE
+from plain_models import TinyLM, data
+
+LOSSES = [1.0, 0.9, 0.95, 0.96, 0.8, 0.85, 0.86, 0.87, 0.5, 0.6, 0.7, 0.8]  # transitions at epochs 4 and 7; ends at 11
+
+
+class NoisyData(Dataset):
+    """Samples with noise from Python's ``random.gauss`` (its cached second value) and NumPy's generator."""
+
+    def __init__(self) -> None:
+        self.data = dataset(64, 0)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        x, y = self.data[i]
+        return x + 0.01 * random.gauss(0, 1) + 0.01 * float(np.random.normal()), y
+
+
+class RandomModule(ToyModule):
+    def __init__(self) -> None:
+        super().__init__(val_losses=LOSSES, optimizer="adam", lr=0.01, scheduler="step")
+        self.drop = nn.Dropout(0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(self.drop(x))
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(NoisyData(), batch_size=16, shuffle=True)
+
+
+def fit(root: Path, ckpt_path=None, **fts_kwargs):
+    pl.seed_everything(7)
+    module = RandomModule()
+    fts = FinetuningScheduler(ft_schedule=SCHEDULE_3, **fts_kwargs)
+    ck = FTSCheckpoint(monitor="val_loss", save_top_k=-1, dirpath=str(root / "ckpts"), filename="{epoch}")
+    t = trainer(root, [fts, FTSEarlyStopping(monitor="val_loss", patience=2), ck], max_epochs=30,
+                enable_checkpointing=True, num_sanity_val_steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t.fit(module, ckpt_path=ckpt_path)
+    return {n: p.detach().clone() for n, p in module.named_parameters()}, fts
+
+
+def assert_equal_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    for n in a:
+        assert torch.equal(a[n], b[n]), n
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reference")
+    params, fts = fit(root)
+    assert [(r.start_epoch, r.end_epoch) for r in fts.history] == [(0, 4), (4, 7), (7, 11)]
+    assert fts.restore_best and all(r.restored_best for r in fts.history[:2])
+    return root, params
+
+
+@pytest.mark.parametrize("epoch", range(11))
+def test_lightning_resume_from_every_epoch_checkpoint_is_bit_equal_with_shuffling_and_dropout(tmp_path, reference, epoch):
+    root, expected = reference
+    params, _ = fit(tmp_path, ckpt_path=root / "ckpts" / f"epoch={epoch}.ckpt")
+    assert_equal_params(params, expected)
+
+
+def test_lightning_resume_without_the_random_state_differs(tmp_path, reference, monkeypatch):
+    root, expected = reference
+    monkeypatch.setattr(phasetune.rng, "restore_checkpoint_state", lambda *a, **k: None)
+    params, _ = fit(tmp_path, ckpt_path=root / "ckpts" / "epoch=5.ckpt")
+    assert any(not torch.equal(params[n], expected[n]) for n in expected)
+
+
+def test_the_checkpoint_holds_every_generator_of_every_rank(reference):
+    root, _ = reference
+    state = torch.load(root / "ckpts" / "epoch=5.ckpt", weights_only=True)["callbacks"]["FinetuningScheduler"]["rng"]
+    assert state["world_size"] == 1 and set(state["states"]) == {0}
+    assert {"python", "numpy", "torch"} <= set(state["states"][0])
+
+
+def test_a_resume_onto_another_number_of_processes_is_refused_naming_resume_rng(tmp_path, reference):
+    root, _ = reference
+    path = root / "ckpts" / "epoch=5.ckpt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["callbacks"]["FinetuningScheduler"]["rng"]["world_size"] = 2
+    torch.save(ckpt, tmp_path / "two.ckpt")
+    with pytest.raises(ConfigurationError, match=r"saved by 2 processes and this run has 1.*resume_rng='reseed'"):
+        fit(tmp_path, ckpt_path=tmp_path / "two.ckpt")
+
+
+def test_reseed_continues_a_resume_onto_another_number_of_processes_with_a_warning(tmp_path, reference, caplog):
+    root, _ = reference
+    ckpt = torch.load(root / "ckpts" / "epoch=5.ckpt", weights_only=True)
+    ckpt["callbacks"]["FinetuningScheduler"]["rng"]["world_size"] = 2
+    torch.save(ckpt, tmp_path / "two.ckpt")
+    with pytest.warns(UserWarning, match="re-seeded"):
+        pl.seed_everything(7)
+        module = RandomModule()
+        fts = FinetuningScheduler(ft_schedule=SCHEDULE_3, resume_rng="reseed")
+        ck = FTSCheckpoint(monitor="val_loss", dirpath=str(tmp_path / "ckpts"))
+        t = trainer(tmp_path, [fts, FTSEarlyStopping(monitor="val_loss", patience=2), ck], max_epochs=30,
+                    enable_checkpointing=True)
+        t.fit(module, ckpt_path=tmp_path / "two.ckpt")
+    assert fts.history[-1].end_epoch == 11
+
+
+def test_resume_rng_must_be_exact_or_reseed():
+    with pytest.raises(ConfigurationError, match="resume_rng must be one of"):
+        FinetuningScheduler(resume_rng="ignore")
+
+
+# ---------------------------------------------------------------------------------------------- plain loop
+VALUES = [1.0, 0.9, 0.95, 0.8, 0.85, 0.7]
+
+
+def plain_build():
+    torch.manual_seed(0)
+    model = TinyLM(dropout=0.2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9)
+    return model, ScheduledFinetuning(PLAIN_SCHEDULE, model, opt, sched, restore_best=True, patience=1)
+
+
+def plain_epochs(model, ft, epochs, save=None):
+    ids, y = data(64, 0)
+    loader = DataLoader(list(zip(ids, y)), batch_size=16, shuffle=True)
+    for epoch in epochs:
+        model.train()
+        for xb, yb in loader:
+            loss = nn.functional.cross_entropy(model(xb), yb)
+            ft.optimizer.zero_grad()
+            loss.backward()
+            ft.optimizer.step()
+        ft.lr_scheduler.step()
+        ft.step(epoch, metric=VALUES[epoch])
+        if save is not None:
+            buf = io.BytesIO()
+            torch.save({"ft": ft.state_dict(), "model": model.state_dict(), "opt": ft.optimizer.state_dict(),
+                        "sched": ft.lr_scheduler.state_dict()}, buf)
+            save[epoch] = buf.getvalue()
+
+
+def plain_resume(saved: bytes):
+    state = torch.load(io.BytesIO(saved), weights_only=True)
+    model, ft = plain_build()
+    ft.load_state_dict(state["ft"])
+    model.load_state_dict(state["model"])
+    ft.optimizer.load_state_dict(state["opt"])
+    ft.lr_scheduler.load_state_dict(state["sched"])
+    return model, ft
+
+
+@pytest.fixture(scope="module")
+def plain_reference():
+    model, ft = plain_build()
+    saved: dict[int, bytes] = {}
+    plain_epochs(model, ft, range(len(VALUES)), save=saved)
+    assert ft.depth == 2 and ft.history[0].restored_best
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, saved
+
+
+@pytest.mark.parametrize("epoch", range(len(VALUES) - 1))
+def test_plain_loop_resume_from_every_epoch_is_bit_equal_with_shuffling_and_dropout(plain_reference, epoch):
+    expected, saved = plain_reference
+    model, ft = plain_resume(saved[epoch])
+    plain_epochs(model, ft, range(epoch + 1, len(VALUES)))
+    assert_equal_params(dict(model.named_parameters()), expected)
+
+
+def test_plain_loop_resume_without_the_random_state_differs(plain_reference, monkeypatch):
+    expected, saved = plain_reference
+    monkeypatch.setattr(phasetune.rng, "restore_checkpoint_state", lambda *a, **k: None)
+    model, ft = plain_resume(saved[2])
+    plain_epochs(model, ft, range(3, len(VALUES)))
+    assert any(not torch.equal(p, expected[n]) for n, p in model.named_parameters())
+
+
+def test_python_gauss_cache_and_numpy_state_come_back():
+    random.seed(1)
+    np.random.seed(1)
+    random.gauss(0, 1)  # leaves the second value of the pair cached
+    state = phasetune.rng.capture()
+    expected = (random.gauss(0, 1), float(np.random.normal()), torch.rand(1))
+    random.seed(2)
+    np.random.seed(2)
+    torch.manual_seed(2)
+    phasetune.rng.restore(state)
+    assert (random.gauss(0, 1), float(np.random.normal())) == expected[:2]
+    assert torch.equal(torch.rand(1), expected[2])
+
+
+# ---------------------------------------------------------------------------------------------- plain strategy
+@pytest.fixture
+def one_process(monkeypatch, tmp_path):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def draws() -> tuple:
+    return random.gauss(0, 1), float(np.random.normal()), torch.rand(3).tolist()
+
+
+def test_the_plain_strategy_restores_the_gauss_cache_numpy_and_torch(one_process):
+    st = FSDP2Strategy(seed=0, micro_batch_size=4, global_batch_size=4)
+    with st.init_model_context():
+        model = TinyLM()
+    model = st.prepare_model(model)
+    opt = st.create_optimizer(model)
+    ft = ScheduledFinetuning(PLAIN_SCHEDULE, model, opt)
+    random.gauss(0, 1)  # leaves a cached gauss value, which the checkpoint must keep
+    st.save_ckpt(model, "ck", "a", finetuning=ft)
+    expected = draws()
+    random.seed(5)
+    np.random.seed(5)
+    torch.manual_seed(5)
+    st.load_ckpt(model, "ck", finetuning=ScheduledFinetuning(PLAIN_SCHEDULE, model, st.create_optimizer(model)))
+    assert draws() == expected
+    random.seed(5)
+    st.load_ckpt(model, "ck", optimizer=opt)  # without a ScheduledFinetuning: the strategy's own copy
+    assert draws() == expected
+
+
+# ---------------------------------------------------------------------------------------------- mid-epoch
+def fit_with_step_checkpoints(root: Path, loader_cls, ckpt_path=None):
+    class Module(RandomModule):
+        def train_dataloader(self):
+            return loader_cls(dataset(64, 0), batch_size=16, shuffle=True)
+
+    pl.seed_everything(7)
+    module = Module()
+    fts = FinetuningScheduler(ft_schedule=SCHEDULE_3)
+    steps = ModelCheckpoint(every_n_train_steps=3, save_top_k=-1, dirpath=str(root / "steps"), filename="{step}")
+    t = trainer(root, [fts, FTSEarlyStopping(monitor="val_loss", patience=2), steps], max_epochs=30,
+                enable_checkpointing=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t.fit(module, ckpt_path=ckpt_path)
+    said = [str(w.message) for w in caught if "StatefulDataLoader" in str(w.message)]
+    return {n: p.detach().clone() for n, p in module.named_parameters()}, said
+
+
+@pytest.fixture(scope="module")
+def stateful_reference(tmp_path_factory):
+    loader = pytest.importorskip("torchdata.stateful_dataloader").StatefulDataLoader
+    root = tmp_path_factory.mktemp("stateful")
+    return root, loader, fit_with_step_checkpoints(root, loader)[0]
+
+
+# 4 batches an epoch: step 6 is mid epoch 1 (phase 0), 18 mid epoch 4 (first of phase 1), 30 mid epoch 7
+@pytest.mark.parametrize("step", [6, 18, 30])
+def test_a_mid_epoch_resume_with_stateful_dataloader_is_bit_equal(tmp_path, stateful_reference, step):
+    root, loader, expected = stateful_reference
+    params, said = fit_with_step_checkpoints(tmp_path, loader, root / "steps" / f"step={step}.ckpt")
+    assert_equal_params(params, expected)
+    assert said == []
+
+
+def test_a_mid_epoch_resume_of_a_plain_dataloader_warns_once_naming_stateful_dataloader(tmp_path):
+    fit_with_step_checkpoints(tmp_path / "ref", DataLoader)
+    _, said = fit_with_step_checkpoints(tmp_path, DataLoader, tmp_path / "ref" / "steps" / "step=6.ckpt")
+    assert len(said) == 1 and "middle of an epoch (after 2 batches)" in said[0]
+    assert "torchdata.stateful_dataloader.StatefulDataLoader" in said[0]
+
+
+# ---------------------------------------------------------------------------------------------- crashes
+def train_subprocess(out: Path, *args: str) -> int:
+    tests = Path(__file__).resolve().parent
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                           "MASTER_PORT")}
+    env["PYTHONPATH"] = os.pathsep.join([str(tests), env.get("PYTHONPATH", "")])
+    out.mkdir(parents=True, exist_ok=True)
+    return subprocess.run([sys.executable, str(tests / "crash_train.py"), str(out), *args], env=env,
+                          capture_output=True, timeout=600).returncode
+
+
+def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_previous_one_bit_equal(tmp_path):
+    assert train_subprocess(tmp_path / "ref") == 0
+    killed = tmp_path / "killed"
+    assert train_subprocess(killed, "3") == -signal.SIGKILL  # killed inside epoch 3's save, after the shards
+    assert [c.tag for c in list_checkpoints(killed / "checkpoints")] == ["epoch1", "epoch2"]  # the partial one hidden
+    assert train_subprocess(killed) == 0  # resumes from epoch2, with dropout and a shuffled DataLoader
+    assert_equal_params(torch.load(killed / "final.pt"), torch.load(tmp_path / "ref" / "final.pt"))
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["epoch4", "epoch5"]  # leftovers removed
