@@ -281,6 +281,8 @@ def recipe_grid(args: argparse.Namespace, lr: float) -> list[dict[str, Any]]:
         base_cfg(args, arm="lpft", lr=lr, split=[0.25, 0.75]),
         base_cfg(args, arm="lpft", lr=lr, split=[0.5, 0.5]),
         base_cfg(args, arm="discriminative", lr=lr, lr_decay=0.8, split=EQUAL8),
+        base_cfg(args, arm="discriminative", lr=lr, lr_decay=0.8, blocks_per_phase=2, include_stem=False,
+                 split=[0.25, 0.25, 0.25, 0.25]),
         # a shorter last phase may take a higher lr than a whole run; the stem (embeddings) frozen saves memory
         base_cfg(args, arm="lpft", lr=2 * lr, split=[0.5, 0.5]),
         base_cfg(args, arm="lpft", lr=2 * lr, include_stem=False, split=[0.5, 0.5]),

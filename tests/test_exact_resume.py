@@ -320,3 +320,21 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_previous_one_b
     assert train_subprocess(killed) == 0  # resumes from epoch2, with dropout and a shuffled DataLoader
     assert_equal_params(torch.load(killed / "final.pt"), torch.load(tmp_path / "ref" / "final.pt"))
     assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["epoch4", "epoch5"]  # leftovers removed
+
+
+def test_the_plain_loop_refuses_another_number_of_processes_unless_asked_to_reseed(plain_reference, caplog):
+    _, saved = plain_reference
+    state = torch.load(io.BytesIO(saved[2]), weights_only=True)["ft"]
+    state["rng"]["world_size"] = 2
+    with pytest.raises(ConfigurationError, match=r"saved by 2 processes and this run has 1.*resume_rng='reseed'"):
+        plain_build()[1].load_state_dict(state)
+    torch.manual_seed(0)
+    model = TinyLM(dropout=0.2)
+    ft = ScheduledFinetuning(PLAIN_SCHEDULE, model, torch.optim.AdamW(model.parameters()), resume_rng="reseed")
+    with caplog.at_level("WARNING", logger="phasetune"):
+        ft.load_state_dict(state)
+    assert ft.depth == 2 and "re-seeded" in caplog.text
+    first = torch.rand(1)
+    ft.run.restore_random_state()  # nothing left: restored once
+    phasetune.rng.reseed(state["rng"], 0)
+    assert torch.equal(torch.rand(1), first)  # deterministic: the same seed from the same saved state

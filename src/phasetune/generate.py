@@ -190,3 +190,15 @@ def stand_in_tree(
         return view
 
     return build("", root), views
+
+
+def implicit_schedule(structure: nn.Module, options: Any) -> dict[int, dict[str, Any]]:
+    """The schedule a run generates from ``structure`` when the user gives none: ``options.schedule_style``, with
+    ``options.reinit_optim_cfg`` / ``reinit_lr_cfg`` (a :class:`phasetune.RunOptions`) in every later phase."""
+    raw = generate_schedule(structure, options.schedule_style)
+    for k in range(1, len(raw)):
+        if options.reinit_optim_cfg:
+            raw[k]["new_optimizer"] = dict(options.reinit_optim_cfg)
+        if options.reinit_lr_cfg:
+            raw[k]["new_lr_scheduler"] = dict(options.reinit_lr_cfg)
+    return raw

@@ -185,6 +185,23 @@ class Phase0Report:
     def changed(self) -> bool:
         return bool(self.extra or self.missing or self.unnamed)
 
+    def message(self, source: str, enforce: bool, expected: bool) -> tuple[str, str] | None:
+        """``(level, text)`` telling the user how ``source`` (the optimizer) differed from phase 0 and what was
+        done; None when it did not differ. ``expected``: it was built before the model was frozen (over every
+        parameter), so taking later phases' parameters out is routine ("info"), not a "warning"."""
+        if not self.changed:
+            return None
+        if expected and enforce and not self.unnamed:
+            return "info", (f"fitted {source} to phase 0 (it also held {len(self.extra)} tensors of later phases, now "
+                             f"taken out; {len(self.missing)} phase-0 tensors added)")
+        if not enforce:
+            return "warning", (f"{source} held {self.describe()}; enforce_phase0_params=False leaves it as it is: "
+                               "parameters of later phases already in it will train with its settings, not their phase's.")
+        extra = (f"; groups {self.empty_groups} are now empty and kept so lr scheduler lists stay aligned"
+                 if self.empty_groups else "")
+        return "warning", (f"{source} held {self.describe()}. phasetune rebuilt its groups over exactly phase 0's "
+                           f"parameters, keeping the optimizer, its hyperparameters and the lr scheduler{extra}.")
+
     def describe(self) -> str:
         """How the optimizer differed from phase 0, in words (empty when it did not)."""
         parts = []

@@ -46,17 +46,6 @@ if not logging.getLogger().hasHandlers() and not log.handlers:  # transition lin
 STATE_FORMAT = 2
 
 
-def implicit_schedule(structure: nn.Module, options: RunOptions) -> dict[int, dict[str, Any]]:
-    """The schedule generated from ``structure`` when the user gives none (``options.schedule_style``)."""
-    raw = generate.generate_schedule(structure, options.schedule_style)
-    for k in range(1, len(raw)):
-        if options.reinit_optim_cfg:
-            raw[k]["new_optimizer"] = dict(options.reinit_optim_cfg)
-        if options.reinit_lr_cfg:
-            raw[k]["new_lr_scheduler"] = dict(options.reinit_lr_cfg)
-    return raw
-
-
 class PhaseRun:
     """A run of a schedule over ``params`` (logical name -> tensor that trains it).
 
@@ -96,7 +85,7 @@ class PhaseRun:
         if source is None:
             if structure is None and model is None:
                 raise ConfigurationError("no schedule given and no model to generate one from")
-            source = implicit_schedule(structure if structure is not None else model, options)  # type: ignore[arg-type]
+            source = generate.implicit_schedule(structure if structure is not None else model, options)  # type: ignore[arg-type]
         schedule = resolve_schedule(source, dict(shapes), epoch_transitions_only=options.epoch_transitions_only)
         for note in schedule.warnings:
             env.warn(f"schedule {schedule.source}: {note}")
@@ -162,22 +151,9 @@ class PhaseRun:
         """
         enforce = self.options.enforce_phase0_params
         report = self.engine.prepare_optimizer(optimizer, schedulers, enforce=enforce)
-        if not report.changed:
-            return report
-        source = self.env.optimizer_source
-        if expected and enforce and not report.unnamed:
-            self.env.info(f"fitted {source} to phase 0 (it also held {len(report.extra)} tensors of later phases, "
-                          f"now taken out; {len(report.missing)} phase-0 tensors added)")
-            return report
-        what = report.describe()
-        if enforce:
-            extra = (f"; groups {report.empty_groups} are now empty and kept so lr scheduler lists stay aligned"
-                     if report.empty_groups else "")
-            self.env.warn(f"{source} held {what}. phasetune rebuilt its groups over exactly phase 0's parameters, "
-                          f"keeping the optimizer, its hyperparameters and the lr scheduler{extra}.")
-        else:
-            self.env.warn(f"{source} held {what}; enforce_phase0_params=False leaves it as it is: parameters of "
-                          "later phases already in it will train with its settings, not their phase's.")
+        said = report.message(self.env.optimizer_source, enforce, expected)
+        if said is not None:
+            (self.env.info if said[0] == "info" else self.env.warn)(said[1])
         return report
 
     def check(self, optimizer: Optimizer, schedulers: Sequence[Any]) -> list[str]:
@@ -481,4 +457,4 @@ class PhaseRun:
             rec.peak_memory_kind = self._memory.kind  # type: ignore[union-attr]
 
 
-__all__ = ["Decision", "PhaseRecord", "PhaseRun", "RunEnv", "RunOptions", "implicit_schedule"]
+__all__ = ["Decision", "PhaseRecord", "PhaseRun", "RunEnv", "RunOptions"]

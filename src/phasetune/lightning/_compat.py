@@ -9,7 +9,7 @@ object back as it was; the strategy adapters run them when a fit ends.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from phasetune.errors import PhasetuneError
@@ -224,3 +224,19 @@ def apply_cli_optimizers(cli: Any, model: Any, config_init: Any) -> None:
         cli._add_configure_optimizers_method_to_model(cli.subcommand)
     finally:
         cli.model, cli.config_init = saved
+
+
+def mid_epoch_position(checkpoint: Mapping[str, Any]) -> tuple[int, bool] | None:
+    """For a checkpoint saved in the middle of a training epoch: the batches done in that epoch and whether the
+    train DataLoader saved its position (a stateful loader); None for a checkpoint saved at an epoch's end.
+
+    Why: Lightning keeps the loop position only in the private layout of its loops' state (``fit_loop`` ->
+    ``epoch_loop.batch_progress``, and ``state_dict`` -> ``combined_loader`` for a stateful loader's position);
+    there is no public accessor.
+    """
+    fit_loop = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+    progress = fit_loop.get("epoch_loop.batch_progress") or {}
+    batches = (progress.get("current") or {}).get("ready", 0)
+    if not batches or progress.get("is_last_batch", True):
+        return None
+    return int(batches), bool((fit_loop.get("state_dict") or {}).get("combined_loader"))

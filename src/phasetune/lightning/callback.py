@@ -29,12 +29,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 from phasetune import snapshots, transitions
 from phasetune.engine import PhaseEngine
 from phasetune.errors import ConfigurationError, ScheduleError, ScheduleGenerated
-from phasetune.lightning import fts_compat
+from phasetune.generate import implicit_schedule
+from phasetune.lightning import fts_compat, resume_checks
 from phasetune.lightning.adapters import StrategyAdapter, select_adapter
 from phasetune.lightning.companions import configure_companions
 from phasetune.lightning.early_stopping import FTSEarlyStopping
 from phasetune.lightning.fts_checkpoint import FTSCheckpoint
-from phasetune.run import STATE_FORMAT, PhaseRecord, PhaseRun, RunEnv, RunOptions, implicit_schedule
+from phasetune.run import STATE_FORMAT, PhaseRecord, PhaseRun, RunEnv, RunOptions
 from phasetune.schedule import Schedule, resolve_schedule
 
 if TYPE_CHECKING:
@@ -284,17 +285,8 @@ class FinetuningScheduler(Callback):
         return self.run.state_dict(random_state=True) if self.run is not None else {}
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        # Lightning restores a callback's state only when the checkpoint has it; without it, the optimizer
-        # state of a plain run would be loaded into phase 0's groups and fail with an opaque size mismatch.
-        if trainer.state.fn != TrainerFn.FITTING:
-            return
-        state = (checkpoint.get("callbacks") or {}).get(self.state_key)
-        if state is None:
-            raise checkpoint_without_state(trainer.ckpt_path)
-        fts_error = fts_compat.fts_checkpoint_error(state, trainer.ckpt_path)  # written by finetuning-scheduler
-        if fts_error is not None:
-            raise fts_error
-        self._resumed_mid_epoch = _saved_mid_epoch(checkpoint, trainer.ckpt_path)
+        if trainer.state.fn == TrainerFn.FITTING:  # refuse what cannot resume before any state is loaded
+            self._resumed_mid_epoch = resume_checks.check_resumable(checkpoint, self.state_key, trainer.ckpt_path)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
@@ -430,35 +422,6 @@ class FinetuningScheduler(Callback):
         self.adapter.after_thaw(trainer)
         if self.early_stopping is not None:
             self.early_stopping.reset_for_phase()
-
-
-def _saved_mid_epoch(checkpoint: Mapping[str, Any], path: Any) -> bool:
-    """Whether ``checkpoint`` was saved in the middle of a training epoch; warns when its train DataLoader
-    kept no position there (a plain ``DataLoader``), so the rest of that epoch cannot be the interrupted run's."""
-    fit_loop = (checkpoint.get("loops") or {}).get("fit_loop") or {}
-    progress = fit_loop.get("epoch_loop.batch_progress") or {}
-    batches = (progress.get("current") or {}).get("ready", 0)
-    if not batches or progress.get("is_last_batch", True):
-        return False
-    if not (fit_loop.get("state_dict") or {}).get("combined_loader"):
-        rank_zero_warn(
-            f"{path} was saved in the middle of an epoch (after {batches} batches) and the train DataLoader saved no "
-            "position: the rest of that epoch takes its batches from a new pass over the data, not the ones the "
-            "interrupted run had left, so the resumed run is not exact. Use "
-            "torchdata.stateful_dataloader.StatefulDataLoader (Lightning saves and restores its position) for an "
-            "exact mid-epoch resume, or resume from an end-of-epoch checkpoint."
-        )
-    return True
-
-
-def checkpoint_without_state(path: Any) -> ConfigurationError:
-    """The error for resuming a fit from a checkpoint that holds no FinetuningScheduler state."""
-    return ConfigurationError(
-        f"cannot resume from {path}: it holds no FinetuningScheduler state (it was saved by a run without "
-        "phasetune, or with save_weights_only=True). To start a scheduled fine-tune from its weights, load them "
-        "into the model (YourModule.load_from_checkpoint(path), or load_state_dict of its 'state_dict') and call "
-        "fit without ckpt_path."
-    )
 
 
 __all__ = ["STATE_FORMAT", "FinetuningScheduler", "PhaseRecord", "ScheduleError"]

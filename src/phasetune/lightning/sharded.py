@@ -75,7 +75,7 @@ class ShardedStrategyAdapter(StrategyAdapter):
             weights_only = self.file_weights_only(weights_only)
         state = read_callback_state(checkpoint_path, fts.state_key, weights_only)
         if not state:
-            from phasetune.lightning.callback import checkpoint_without_state
+            from phasetune.lightning.resume_checks import checkpoint_without_state
 
             raise checkpoint_without_state(checkpoint_path)
         fts.resume_early(state)
