@@ -37,7 +37,7 @@ $(VENV)/.examples-stamp: pyproject.toml | torch
 
 examples: torch $(VENV)/.examples-stamp
 
-# all-MiniLM-L6-v2 on Rotten Tomatoes: a 3-phase schedule, then full fine-tuning, compared (~5 min, 2 cores)
+# all-MiniLM-L6-v2 on Rotten Tomatoes: the lpft recipe, then full fine-tuning for the same steps, compared
 demo: examples
 	HF_HUB_OFFLINE=1 $(BIN)/phasetune fit --config examples/rotten_tomatoes/demo.yaml $(DEMO_ARGS)
 

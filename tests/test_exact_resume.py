@@ -241,22 +241,25 @@ def draws() -> tuple:
 
 def test_the_plain_strategy_restores_the_gauss_cache_numpy_and_torch(one_process):
     st = FSDP2Strategy(seed=0, micro_batch_size=4, global_batch_size=4)
-    with st.init_model_context():
-        model = TinyLM()
-    model = st.prepare_model(model)
-    opt = st.create_optimizer(model)
-    ft = ScheduledFinetuning(PLAIN_SCHEDULE, model, opt)
-    random.gauss(0, 1)  # leaves a cached gauss value, which the checkpoint must keep
-    st.save_ckpt(model, "ck", "a", finetuning=ft)
-    expected = draws()
-    random.seed(5)
-    np.random.seed(5)
-    torch.manual_seed(5)
-    st.load_ckpt(model, "ck", finetuning=ScheduledFinetuning(PLAIN_SCHEDULE, model, st.create_optimizer(model)))
-    assert draws() == expected
-    random.seed(5)
-    st.load_ckpt(model, "ck", optimizer=opt)  # without a ScheduledFinetuning: the strategy's own copy
-    assert draws() == expected
+    try:
+        with st.init_model_context():
+            model = TinyLM()
+        model = st.prepare_model(model)
+        opt = st.create_optimizer(model)
+        ft = ScheduledFinetuning(PLAIN_SCHEDULE, model, opt)
+        random.gauss(0, 1)  # leaves a cached gauss value, which the checkpoint must keep
+        st.save_ckpt(model, "ck", "a", finetuning=ft)
+        expected = draws()
+        random.seed(5)
+        np.random.seed(5)
+        torch.manual_seed(5)
+        st.load_ckpt(model, "ck", finetuning=ScheduledFinetuning(PLAIN_SCHEDULE, model, st.create_optimizer(model)))
+        assert draws() == expected
+        random.seed(5)
+        st.load_ckpt(model, "ck", optimizer=opt)  # without a ScheduledFinetuning: the strategy's own copy
+        assert draws() == expected
+    finally:
+        st.teardown()  # destroys the process group the strategy created: later tests start without one
 
 
 # ---------------------------------------------------------------------------------------------- mid-epoch

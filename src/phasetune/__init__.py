@@ -13,6 +13,7 @@ from typing import Any
 from phasetune.engine import PhaseEngine, Transition
 from phasetune.errors import ConfigurationError, PhasetuneError, ScheduleError, ScheduleGenerated
 from phasetune.generate import generate_schedule
+from phasetune.lr_shapes import WarmupLinearDecay
 from phasetune.run import PhaseRecord, PhaseRun, RunEnv, RunOptions
 from phasetune.schedule import Phase, Schedule, resolve_schedule
 from phasetune.snapshots import Snapshot, restore_snapshot, take_snapshot
@@ -82,6 +83,7 @@ __all__ = [
     "StrategyAdapter",
     "Transition",
     "ValidationHistory",
+    "WarmupLinearDecay",
     "__version__",
     "export_full_model",
     "generate_schedule",

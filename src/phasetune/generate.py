@@ -27,6 +27,7 @@ from typing import Any, Literal
 from torch import nn
 
 from phasetune import recipes
+from phasetune.errors import ConfigurationError
 from phasetune.report import whole_modules
 
 Style = Literal["blocks", "pairs", "lpft", "discriminative"]
@@ -195,7 +196,11 @@ def stand_in_tree(
 def implicit_schedule(structure: nn.Module, options: Any) -> dict[int, dict[str, Any]]:
     """The schedule a run generates from ``structure`` when the user gives none: ``options.schedule_style``, with
     ``options.reinit_optim_cfg`` / ``reinit_lr_cfg`` (a :class:`phasetune.RunOptions`) in every later phase."""
-    raw = generate_schedule(structure, options.schedule_style)
+    try:
+        raw = generate_schedule(structure, options.schedule_style, **dict(options.schedule_options or {}))
+    except ValueError as e:  # bad recipe option values: name the knob they came from
+        raise ConfigurationError(f"schedule_style={options.schedule_style!r} with schedule_options="
+                                 f"{dict(options.schedule_options or {})!r}: {e}") from e
     for k in range(1, len(raw)):
         if options.reinit_optim_cfg:
             raw[k]["new_optimizer"] = dict(options.reinit_optim_cfg)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from phasetune import transitions
+from phasetune import generate, transitions
 from phasetune.engine import Transition
 from phasetune.errors import ConfigurationError
 from phasetune.run import PhaseRecord, PhaseRun, RunEnv, RunOptions
@@ -66,7 +66,7 @@ class ScheduledFinetuning:
 
     The other keyword arguments are the Lightning callback's, with the same meaning and default
     (:class:`phasetune.run.RunOptions`): ``max_depth``, ``base_max_lr``, ``restore_best``,
-    ``epoch_transitions_only``, ``schedule_style``, ``reinit_optim_cfg``, ``reinit_lr_cfg``,
+    ``epoch_transitions_only``, ``schedule_style``, ``schedule_options``, ``reinit_optim_cfg``, ``reinit_lr_cfg``,
     ``enforce_phase0_params``, ``apply_lambdas_new_pgs``, ``frozen_bn_track_running_stats``,
     ``snapshot_storage``, ``resume_rng``.
     """
@@ -86,7 +86,8 @@ class ScheduledFinetuning:
         patience: int = 3,
         min_delta: float = 0.0,
         check_finite: bool = True,
-        schedule_style: str = "blocks",
+        schedule_style: str = generate.DEFAULT_STYLE,
+        schedule_options: Mapping[str, Any] | None = None,
         reinit_optim_cfg: Mapping[str, Any] | None = None,
         reinit_lr_cfg: Mapping[str, Any] | None = None,
         enforce_phase0_params: bool = True,
@@ -105,6 +106,7 @@ class ScheduledFinetuning:
         options = RunOptions(
             max_depth=max_depth, base_max_lr=base_max_lr, restore_best=restore_best,
             epoch_transitions_only=epoch_transitions_only, schedule_style=schedule_style,
+            schedule_options=schedule_options,
             reinit_optim_cfg=reinit_optim_cfg, reinit_lr_cfg=reinit_lr_cfg,
             enforce_phase0_params=enforce_phase0_params, apply_lambdas_new_pgs=apply_lambdas_new_pgs,
             frozen_bn_track_running_stats=frozen_bn_track_running_stats, snapshot_storage=snapshot_storage,

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from phasetune import _dist, generate, rng
+from phasetune import _dist, generate, recipes, rng
 
 log = logging.getLogger("phasetune")
 
@@ -71,8 +71,11 @@ class RunOptions:
     restore_best: bool = True
     #: phases end only at their ``max_transition_epoch`` (required in every phase); no early stopping
     epoch_transitions_only: bool = False
-    #: how an implicit schedule (none given) is generated: one of :data:`phasetune.generate.STYLES`
-    schedule_style: str = "blocks"
+    #: how an implicit schedule (none given) is generated: one of :data:`phasetune.generate.STYLES` (recipes)
+    schedule_style: str = generate.DEFAULT_STYLE
+    #: the recipe's options for an implicit schedule (:data:`phasetune.recipes.OPTIONS`: ``lr``, ``lr_decay``,
+    #: ``phase_steps``, ``warmup_fraction``, ``steps_per_epoch``, ``include_stem``, ``blocks_per_phase``)
+    schedule_options: Mapping[str, Any] | None = None
     #: for implicit schedules: a ``new_optimizer`` / ``new_lr_scheduler`` mapping applied at every transition
     reinit_optim_cfg: Mapping[str, Any] | None = None
     reinit_lr_cfg: Mapping[str, Any] | None = None
@@ -99,6 +102,12 @@ class RunOptions:
             found.append(f"base_max_lr must be a positive number or None, got {lr!r}")
         if self.schedule_style not in generate.STYLES:
             found.append(f"schedule_style must be one of {generate.STYLES}, got {self.schedule_style!r}")
+        unknown = sorted(set(self.schedule_options or {}) - set(recipes.OPTIONS))
+        if unknown:
+            found.append(f"schedule_options has unknown keys {unknown}; a recipe takes {', '.join(recipes.OPTIONS)}")
+        if self.schedule_options and explicit_schedule:
+            found.append("schedule_options apply to implicit schedules only; with an explicit schedule, write the "
+                         "phases' lr and new_lr_scheduler in it (phasetune schedule generate --recipe writes one)")
         if self.snapshot_storage not in SNAPSHOT_STORAGES:
             found.append(f"snapshot_storage must be 'memory' or 'disk', got {self.snapshot_storage!r}")
         if self.resume_rng not in rng.RESUME_RNG:

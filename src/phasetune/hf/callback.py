@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from transformers import TrainerCallback
 
-from phasetune import io, thaw, transitions
+from phasetune import generate, io, thaw, transitions
 from phasetune.errors import ConfigurationError
 from phasetune.hf import settings
 from phasetune.run import PhaseRecord, PhaseRun, RunEnv, RunOptions
@@ -77,7 +77,8 @@ class PhasetuneTrainerCallback(TrainerCallback):
         patience: int = 3,
         min_delta: float = 0.0,
         check_finite: bool = True,
-        schedule_style: str = "blocks",
+        schedule_style: str = generate.DEFAULT_STYLE,
+        schedule_options: Mapping[str, Any] | None = None,
         reinit_optim_cfg: Mapping[str, Any] | None = None,
         reinit_lr_cfg: Mapping[str, Any] | None = None,
         enforce_phase0_params: bool = True,
@@ -89,6 +90,7 @@ class PhasetuneTrainerCallback(TrainerCallback):
         self.options = RunOptions(
             max_depth=max_depth, base_max_lr=base_max_lr, restore_best=restore_best,
             epoch_transitions_only=epoch_transitions_only, schedule_style=schedule_style,
+            schedule_options=schedule_options,
             reinit_optim_cfg=reinit_optim_cfg, reinit_lr_cfg=reinit_lr_cfg,
             enforce_phase0_params=enforce_phase0_params, apply_lambdas_new_pgs=apply_lambdas_new_pgs,
             frozen_bn_track_running_stats=frozen_bn_track_running_stats, snapshot_storage=snapshot_storage,

@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
-from phasetune import snapshots, transitions
+from phasetune import generate, snapshots, transitions
 from phasetune.engine import PhaseEngine
 from phasetune.errors import ConfigurationError, ScheduleError, ScheduleGenerated
 from phasetune.generate import implicit_schedule
@@ -57,7 +57,7 @@ class FinetuningScheduler(Callback):
             ``schedule_style``) and runs it.
         gen_ft_sched_only: write the generated schedule to the log dir and stop before training
             (raises :class:`~phasetune.errors.ScheduleGenerated`, a clean ``SystemExit``).
-        max_depth, base_max_lr, restore_best, epoch_transitions_only, schedule_style, reinit_optim_cfg,
+        max_depth, base_max_lr, restore_best, epoch_transitions_only, schedule_style, schedule_options, reinit_optim_cfg,
         reinit_lr_cfg, enforce_phase0_params, apply_lambdas_new_pgs, frozen_bn_track_running_stats,
         snapshot_storage, resume_rng: the knobs every front end shares, with one meaning and default each: see
             :class:`phasetune.RunOptions` (``self.options``).
@@ -81,7 +81,8 @@ class FinetuningScheduler(Callback):
         gen_ft_sched_only: bool = False,
         epoch_transitions_only: bool = False,
         *,
-        schedule_style: str = "blocks",
+        schedule_style: str = generate.DEFAULT_STYLE,
+        schedule_options: Mapping[str, Any] | None = None,
         reinit_optim_cfg: Mapping[str, Any] | None = None,
         reinit_lr_cfg: Mapping[str, Any] | None = None,
         enforce_phase0_params: bool = True,
@@ -98,6 +99,7 @@ class FinetuningScheduler(Callback):
         self.options = RunOptions(
             max_depth=max_depth, base_max_lr=base_max_lr, restore_best=restore_best,
             epoch_transitions_only=epoch_transitions_only, schedule_style=schedule_style,
+            schedule_options=schedule_options,
             reinit_optim_cfg=reinit_optim_cfg, reinit_lr_cfg=reinit_lr_cfg,
             enforce_phase0_params=enforce_phase0_params, apply_lambdas_new_pgs=apply_lambdas_new_pgs,
             frozen_bn_track_running_stats=frozen_bn_track_running_stats, snapshot_storage=snapshot_storage,
@@ -139,6 +141,7 @@ class FinetuningScheduler(Callback):
     restore_best = _option("restore_best")
     epoch_transitions_only = _option("epoch_transitions_only")
     schedule_style = _option("schedule_style")
+    schedule_options = _option("schedule_options")
     reinit_optim_cfg = _option("reinit_optim_cfg")
     reinit_lr_cfg = _option("reinit_lr_cfg")
     enforce_phase0_params = _option("enforce_phase0_params")

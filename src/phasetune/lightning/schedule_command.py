@@ -126,7 +126,7 @@ def _schedule_source(args: argparse.Namespace, target: _Target) -> tuple[Any, st
     if target.fts.ft_schedule is not None:
         src = target.fts.ft_schedule
         return src, str(src) if not isinstance(src, dict) else "the config's ft_schedule"
-    raw = generate.generate_schedule(target.structure, target.fts.schedule_style)
+    raw = generate.implicit_schedule(target.structure, target.fts.options)  # what the fit would generate
     return raw, f"the schedule generated for {target.model_name} (style {target.fts.schedule_style!r})"
 
 
