@@ -25,6 +25,19 @@ from phasetune.loop import ScheduledFinetuning
 from phasetune.param_groups import PHASE_KEY
 from phasetune.schedule import resolve_schedule
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_process_trainer():
+    """The Trainers of this module run as one plain process: distributed variables an earlier in-process test left
+    in the environment (Lightning sets some) would make them start a process group that later tests inherit."""
+    had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            mp.delenv(name, raising=False)
+        yield
+    if not had_group and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
 hf_logging.set_verbosity_error()
 
 # ---------------------------------------------------------------------------------------------- parity

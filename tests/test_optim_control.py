@@ -76,7 +76,7 @@ def test_reinit_configs_apply_at_every_transition_of_an_implicit_schedule(tmp_pa
 
     t, fts = fit(
         tmp_path, module, [rec, FTSEarlyStopping(monitor="val_loss", patience=1)], max_depth=2,
-        reinit_optim_cfg=ADAMW,
+        schedule_style="blocks", reinit_optim_cfg=ADAMW,
         reinit_lr_cfg={"lr_scheduler_init": {"class_path": "StepLR", "init_args": {"step_size": 1, "gamma": 0.5}},
                        "use_current_optimizer_pg_lrs": True},
     )
