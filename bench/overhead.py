@@ -85,7 +85,7 @@ class Unfreeze(BaseFinetuning):
 SCHEDULE = {
     0: {"params": [r"model\.head\..*"], "max_transition_epoch": 1},
     1: {"params": [r"model\.layers\.[23]\..*"], "lr": LRS[1], "max_transition_epoch": 2},
-    2: {"params": [r"model\.embed\..*", r"model\.layers\.[01]\..*"], "lr": LRS[2], "max_transition_epoch": 99},
+    2: {"params": [r"model\.embed\..*", r"model\.layers\.[01]\..*"], "lr": LRS[2], "max_transition_epoch": 3},
 }
 
 
@@ -112,7 +112,9 @@ def run(kind: str, width: int, epochs: int, loader: DataLoader) -> tuple[float, 
     pl.seed_everything(0, verbose=False)
     module = Module(width)
     timer = StepTimer()
-    finetune = Unfreeze() if kind == "base" else FinetuningScheduler(SCHEDULE, epoch_transitions_only=True, restore_best=False)
+    # the final phase's max_transition_epoch is the run's length (a larger one would raise max_epochs to it)
+    schedule = {**SCHEDULE, 2: {**SCHEDULE[2], "max_transition_epoch": epochs}}
+    finetune = Unfreeze() if kind == "base" else FinetuningScheduler(schedule, epoch_transitions_only=True, restore_best=False)
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_epochs=epochs, callbacks=[timer, finetune], logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
