@@ -53,6 +53,7 @@ bench: dev
 	$(BIN)/python bench/snapshots.py
 	$(BIN)/python bench/fsdp2_memory.py
 	$(BIN)/python bench/strategy_step.py
+	$(BIN)/python bench/prefix_cache.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -187,7 +187,7 @@ def main() -> None:
         run(args.one, args.width, args.epochs, loader)
         return
 
-    run("base", args.width, 1, loader)  # warm-up (imports, allocator)
+    run("base", args.width, args.epochs, loader)  # warm-up (imports, allocator); the schedule needs every epoch
     run("fts", args.width, 1, loader)
     results: dict[str, list[tuple[float, float, float]]] = {"base": [], "fts": []}
     params = {}

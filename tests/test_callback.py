@@ -21,8 +21,11 @@ from phasetune import (
     ScheduleError,
     ScheduleGenerated,
 )
+from phasetune.engine import PhaseEngine
 from phasetune.lightning.adapters import select_adapter
 from phasetune.param_groups import PHASE_KEY
+from phasetune.run import PhaseRun
+from phasetune.step_events import StepEvents
 
 EPOCH_SCHEDULE = {
     0: {"params": ["model.head.*"], "max_transition_epoch": 2},
@@ -332,9 +335,27 @@ PER_STEP_HOOKS = (
 )
 
 
-def test_the_callbacks_add_no_work_per_training_step():
-    # The overhead target (bench/overhead.py) rests on this: phasetune acts per epoch and per validation only.
+def test_the_per_step_hook_does_no_work_on_ordinary_steps(tmp_path, monkeypatch):
+    # The overhead target (bench/overhead.py) rests on this: the one per-step hook (for max_transition_step and
+    # step watches) compares one integer and returns; nothing else of phasetune runs per training step.
     for ours, parent in ((FinetuningScheduler, pl.Callback), (FTSEarlyStopping, EarlyStopping),
                          (FTSCheckpoint, ModelCheckpoint)):
         for hook in PER_STEP_HOOKS:
-            assert getattr(ours, hook) is getattr(parent, hook), f"{ours.__name__}.{hook}"
+            if (ours, hook) != (FinetuningScheduler, "on_train_batch_end"):
+                assert getattr(ours, hook) is getattr(parent, hook), f"{ours.__name__}.{hook}"
+    calls = {"step_end": 0, "due": 0, "advance": 0}
+
+    def counting(cls, name):
+        original = getattr(cls, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(cls, name, wrapper)
+
+    for cls, name in ((PhaseRun, "step_end"), (StepEvents, "due"), (PhaseEngine, "advance")):
+        counting(cls, name)
+    t, _, _, _ = fit(tmp_path, fts_kwargs=dict(ft_schedule=EPOCH_SCHEDULE, epoch_transitions_only=True), max_epochs=5)
+    assert t.global_step == 20
+    assert calls == {"step_end": 20, "due": 0, "advance": 2}  # 20 compares; both transitions at epoch starts

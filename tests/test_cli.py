@@ -259,3 +259,39 @@ def test_fit_with_seeds_prints_mean_sd_per_arm_and_the_paired_difference(tmp_pat
     paired = out[out.index("arm - baseline"):].splitlines()
     assert paired[0].split()[:5] == ["arm", "-", "baseline", "pairs", "Δ"]
     assert re.match(r"scheduled +2 +[+-]0\.\d{4} ± 0\.\d{4} .* \d+\.\d\dx +\d+\.\d\dx$", paired[2])
+
+
+def test_schedule_generate_splits_a_step_budget_into_max_transition_steps(tmp_path, capsys):
+    cfg = write_config(tmp_path)
+    assert run("schedule", "generate", "--config", cfg, "--recipe", "lpft", "--lr", "0.01", "--steps", "30",
+               "--head_fraction", "0.2") == 0
+    printed = capsys.readouterr().out
+    assert "WarmupLinearDecay(optimizer, total_steps=6, warmup_steps=1)" in printed.split("\n0:")[0]
+    generated = yaml.safe_load(printed)
+    assert [generated[k]["max_transition_step"] for k in (0, 1)] == [6, 30]
+    assert generated[1]["new_lr_scheduler"]["lr_scheduler_init"]["init_args"] == {"total_steps": 24,
+                                                                                 "warmup_steps": 2}
+    assert run("schedule", "generate", "--config", cfg, "--steps", "30", "--phase_steps", "4") == 2
+    assert "either --phase_steps" in capsys.readouterr().err
+
+
+def test_schedule_commands_take_a_hugging_face_model_folder_or_a_model_class(tmp_path, capsys):
+    from distributed.hf_scenarios import tiny_bert
+
+    folder = tmp_path / "bert"
+    tiny_bert().save_pretrained(folder)
+    out = tmp_path / "s.yaml"
+    assert run("schedule", "generate", "--model-dir", str(folder), "--recipe", "lpft", "--steps", "40",
+               "-o", str(out)) == 0
+    generated = yaml.safe_load(out.read_text())
+    assert generated[0]["params"] == [r"bert\.pooler\..*", r"classifier\..*"]  # the model's own names
+    assert generated[1]["max_transition_step"] == 40
+    assert run("schedule", "check", str(out), "--model-dir", str(folder)) == 0
+    assert "OK, 2 phases for BertForSequenceClassification" in capsys.readouterr().out
+    assert run("schedule", "show", "--model", "helpers:Net") == 0  # the generated schedule of Net()
+    shown = capsys.readouterr().out
+    assert "schedule generated for Net" in shown and "head" in shown
+    assert run("schedule", "check", "--model-dir", str(tmp_path)) == 2
+    assert "no config.json" in capsys.readouterr().err
+    assert run("schedule", "check", "--model", "helpers.Net") == 2
+    assert "write module:Class" in capsys.readouterr().err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from torch import nn
 
@@ -203,3 +205,33 @@ def test_a_stem_listed_in_no_split_modules_is_still_the_stem():
 
 def test_the_default_style_is_lpft():
     assert generate_schedule(BertLike(n=3)) == generate_schedule(BertLike(n=3), "lpft")
+
+
+def test_phase_steps_without_steps_per_epoch_write_cumulative_max_transition_steps():
+    s = generate_schedule(BertLike(n=3), "lpft", lr=1e-4, phase_steps=[10, 30])
+    assert [s[0]["max_transition_step"], s[1]["max_transition_step"]] == [10, 40]
+    assert "max_transition_epoch" not in s[0] and shape_of(s[1])["total_steps"] == 30
+
+
+@pytest.mark.parametrize("style, head_fraction, expected", [
+    ("lpft", None, [60, 60]),                    # an equal share: half for the head under lpft
+    ("lpft", 0.25, [30, 90]),
+    ("discriminative", None, [24, 24, 24, 24, 24]),
+    ("blocks", 0.5, [60, 15, 15, 15, 15]),
+])
+def test_a_step_budget_is_split_across_the_phases(style, head_fraction, expected):
+    options = {"total_steps": 120} | ({} if head_fraction is None else {"head_fraction": head_fraction})
+    s = generate_schedule(BertLike(n=3), style, lr=1e-4, **options)
+    assert [s[k]["max_transition_step"] for k in range(len(s))] == list(itertools.accumulate(expected))
+    assert [shape_of(s[k])["total_steps"] for k in range(1, len(s))] == expected[1:]
+    names = [n for n, _ in BertLike(n=3).named_parameters()]
+    assert resolve_schedule(s, names, epoch_transitions_only=True).phases[-1].max_transition_step == 120
+
+
+def test_step_budget_problems_name_the_option():
+    with pytest.raises(ValueError, match="either phase_steps"):
+        generate_schedule(BertLike(n=3), "lpft", total_steps=10, phase_steps=5)
+    with pytest.raises(ValueError, match=r"total_steps must be an integer >= the number of phases \(5\)"):
+        generate_schedule(BertLike(n=3), "discriminative", total_steps=4)
+    with pytest.raises(ValueError, match=r"head_fraction must be a number in \(0, 1\)"):
+        generate_schedule(BertLike(n=3), "lpft", total_steps=10, head_fraction=1.5)

@@ -20,7 +20,7 @@ from helpers import ToyModule, dataset, trainer
 from launch import launch
 from phasetune import ConfigurationError, FinetuningScheduler, FTSEarlyStopping, ScheduleError
 from phasetune.hf import STATE_FILE, PhasetuneTrainer, PhasetuneTrainerCallback
-from phasetune.hf.settings import trainer_problems
+from phasetune.hf.settings import epochs_note, trainer_problems
 from phasetune.loop import ScheduledFinetuning
 from phasetune.param_groups import PHASE_KEY
 from phasetune.schedule import resolve_schedule
@@ -165,6 +165,45 @@ def test_the_trainer_the_lightning_callback_and_the_loop_run_the_same_schedule_a
             torch.testing.assert_close(p, reference[n], rtol=0, atol=1e-6, msg=n)
 
 
+class RecordSteps(TrainerCallback):
+    """Per-step trajectory: what trains in each optimizer step, read before it."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple] = []
+
+    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.steps.append(per_epoch(model, optimizer))
+
+
+@pytest.mark.parametrize("which", ["STEPS", "RESTARTS"])  # RESTARTS: phase 0's own scheduler, a new optimizer
+def test_a_step_capped_schedule_runs_alike_under_the_trainer_and_the_loop(tmp_path, which):
+    import test_steps
+
+    schedule, epochs, restore_best = getattr(test_steps, which), 4 if which == "STEPS" else 3, which == "STEPS"
+    torch.manual_seed(0)
+    model = ToyForTrainer()
+    evaluations = iter(range(100))
+    ft = PhasetuneTrainerCallback(schedule, patience=2, restore_best=restore_best)
+    rec = RecordSteps()
+    args = training_args(tmp_path / "hf", num_train_epochs=epochs, per_device_train_batch_size=16,
+                         save_strategy="no", metric_for_best_model="scripted", greater_is_better=False, optim="sgd",
+                         optim_args="momentum=0.9", learning_rate=0.1, lr_scheduler_type="constant",
+                         max_grad_norm=0.0, train_sampling_strategy="sequential")
+    t = PhasetuneTrainer(model=model, args=args, train_dataset=Pairs(64, 0), eval_dataset=Pairs(32, 1),
+                         compute_metrics=lambda _: {"scripted": test_steps.VAL_LOSSES[next(evaluations)]},
+                         callbacks=[ft, rec])
+    t.train()
+    loop_module, loop_ft, loop_steps, _ = test_steps.loop_run(schedule, steps=4 * epochs, record=per_epoch,
+                                                              restore_best=restore_best)
+    assert rec.steps == loop_steps  # thawed set and each phase's lrs, step by step (warm-ups restarting)
+    rows = [[(r.depth, r.start_epoch, r.start_step, r.end_step, r.end_reason, r.restored_best) for r in h]
+            for h in (ft.history, loop_ft.history)]
+    assert rows[0][:2] == rows[1][:2] and rows[0][2][:3] == rows[1][2][:3]
+    reference = dict(loop_module.named_parameters())
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p, reference[n], rtol=0, atol=1e-6, msg=n)
+
+
 # ---------------------------------------------------------------------------------------------- resume
 
 #: phase 1 restarts the lr shape with its own warm-up; phase 2 switches to SGD with a new scheduler
@@ -218,6 +257,41 @@ def test_a_resumed_trainer_run_ends_bit_equal_to_an_uninterrupted_one(uninterrup
     for n, p in resumed.named_parameters():
         assert torch.equal(p, reference[n]), n
     assert [g["lr"] for g in rt.optimizer.param_groups] == [g["lr"] for g in t.optimizer.param_groups]
+
+
+#: RECIPE with phases ending mid-epoch by step caps (4 steps an epoch), checkpoints every 6 steps
+STEP_RECIPE = {k: {kk: vv for kk, vv in v.items() if kk != "max_transition_epoch"} for k, v in RECIPE.items()}
+STEP_RECIPE[0]["max_transition_step"], STEP_RECIPE[1]["max_transition_step"] = 6, 13
+
+
+def step_recipe_run(out, resume=None):
+    model = tiny_bert()
+    ft = PhasetuneTrainerCallback(STEP_RECIPE, patience=3)
+    args = training_args(out, warmup_steps=2, save_strategy="steps", save_steps=6)
+    t = PhasetuneTrainer(model=model, args=args, train_dataset=Tokens(32, 0), eval_dataset=Tokens(16, 1),
+                         callbacks=[ft])
+    t.train(resume_from_checkpoint=resume)
+    return model, ft
+
+
+@pytest.fixture
+def step_uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("step_recipe")
+    return out, *step_recipe_run(out)
+
+
+def test_a_trainer_run_resumed_at_a_step_transition_ends_bit_equal(step_uninterrupted, tmp_path):
+    out, model, ft = step_uninterrupted
+    checkpoint = "checkpoint-6"  # saved at phase 0's step cap (mid epoch 1); mid-phase resumes: tests/test_steps.py
+    assert [(r.start_step, r.end_step, r.end_reason) for r in ft.history[:2]] == [
+        (0, 6, "max_transition_step reached"), (6, 13, "max_transition_step reached")]
+    assert torch.load(out / checkpoint / STATE_FILE, weights_only=True)["depth"] == 1  # saved after the transition
+    resumed, rft = step_recipe_run(tmp_path, resume=str(out / checkpoint))
+    assert [(r.depth, r.start_step, r.end_step, r.end_reason) for r in rft.history] == [
+        (r.depth, r.start_step, r.end_step, r.end_reason) for r in ft.history]
+    reference = dict(model.named_parameters())
+    for n, p in resumed.named_parameters():
+        assert torch.equal(p, reference[n]), n
 
 
 def test_resuming_from_a_checkpoint_without_phasetune_state_is_refused(uninterrupted, tmp_path):
@@ -321,6 +395,18 @@ def test_trainer_settings_the_schedule_cannot_work_with_name_the_setting():
     args.optim = "adamw_torch"
     assert trainer_problems(args, schedule, 2, restore_best=True, epoch_transitions_only=False,
                             find_unused_parameters=True, world_size=2) == []
+
+
+def test_a_step_capped_phase_needs_no_metric_and_max_steps_below_a_cap_is_named():
+    names = {n: tuple(p.shape) for n, p in tiny_bert().named_parameters()}
+    schedule = resolve_schedule({0: {"params": ["classifier.*"], "max_transition_step": 10},
+                                 1: {"params": [r"bert\.encoder\..*"], "max_transition_step": 30}}, names)
+    args = SimpleNamespace(eval_strategy="no", metric_for_best_model=None, optim="sgd", max_steps=20)
+    assert trainer_problems(args, schedule, 1, restore_best=False, epoch_transitions_only=False,
+                            find_unused_parameters=None, world_size=1) == []
+    assert epochs_note(args, schedule, 1) == (
+        "TrainingArguments.max_steps=20 ends training before phase 1's max_transition_step (30); raise max_steps to "
+        "at least 30 so that every phase runs")
 
 
 def test_a_new_scheduler_sized_in_epochs_is_flagged_because_the_trainer_steps_it_every_step(tmp_path, caplog):

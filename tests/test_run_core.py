@@ -215,3 +215,30 @@ def test_resuming_with_another_monitor_is_refused(tmp_path):
                             FTSCheckpoint(dirpath=str(tmp_path / "ckpt2"), monitor="val_real_loss")], max_epochs=4)
     with pytest.raises(ConfigurationError, match=r"monitoring 'val_loss', this run monitors 'val_real_loss'"):
         t2.fit(ToyModule(val_losses=VAL_LOSSES), ckpt_path=ckpt.last_model_path)
+
+
+class RecordSteps(pl.Callback):
+    """Per-step trajectory: what trains in each optimizer step, read before it."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.steps.append(trajectory_point(pl_module, trainer.optimizers[0]))
+
+
+def test_the_callback_and_the_loop_run_a_step_capped_schedule_alike_step_by_step(tmp_path):
+    from test_steps import STEPS, loop_run
+    from test_steps import VAL_LOSSES as SCRIPTED
+
+    torch.manual_seed(0)
+    module = ToyModule(val_losses=SCRIPTED, lr=0.1)
+    rec = RecordSteps()
+    t = trainer(tmp_path, [FinetuningScheduler(ft_schedule=STEPS), FTSEarlyStopping(monitor="val_loss", patience=2),
+                           rec], max_epochs=4, enable_checkpointing=False)
+    t.fit(module)
+    loop_module, _, loop_steps, _ = loop_run(record=trajectory_point)
+    assert len(rec.steps) == 16 and rec.steps == loop_steps  # thawed set, groups and lrs before every step
+    reference = dict(loop_module.named_parameters())
+    for n, p in module.named_parameters():
+        torch.testing.assert_close(p, reference[n], rtol=0, atol=1e-6, msg=n)

@@ -138,14 +138,15 @@ def test_lr_in_phase_zero_is_refused_with_the_fix():
     assert "set its learning rate there" in found[0]
 
 
-def test_epoch_transitions_only_needs_max_transition_epoch_in_every_phase():
+def test_epoch_transitions_only_needs_a_fixed_length_in_every_phase():
     found = problems(
-        {0: {"params": ["model.head.*"], "max_transition_epoch": 2}, 1: {"params": ["model.embed.*"]}},
+        {0: {"params": ["model.head.*"], "max_transition_epoch": 2}, 1: {"params": ["model.embed.*"]},
+         2: {"params": ["model.layers.0.*"], "max_transition_step": 40}},
         epoch_transitions_only=True,
     )
     assert found == [
-        "phase 1: epoch_transitions_only=True needs 'max_transition_epoch' >= 0 in every phase "
-        "(the epoch at which the phase ends)"
+        "phase 1: epoch_transitions_only=True needs 'max_transition_epoch' >= 1 or 'max_transition_step' >= 1 in "
+        "every phase (where the phase ends; early stopping never ends one)"
     ]
 
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from phasetune.audit import AuditError, AuditOptions, PhaseAudit, group_names
 from phasetune.engine import PhaseEngine, Transition
 from phasetune.errors import ConfigurationError, PhasetuneError, ScheduleError, ScheduleGenerated
 from phasetune.generate import generate_schedule
 from phasetune.lr_shapes import WarmupLinearDecay
+from phasetune.prefix_cache import IndexedCollate, IndexedDataset, PrefixCache, find_prefix_end
 from phasetune.run import PhaseRecord, PhaseRun, RunEnv, RunOptions
 from phasetune.schedule import Phase, Schedule, resolve_schedule
 from phasetune.snapshots import Snapshot, restore_snapshot, take_snapshot
@@ -55,6 +57,8 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "AuditError",
+    "AuditOptions",
     "ConfigurationError",
     "DDPStrategyAdapter",
     "FSDP2Strategy",
@@ -62,9 +66,12 @@ __all__ = [
     "FTSCheckpoint",
     "FTSEarlyStopping",
     "FinetuningScheduler",
+    "IndexedCollate",
+    "IndexedDataset",
     "ModelParallelStrategyAdapter",
     "PatienceTracker",
     "Phase",
+    "PhaseAudit",
     "PhaseEngine",
     "PhaseRecord",
     "PhaseRun",
@@ -73,6 +80,7 @@ __all__ = [
     "PhasetuneTrainer",
     "PhasetuneTrainerCallback",
     "PhasetuneTrainerMixin",
+    "PrefixCache",
     "RunEnv",
     "RunOptions",
     "Schedule",
@@ -86,7 +94,9 @@ __all__ = [
     "WarmupLinearDecay",
     "__version__",
     "export_full_model",
+    "find_prefix_end",
     "generate_schedule",
+    "group_names",
     "phase_end_reason",
     "plot_phases",
     "resolve_schedule",

@@ -163,6 +163,14 @@ class PhaseEngine:
                 moved.append(extra)
         pg.add_groups(optimizer, moved, schedulers, self.apply_lambdas_new_pgs)
 
+    def first_scheduler(self, optimizer: Optimizer) -> tuple[Any, dict[str, Any]] | None:
+        """Phase 0's ``new_lr_scheduler`` over ``optimizer`` (fitted to phase 0) and its Lightning config fields;
+        None when phase 0 has none. It replaces the scheduler the front end was given from the first step."""
+        spec = self.schedule[0].new_lr_scheduler
+        if spec is None:
+            return None
+        return self._new_scheduler(spec, optimizer, len(optimizer.param_groups)), dict(spec.pl_lrs_cfg)
+
     def check_setup(self, optimizer: Optimizer, schedulers: Sequence[Any]) -> list[str]:
         """Problems that would stop a transition later, found now (before training)."""
         problems = []
@@ -177,6 +185,10 @@ class PhaseEngine:
             )
         n_groups = len(optimizer.param_groups)
         replaced_scheduler = False
+        first = self.schedule[0].new_lr_scheduler
+        if first is not None and first.init_pg_lrs is not None and len(first.init_pg_lrs) != n_groups:
+            problems.append(f"phase 0, key 'new_lr_scheduler', 'init_pg_lrs': {len(first.init_pg_lrs)} values given, "
+                            f"but the optimizer has {n_groups} param groups in phase 0")
         for k in range(1, self.final_depth + 1):
             phase = self.schedule[k]
             if phase.new_lr_scheduler is not None:
@@ -251,6 +263,8 @@ class PhaseEngine:
 
         def carry(g: Mapping[str, Any], depth: int) -> dict[str, Any]:
             ng: dict[str, Any] = {"params": list(g["params"]), "lr": g["lr"], pg.PHASE_KEY: depth}
+            if "initial_lr" in g:  # the lr the group was created with: a new lr scheduler restarts from it
+                ng["initial_lr"] = g["initial_lr"]
             for k, v in g.items():
                 if k in _GROUP_BOOKKEEPING or k in spec.init_args or not _differs(v, old.defaults.get(k, _MISSING)):
                     continue

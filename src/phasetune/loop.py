@@ -13,6 +13,10 @@ next phase, adding its parameter groups to your optimizer and lr scheduler::
         if ft.done:
             break
 
+Phases with a ``max_transition_step`` end between two optimizer steps: report each optimizer step with
+:meth:`~ScheduledFinetuning.step_end` (after ``optimizer.step()`` and the lr scheduler's ``step()``), and
+re-read ``ft.optimizer`` / ``ft.lr_scheduler`` after it returns a transition.
+
 A phase may install a new optimizer or lr scheduler: always use ``ft.optimizer`` and ``ft.lr_scheduler``.
 The bookkeeping (history, restore-best snapshots, checkpoint state, when a phase ends) is
 :class:`phasetune.run.PhaseRun`'s, the same the Lightning callback uses, with the same defaults.
@@ -132,6 +136,9 @@ class ScheduledFinetuning:
         self.check_finite = check_finite
         self.tracker = transitions.PatienceTracker(mode=mode, patience=patience, min_delta=min_delta)
         self.done = False
+        #: optimizer steps of the fit so far, as counted or given by :meth:`step_end` (None: never called)
+        self.global_step: int | None = None
+        self._epoch = 0  # the epoch being trained: one after the last one step() reported
 
         # names as written in the model, without the segments wrappers insert (activation checkpointing)
         params = {logical_name(n): p for n, p in model.named_parameters()}
@@ -148,10 +155,13 @@ class ScheduledFinetuning:
             no_decay=no_decay, group_splitter=_homogeneous, mode=mode,
         )
         self.run.fit_optimizer(optimizer, self.schedulers, expected=True)
+        first = self.run.first_scheduler(optimizer, self.schedulers)
+        if first is not None:
+            self.schedulers = [first[0]]
         problems = self.run.check(optimizer, self.schedulers)
         if problems:
             raise ConfigurationError(problems)
-        self.run.start(epoch=0, step=None)
+        self.run.start(epoch=0, step=0)
 
     # ------------------------------------------------------------------ read-only state
     @property
@@ -202,13 +212,15 @@ class ScheduledFinetuning:
         """
         if self.done:
             return None
+        self._epoch = epoch + 1
+        global_step = self.global_step if global_step is None else global_step
         phase = self.run.engine.phase
         value = self.run.observe(metric, epoch=epoch, step=global_step, optimizer=self.optimizer,
                                  schedulers=self.schedulers)
-        if value is None and phase.max_transition_epoch < 0 and not self.run.is_final:
+        if value is None and phase.max_transition_epoch < 0 and phase.max_transition_step < 0 and not self.run.is_final:
             raise ConfigurationError(
-                f"phase {phase.index} has no max_transition_epoch, so it ends when the metric stops improving; "
-                "pass metric=... to step() (e.g. the validation loss), or set max_transition_epoch in the phase"
+                f"phase {phase.index} has no max_transition_epoch or max_transition_step, so it ends when the metric "
+                "stops improving; pass metric=... to step() (e.g. the validation loss), or set one of them in the phase"
             )
         if value is not None and self.check_finite and not math.isfinite(value):
             self._finish(epoch, global_step, NON_FINITE)
@@ -221,8 +233,26 @@ class ScheduledFinetuning:
         if decision.stop:
             self._finish(epoch, global_step, decision.reason)
             return None
-        t = self.run.transition(epoch=epoch + 1, step=global_step, reason=decision.reason,
-                                optimizer=self.optimizer, schedulers=self.schedulers)
+        return self._transition(epoch + 1, global_step, decision.reason)
+
+    # ------------------------------------------------------------------ the per-step call
+    def step_end(self, global_step: int | None = None) -> Transition | None:
+        """Report an optimizer step (call it after ``optimizer.step()`` and the lr scheduler's ``step()``).
+
+        ``global_step``: the optimizer steps of the fit so far (default: one more than the last call's). Returns
+        the :class:`~phasetune.engine.Transition` when the phase's ``max_transition_step`` is reached (the next
+        step trains the next phase: use ``ft.optimizer`` / ``ft.lr_scheduler`` again), else None. Under
+        ``torch.distributed`` every rank must call it alike.
+        """
+        step = self.global_step = (self.global_step or 0) + 1 if global_step is None else global_step
+        decision = self.run.step_end(step)
+        if decision is None or self.done:
+            return None
+        return self._transition(self._epoch, step, decision.reason)
+
+    def _transition(self, epoch: int, step: int | None, reason: str) -> Transition:
+        t = self.run.transition(epoch=epoch, step=step, reason=reason, optimizer=self.optimizer,
+                                schedulers=self.schedulers)
         self.optimizer = t.optimizer
         if t.new_scheduler is not None:
             self.schedulers = [t.new_scheduler]
@@ -240,7 +270,7 @@ class ScheduledFinetuning:
         """Everything needed to continue the schedule exactly (this rank's part of the snapshot and its random
         state included: call it where the run continues, e.g. after the epoch's validation)."""
         state = self.run.state_dict(random_state=True)  # this rank's random state: each rank saves its own
-        state.update(tracker=self.tracker.state_dict(), done=self.done)
+        state.update(tracker=self.tracker.state_dict(), done=self.done, global_step=self.global_step, epoch=self._epoch)
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -255,6 +285,10 @@ class ScheduledFinetuning:
         self.optimizer, self.schedulers, _ = self.run.resume(state, self.optimizer, self.schedulers)
         self.tracker.load_state_dict(state["tracker"])
         self.done = bool(state["done"])
+        self.global_step, self._epoch = state.get("global_step"), int(state.get("epoch", self.run.history[-1].start_epoch))
+        decision = self.run.begin_steps(self.global_step or 0)
+        if decision is not None and not self.done:  # saved right at a step cap, before the transition
+            self._transition(self._epoch, self.global_step, decision.reason)
 
 
 # ---------------------------------------------------------------------------------------------- helpers

@@ -19,11 +19,15 @@ Options shared by the recipes (all optional):
   :data:`DEFAULT_LR_DECAY`).
 * ``phase_steps``: optimizer steps per phase (one int for all, or one per phase). With it every phase
   >= 1 gets a :class:`~phasetune.lr_shapes.WarmupLinearDecay` over its own steps, so the lr shape
-  restarts at each transition. Phase 0's shape must come from ``configure_optimizers`` (a schedule cannot
-  set phase 0's scheduler): :func:`phase_lr_shape` gives its ``init_args``.
+  restarts at each transition, and every phase ends at its ``max_transition_step`` (the cumulative steps;
+  the final phase's is the run's length). Phase 0's shape must come from ``configure_optimizers`` (a
+  schedule cannot set phase 0's scheduler): :func:`phase_lr_shape` gives its ``init_args``.
+* ``total_steps``: a step budget for the whole run, split into ``phase_steps`` by :func:`split_budget`:
+  the head phase gets ``head_fraction`` of it (default: an equal share, so half for ``lpft``), the later
+  phases share the rest equally (the last takes the remainder).
 * ``warmup_fraction``: share of each phase's steps spent warming up (default 0.1).
-* ``steps_per_epoch``: with ``phase_steps``, write each phase's end as ``max_transition_epoch`` (the
-  cumulative steps must be whole epochs).
+* ``steps_per_epoch``: with ``phase_steps`` or ``total_steps``, write each phase's end as
+  ``max_transition_epoch`` instead (the cumulative steps must be whole epochs).
 * ``include_stem``: schedule the stem (embeddings) in a last phase (default True); False leaves it frozen.
 """
 
@@ -37,7 +41,8 @@ RECIPES = ("lpft", "discriminative", "blocks")
 #: lr factor per block, top down, when ``lr_decay`` is not given (see bench/results/quality.md)
 DEFAULT_LR_DECAY = 0.8
 DEFAULT_WARMUP_FRACTION = 0.1
-OPTIONS = ("lr", "lr_decay", "phase_steps", "warmup_fraction", "steps_per_epoch", "include_stem", "blocks_per_phase")
+OPTIONS = ("lr", "lr_decay", "phase_steps", "total_steps", "head_fraction", "warmup_fraction", "steps_per_epoch",
+           "include_stem", "blocks_per_phase")
 
 
 def apply_recipe(recipe: str, units: Sequence[Sequence[str]], **options: Any) -> dict[int, dict[str, Any]]:
@@ -83,8 +88,32 @@ def apply_recipe(recipe: str, units: Sequence[Sequence[str]], **options: Any) ->
         schedule[k] = {"params": params}
         if k > 0 and lrs[k] is not None:
             schedule[k]["lr"] = _tidy(lrs[k])
-    _add_lengths(schedule, options.get("phase_steps"), warmup, options.get("steps_per_epoch"))
+    phase_steps = options.get("phase_steps")
+    if options.get("total_steps") is not None or options.get("head_fraction") is not None:
+        if phase_steps is not None:
+            raise ValueError("give either phase_steps (the steps of each phase) or total_steps (a budget split "
+                             "across the phases), not both")
+        phase_steps = split_budget(options.get("total_steps"), len(schedule), options.get("head_fraction"))
+    _add_lengths(schedule, phase_steps, warmup, options.get("steps_per_epoch"))
     return schedule
+
+
+def split_budget(total_steps: Any, n_phases: int, head_fraction: Any = None) -> list[int]:
+    """``total_steps`` optimizer steps split across ``n_phases``: phase 0 (the head) gets ``head_fraction`` of
+    them (default ``1 / n_phases``), the later phases share the rest equally, the last taking the remainder."""
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < n_phases:
+        raise ValueError(f"total_steps must be an integer >= the number of phases ({n_phases}), got {total_steps!r}")
+    if head_fraction is not None and (isinstance(head_fraction, bool) or not isinstance(head_fraction, (int, float))
+                                      or not 0 < head_fraction < 1):
+        raise ValueError(f"head_fraction must be a number in (0, 1), got {head_fraction!r}")
+    head_fraction = 1.0 / n_phases if head_fraction is None else head_fraction
+    if n_phases == 1:
+        return [total_steps]
+    head = min(max(1, round(head_fraction * total_steps)), total_steps - (n_phases - 1))
+    each = (total_steps - head) // (n_phases - 1)
+    rest = [each] * (n_phases - 1)
+    rest[-1] += total_steps - head - each * (n_phases - 1)
+    return [head, *rest]
 
 
 def phase_lr_shape(steps: int, warmup_fraction: float = DEFAULT_WARMUP_FRACTION) -> dict[str, int]:
@@ -107,6 +136,11 @@ def _add_lengths(schedule: dict[int, dict[str, Any]], phase_steps: Any, warmup: 
     if steps_per_epoch is not None and (isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int)
                                         or steps_per_epoch < 1):
         raise ValueError(f"steps_per_epoch must be an integer >= 1, got {steps_per_epoch!r}")
+    if steps_per_epoch is None:  # phase ends in optimizer steps, absolute like epochs
+        done = 0
+        for k, s in enumerate(steps):
+            done += s
+            schedule[k]["max_transition_step"] = done
     done = 0
     for k, s in enumerate(steps):
         done += s

@@ -12,6 +12,7 @@ it runs through a :class:`RunEnv`; the knobs both share are one :class:`RunOptio
     ... after each validation: run.observe(value, epoch=..., step=..., optimizer=..., schedulers=...)
     ... before each epoch:     decision = run.decide(next_epoch, early_stopping_done)
                                if decision and decision.transition: run.transition(...)
+    ... after each optimizer step: if decision := run.step_end(global_step): run.transition(..., step=...)
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from phasetune import generate, rng, snapshots, thaw, transitions
+from phasetune import generate, rng, snapshots, step_events, thaw, transitions
 from phasetune.engine import PhaseEngine, Transition
 from phasetune.errors import ConfigurationError
 from phasetune.memory import PeakMemory
 from phasetune.param_groups import Phase0Report
 from phasetune.report import covering_modules, fmt_count
-from phasetune.run_types import Decision, PhaseRecord, RunEnv, RunOptions
+from phasetune.run_types import Decision, PhaseRecord, RunEnv, RunOptions, state_problem
 from phasetune.schedule import Schedule, diff_fingerprints, resolve_schedule
 from phasetune.snapshot_store import SnapshotStore
 
@@ -114,6 +115,8 @@ class PhaseRun:
         self._clock: float | None = None
         self._memory: PeakMemory | None = None
         self._pending_rng: tuple[Mapping[str, Any], str] | None = None  # resume(defer_random_state=True)
+        self._events = step_events.StepEvents()
+        self._next_event = step_events.NEVER  # the first optimizer step at which step_end has work to do
 
     # ------------------------------------------------------------------ read-only state
     @property
@@ -156,6 +159,13 @@ class PhaseRun:
             (self.env.info if said[0] == "info" else self.env.warn)(said[1])
         return report
 
+    def first_scheduler(self, optimizer: Optimizer, given: Sequence[Any]) -> tuple[Any, dict[str, Any]] | None:
+        """Phase 0's ``new_lr_scheduler`` and its config fields (None without one), replacing ``given``."""
+        first = self.engine.first_scheduler(optimizer)
+        if first is not None and given:
+            self.env.info(f"phase 0's new_lr_scheduler replaces {', '.join(type(s).__name__ for s in given)}")
+        return first
+
     def check(self, optimizer: Optimizer, schedulers: Sequence[Any]) -> list[str]:
         """Problems that would stop a later transition, found before training."""
         return self.engine.check_setup(optimizer, schedulers)
@@ -166,6 +176,42 @@ class PhaseRun:
             self.history = [self._new_record(self.depth, epoch, step)]
         self._memory = PeakMemory(self.env.device)
         self._start_clock()
+        self._plan_steps(step or 0)
+
+    # ------------------------------------------------------------------ per optimizer step
+    def step_end(self, step: int) -> Decision | None:
+        """After every optimizer step (and the lr schedulers' step), with the fit's optimizer steps so far: runs
+        the step watches due and returns a transition when the phase's ``max_transition_step`` is reached (the
+        final phase's does not end the run); None otherwise. One compare on ordinary steps; a repeated ``step``
+        (gradient accumulation) does nothing more."""
+        if step < self._next_event:
+            return None
+        for watch in self._events.due(step):
+            watch.fn(self, step)
+        if self._step_cap() <= step:
+            return Decision(transition=True, reason=transitions.STEP)
+        self._next_event = self._events.next_step(self._step_cap(-1))
+        return None
+
+    def begin_steps(self, step: int) -> Decision | None:
+        """Plan step events from ``step`` as training (re)starts; a transition if the cap was already reached."""
+        self._plan_steps(step)
+        return Decision(transition=True, reason=transitions.STEP) if self._step_cap() <= step else None
+
+    def add_step_watch(self, fn: Callable[[PhaseRun, int], None], *, after: int = 1) -> None:
+        """Call ``fn(run, step)`` once per phase after its ``after``-th optimizer step (1: its first), on every
+        rank; not again in a resumed phase whose step had passed (see :mod:`phasetune.step_events`)."""
+        self._events.add(after, fn)
+        if self.history:
+            self._plan_steps(self.history[-1].start_step or 0)
+
+    def _step_cap(self, unset: int = step_events.NEVER) -> int:
+        cap = -1 if self.is_final else self.engine.phase.max_transition_step
+        return unset if cap < 0 else cap
+
+    def _plan_steps(self, now: int) -> None:
+        self._events.begin_phase((self.history[-1].start_step or 0) if self.history else 0, now)
+        self._next_event = self._events.next_step(self._step_cap(-1))
 
     # ------------------------------------------------------------------ per epoch
     def decide(self, next_epoch: int, early_stopping_done: bool = False) -> Decision | None:
@@ -236,6 +282,7 @@ class PhaseRun:
             self._take_snapshot(best_epoch, step, value, t.optimizer, [t.new_scheduler] if t.new_scheduler else schedulers)
         self.history.append(self._new_record(t.depth, epoch, step))
         self._start_clock()
+        self._plan_steps(step or 0)
         now = self.history[-1]
         extras = []
         if t.new_optimizer:
@@ -244,8 +291,9 @@ class PhaseRun:
             extras.append(f"new lr scheduler {type(t.new_scheduler).__name__}")
         if t.already_in_optimizer:
             extras.append(f"{len(t.already_in_optimizer)} already in the optimizer")
+        where = f"step {step} (epoch {epoch})" if reason == transitions.STEP else f"epoch {epoch}"
         self.env.info(
-            f"phase {old} -> {t.depth} at epoch {epoch} ({reason}): {restore_note}; thawed "
+            f"phase {old} -> {t.depth} at {where} ({reason}): {restore_note}; thawed "
             f"{covering_modules(t.thawed, list(self.engine.params))} ({fmt_count(now.trainable_params - rec.trainable_params)} "
             f"params in {len(t.thawed)} tensors) at lr {t.lr:.3g}; "
             f"{100.0 * now.trainable_params / max(now.total_params, 1):.1f}% of the parameters now train"
@@ -288,10 +336,11 @@ class PhaseRun:
         if not self.options.restore_best:
             return "kept the last state (restore_best=False)"
         snap = self.snapshot
-        if snap is None or snap.depth != self.depth:
+        # a phase without a single check of the metric (a short step-capped phase) is not rolled back
+        if snap is None or snap.depth != self.depth or rec.best_value is None:
             self.env.warn(
                 f"restore_best: no best state was recorded in phase {self.depth} (is {self.monitor or 'the metric'!r} "
-                "reported after validation?); continuing from the current state"
+                "reported after validation, and does the phase last until one?); continuing from the current state"
             )
             return "kept the last state (no best state was recorded)"
         problems = snapshots.restore_snapshot(
@@ -342,31 +391,10 @@ class PhaseRun:
 
     def check_state(self, state: Mapping[str, Any], where: Any = None) -> None:
         """Refuse checkpoint state this run cannot continue, naming what differs and what to do."""
-        src = f" {where}" if where is not None else ""
-        if state.get("format") not in (1, STATE_FORMAT):
-            raise ConfigurationError(
-                f"the fine-tuning state of checkpoint{src} has format {state.get('format')!r}; this phasetune reads "
-                f"formats 1 and {STATE_FORMAT}: resume it with the phasetune version that wrote it"
-            )
-        saved = state.get("monitor")
-        has_best = any(r.get("best_value") is not None for r in state.get("history", []))
-        if saved is not None and self.monitor is not None and saved != self.monitor and has_best:
-            raise ConfigurationError(
-                f"checkpoint{src} was saved monitoring {saved!r}, this run monitors {self.monitor!r}: its best values "
-                f"and restore-best snapshot are of {saved!r}. Resume with monitor={saved!r} (FTSEarlyStopping/"
-                "FTSCheckpoint monitor, or the metric you pass), or start a new fit from its weights"
-            )
-        saved_mode = state.get("mode")
-        if saved_mode is not None and saved_mode != self.mode and has_best:
-            raise ConfigurationError(
-                f"checkpoint{src} was saved with mode={saved_mode!r} for {saved!r}, this run uses mode={self.mode!r}; "
-                f"resume with mode={saved_mode!r}"
-            )
-        if state.get("rng") is not None:
-            refused = rng.problem(state["rng"], rank=self.env.rank, world_size=self.env.world_size,
-                                  mode=self.options.resume_rng, where=f" from checkpoint{src}")
-            if refused:
-                raise ConfigurationError(refused)
+        refused = state_problem(state, where, monitor=self.monitor, mode=self.mode, env=self.env,
+                                resume_rng=self.options.resume_rng, state_format=STATE_FORMAT)
+        if refused:
+            raise ConfigurationError(refused)
 
     def resume(
         self, state: Mapping[str, Any], optimizer: Optimizer, schedulers: Sequence[Any], where: Any = None,
@@ -432,12 +460,8 @@ class PhaseRun:
             thaw.apply_frozen_batchnorm_mode(self.model, self.options.frozen_bn_track_running_stats)
 
     def _new_record(self, depth: int, epoch: int, step: int | None) -> PhaseRecord:
-        names = self.engine.schedule.params_through(depth)
-        shapes = self.engine.schedule.shapes  # logical shapes: tensors may be shards or shared FlatParameters
-        trainable = sum(math.prod(shapes[n]) for n in names)
-        total = sum(math.prod(s) for s in shapes.values())
         lr = None if depth == 0 else self.engine.lr_for(depth)
-        return PhaseRecord(depth, epoch, step, lr, trainable, total)
+        return PhaseRecord.starting(self.engine.schedule, depth, epoch, step, lr)
 
     def _start_clock(self) -> None:
         self._clock = time.perf_counter()

@@ -6,6 +6,7 @@ Torch only; :class:`phasetune.run.PhaseRun` uses them, and every front end build
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -48,6 +49,13 @@ class PhaseRecord:
         return None if self.end_step is None or self.start_step is None else self.end_step - self.start_step
 
     @classmethod
+    def starting(cls, schedule: Any, depth: int, epoch: int, step: int | None, lr: float | None) -> PhaseRecord:
+        """The record of phase ``depth`` of ``schedule`` starting now, with its share of the parameters."""
+        shapes = schedule.shapes  # logical shapes: tensors may be shards or shared FlatParameters
+        trainable = sum(math.prod(shapes[n]) for n in schedule.params_through(depth))
+        return cls(depth, epoch, step, lr, trainable, sum(math.prod(s) for s in shapes.values()))
+
+    @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> PhaseRecord:
         """A record from :func:`dataclasses.asdict` output (fields a format-1 loop record lacked default)."""
         known = {f.name for f in fields(cls)}
@@ -69,12 +77,14 @@ class RunOptions:
     #: before each transition, restore the best state of the run so far (weights, optimizer state, buffers;
     #: the lr schedule stays where it is)
     restore_best: bool = True
-    #: phases end only at their ``max_transition_epoch`` (required in every phase); no early stopping
+    #: phases end only at their ``max_transition_epoch`` / ``max_transition_step`` (one of them required in every
+    #: phase); no early stopping
     epoch_transitions_only: bool = False
     #: how an implicit schedule (none given) is generated: one of :data:`phasetune.generate.STYLES` (recipes)
     schedule_style: str = generate.DEFAULT_STYLE
     #: the recipe's options for an implicit schedule (:data:`phasetune.recipes.OPTIONS`: ``lr``, ``lr_decay``,
-    #: ``phase_steps``, ``warmup_fraction``, ``steps_per_epoch``, ``include_stem``, ``blocks_per_phase``)
+    #: ``phase_steps``, ``total_steps``, ``head_fraction``, ``warmup_fraction``, ``steps_per_epoch``, ``include_stem``,
+    #: ``blocks_per_phase``)
     schedule_options: Mapping[str, Any] | None = None
     #: for implicit schedules: a ``new_optimizer`` / ``new_lr_scheduler`` mapping applied at every transition
     reinit_optim_cfg: Mapping[str, Any] | None = None
@@ -171,3 +181,27 @@ class Decision:
     @property
     def stop(self) -> bool:
         return not self.transition
+
+
+def state_problem(state: Mapping[str, Any], where: Any, *, monitor: str | None, mode: str, env: RunEnv,
+                  resume_rng: str, state_format: int) -> str | None:
+    """Why a run cannot continue from checkpoint ``state`` (at ``where``), naming what differs and what to do;
+    None when it can (see :meth:`phasetune.run.PhaseRun.check_state`)."""
+    src = f" {where}" if where is not None else ""
+    if state.get("format") not in (1, state_format):
+        return (f"the fine-tuning state of checkpoint{src} has format {state.get('format')!r}; this phasetune reads "
+                f"formats 1 and {state_format}: resume it with the phasetune version that wrote it")
+    saved = state.get("monitor")
+    has_best = any(r.get("best_value") is not None for r in state.get("history", []))
+    if saved is not None and monitor is not None and saved != monitor and has_best:
+        return (f"checkpoint{src} was saved monitoring {saved!r}, this run monitors {monitor!r}: its best values "
+                f"and restore-best snapshot are of {saved!r}. Resume with monitor={saved!r} (FTSEarlyStopping/"
+                "FTSCheckpoint monitor, or the metric you pass), or start a new fit from its weights")
+    saved_mode = state.get("mode")
+    if saved_mode is not None and saved_mode != mode and has_best:
+        return (f"checkpoint{src} was saved with mode={saved_mode!r} for {saved!r}, this run uses mode={mode!r}; "
+                f"resume with mode={saved_mode!r}")
+    if state.get("rng") is not None:
+        return rng.problem(state["rng"], rank=env.rank, world_size=env.world_size, mode=resume_rng,
+                           where=f" from checkpoint{src}") or None
+    return None

@@ -5,6 +5,7 @@ A schedule is a mapping of phase index to phase settings, written in YAML or giv
     0:
       params: [model.classifier.*]        # exact names or regular expressions (whole-name match)
       max_transition_epoch: 1              # optional; -1 (default): early stopping decides
+      max_transition_step: 500             # optional: ends after 500 optimizer steps of the fit, if sooner
     1:
       params: [model.encoder.layer.11.*]
       lr: 1.0e-5                           # optional; default: the callback's base_max_lr
@@ -40,6 +41,7 @@ class Phase:
     params: tuple[str, ...]
     lr: float | None = None
     max_transition_epoch: int = -1
+    max_transition_step: int = -1
     new_optimizer: specs.ClassSpec | None = None
     new_lr_scheduler: specs.LRSchedulerSpec | None = None
     patterns: tuple[str, ...] = ()
@@ -50,6 +52,8 @@ class Phase:
             out["lr"] = self.lr
         if self.max_transition_epoch >= 0:
             out["max_transition_epoch"] = self.max_transition_epoch
+        if self.max_transition_step >= 0:
+            out["max_transition_step"] = self.max_transition_step
         if self.new_optimizer is not None:
             out["new_optimizer"] = {"optimizer_init": self.new_optimizer.to_dict()}
         if self.new_lr_scheduler is not None:
@@ -105,6 +109,7 @@ class Schedule:
                     "params": list(p.params),
                     "lr": p.lr,
                     "max_transition_epoch": p.max_transition_epoch,
+                    "max_transition_step": p.max_transition_step,
                     "new_optimizer": p.new_optimizer.to_dict() if p.new_optimizer else None,
                     "new_lr_scheduler": p.new_lr_scheduler.to_dict() if p.new_lr_scheduler else None,
                 }
@@ -127,7 +132,8 @@ def diff_fingerprints(saved: Mapping[str, Any], current: Mapping[str, Any]) -> t
 
     Returns ``(blocking, benign)``: differences in which parameters train in which phase, the phase count,
     the optimizer/scheduler a phase installs or the model's parameters block a resume; different ``lr`` or
-    ``max_transition_epoch`` values are reported but allowed (later phases use the current values).
+    ``max_transition_epoch`` / ``max_transition_step`` values are reported but allowed (later phases use the
+    current values; fingerprints written before ``max_transition_step`` existed read as -1).
     """
     blocking: list[str] = []
     benign: list[str] = []
@@ -149,9 +155,9 @@ def diff_fingerprints(saved: Mapping[str, Any], current: Mapping[str, Any]) -> t
         for key in ("new_optimizer", "new_lr_scheduler"):
             if a.get(key) != b.get(key):
                 blocking.append(f"phase {i} key {key!r} differs: checkpoint {a.get(key)!r}, now {b.get(key)!r}")
-        for key in ("lr", "max_transition_epoch"):
-            if a.get(key) != b.get(key):
-                benign.append(f"phase {i} {key}: checkpoint {a.get(key)!r}, now {b.get(key)!r}")
+        for key, unset in (("lr", None), ("max_transition_epoch", -1), ("max_transition_step", -1)):
+            if a.get(key, unset) != b.get(key, unset):
+                benign.append(f"phase {i} {key}: checkpoint {a.get(key, unset)!r}, now {b.get(key, unset)!r}")
     s_shapes, c_shapes = saved.get("shapes", {}), current.get("shapes", {})
     for name, shape in s_shapes.items():
         if name in c_shapes and list(c_shapes[name]) != list(shape):

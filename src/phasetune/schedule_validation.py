@@ -20,7 +20,9 @@ from phasetune import specs
 from phasetune.io import DuplicateKeyError, load_yaml
 from phasetune.report import few
 
-PHASE_KEYS = ("params", "lr", "max_transition_epoch", "new_optimizer", "new_lr_scheduler")
+PHASE_KEYS = ("params", "lr", "max_transition_epoch", "max_transition_step", "new_optimizer", "new_lr_scheduler")
+#: how the two phase-length keys count, for their messages
+_CAP_UNITS = {"max_transition_epoch": "epoch", "max_transition_step": "optimizer step"}
 NEW_LR_SCHEDULER_KEYS = ("lr_scheduler_init", "pl_lrs_cfg", "init_pg_lrs", "use_current_optimizer_pg_lrs")
 NEW_OPTIMIZER_KEYS = ("optimizer_init",)
 
@@ -101,7 +103,7 @@ def check_phases(
     owner: dict[str, int] = {}
     owner_entry: dict[str, str] = {}
     phases: list[dict[str, Any]] = []
-    last_epoch: tuple[int, int] | None = None  # (phase, max_transition_epoch) of the previous epoch-capped phase
+    last_cap: dict[str, tuple[int, int]] = {}  # key -> (phase, value) of the previous phase that set it
     for idx in sorted(indexed):
         where = f"phase {idx}"
         body = indexed[idx]
@@ -176,33 +178,14 @@ def check_phases(
             else:
                 lr = value
 
-        # max_transition_epoch
-        mte = body.get("max_transition_epoch", -1)
-        if mte is None:
-            mte = -1
-        if isinstance(mte, bool) or not isinstance(mte, int) or mte < -1:
+        # max_transition_epoch, max_transition_step: absolute ends; whichever is reached first ends the phase
+        mte = _cap(body, "max_transition_epoch", where, last_cap, idx, problems)
+        mts = _cap(body, "max_transition_step", where, last_cap, idx, problems)
+        if epoch_only and mte < 0 and mts < 0:
             problems.append(
-                f"{where}, key 'max_transition_epoch': {mte!r} is not an integer >= -1 "
-                "(-1 lets early stopping decide)"
+                f"{where}: epoch_transitions_only=True needs 'max_transition_epoch' >= 1 or 'max_transition_step' "
+                ">= 1 in every phase (where the phase ends; early stopping never ends one)"
             )
-            mte = -1
-        if epoch_only and mte < 0:
-            problems.append(
-                f"{where}: epoch_transitions_only=True needs 'max_transition_epoch' >= 0 in every phase "
-                "(the epoch at which the phase ends)"
-            )
-        if mte >= 0:
-            if mte == 0:
-                problems.append(
-                    f"{where}, key 'max_transition_epoch': 0 would end the phase before it trains; "
-                    "use the first epoch at which the next phase should start (>= 1)"
-                )
-            elif last_epoch is not None and mte <= last_epoch[1]:
-                problems.append(
-                    f"{where}, key 'max_transition_epoch': {mte} is not after phase {last_epoch[0]}'s "
-                    f"{last_epoch[1]}; epochs are absolute, so each capped phase must end later than the last"
-                )
-            last_epoch = (idx, mte)
 
         new_opt = _parse_new_optimizer(body.get("new_optimizer"), where, idx, problems)
         new_lrs = _parse_new_lr_scheduler(body.get("new_lr_scheduler"), where, idx, problems)
@@ -212,12 +195,38 @@ def check_phases(
                 params=tuple(resolved),
                 lr=lr,
                 max_transition_epoch=mte,
+                max_transition_step=mts,
                 new_optimizer=new_opt,
                 new_lr_scheduler=new_lrs,
                 patterns=tuple(e for e in entries if isinstance(e, str)),
             )
         )
     return phases, problems, notes
+
+
+def _cap(body: Mapping[str, Any], key: str, where: str, last: dict[str, tuple[int, int]], idx: int,
+         problems: list[str]) -> int:
+    """The phase's ``key`` (an absolute epoch or optimizer-step count, -1 when unset), checked against the
+    previous phase that set it: each capped phase must end later than the last."""
+    value = body.get(key, -1)
+    if value is None:
+        value = -1
+    unit = _CAP_UNITS[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < -1:
+        problems.append(f"{where}, key '{key}': {value!r} is not an integer >= -1 (-1 leaves the phase's end to the "
+                        f"other key or to early stopping)")
+        return -1
+    if value == 0:
+        problems.append(f"{where}, key '{key}': 0 would end the phase before it trains; use the {unit} count at "
+                        "which the next phase should start (>= 1)")
+        return -1
+    if value > 0:
+        if key in last and value <= last[key][1]:
+            prev, prev_value = last[key]
+            problems.append(f"{where}, key '{key}': {value} is not after phase {prev}'s {prev_value}; {unit} counts "
+                            "are absolute (since the start of the fit), so each capped phase must end later than the last")
+        last[key] = (idx, value)
+    return value
 
 
 def _as_float(value: Any) -> float | None:
@@ -332,12 +341,7 @@ def _parse_new_optimizer(raw: Any, where: str, idx: int, problems: list[str]) ->
 def _parse_new_lr_scheduler(raw: Any, where: str, idx: int, problems: list[str]) -> specs.LRSchedulerSpec | None:
     if raw is None:
         return None
-    key = f"{where}, key 'new_lr_scheduler'"
-    if idx == 0:
-        problems.append(
-            f"{key}: phase 0 uses the lr scheduler from configure_optimizers; move this to phase 1 or later"
-        )
-        return None
+    key = f"{where}, key 'new_lr_scheduler'"  # in phase 0 it replaces the front end's scheduler from the start
     if not isinstance(raw, Mapping) or "lr_scheduler_init" not in raw:
         problems.append(f"{key}: expected a mapping with 'lr_scheduler_init: {{class_path, init_args}}'")
         return None

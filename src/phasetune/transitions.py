@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 EPOCH = "max_transition_epoch reached"
+#: a phase's ``max_transition_step`` (an absolute optimizer-step count) was reached: see PhaseRun.step_end
+STEP = "max_transition_step reached"
 EARLY_STOPPING = "early stopping"
 
 

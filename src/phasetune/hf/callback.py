@@ -12,7 +12,8 @@ optimizer is built over every scheduled parameter, its groups kept as the templa
 -> Accelerate wraps model (DDP) and optimizer -> ``create_scheduler`` (hook: the Trainer's scheduler is built
 over phase 0's groups; a resumed run replays its saved phase here) -> the Trainer loads optimizer and scheduler
 state -> ``on_train_begin`` -> per epoch: ``on_epoch_begin`` (transition when the phase ended) ...
-``on_evaluate`` (record the metric, snapshot the run's best state; the final phase's patience ends training)
+``on_step_end`` (after each optimizer step and the scheduler's step: transition when the phase's
+``max_transition_step`` is reached; one compare otherwise) ... ``on_evaluate`` (record the metric, snapshot the run's best state; the final phase's patience ends training)
 ... ``on_save`` (the run's state into the
 checkpoint folder) -> ``on_train_end``.
 """
@@ -199,6 +200,10 @@ class PhasetuneTrainerCallback(TrainerCallback):
         self._prepared = True
         run.engine.start()  # freeze everything, thaw phase 0 (DDP has registered every scheduled parameter)
         optimizer, schedulers = self._optimizer_and_schedulers(trainer)
+        first = run.first_scheduler(optimizer, schedulers)
+        if first is not None:
+            self._install(trainer, None, first[0])
+            schedulers = [first[0]]
         problems = run.check(optimizer, schedulers)
         if problems:
             raise ConfigurationError(problems)
@@ -222,9 +227,16 @@ class PhasetuneTrainerCallback(TrainerCallback):
         if self.done:
             control.should_training_stop = True
             self.run.env.info("the schedule was already complete in the checkpoint; nothing left to train")
+            return
+        at_cap = self.run.begin_steps(state.global_step)  # a checkpoint saved at a step cap, before its transition
+        if at_cap is not None:
+            self._transition(_epoch_starting(state), state.global_step, at_cap.reason)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._stepped = True
+        decision = self.run.step_end(state.global_step)  # type: ignore[union-attr]
+        if decision is not None and not self.done:
+            self._transition(_epoch_done(state), state.global_step, decision.reason)
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         assert self.run is not None and self._trainer is not None
@@ -232,13 +244,8 @@ class PhasetuneTrainerCallback(TrainerCallback):
             return
         epoch = _epoch_starting(state)
         decision = self.run.decide(epoch, self.tracker.done)
-        if decision is None or not decision.transition:
-            return
-        optimizer, schedulers = self._optimizer_and_schedulers(self._trainer)
-        t = self.run.transition(epoch=epoch, step=state.global_step, reason=decision.reason,
-                                optimizer=optimizer, schedulers=schedulers)
-        self._install(self._trainer, t.optimizer if t.new_optimizer else None, t.new_scheduler)
-        self.tracker.start_phase()
+        if decision is not None and decision.transition:
+            self._transition(epoch, state.global_step, decision.reason)
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Mapping[str, Any] | None = None,
                     **kwargs: Any) -> None:
@@ -252,7 +259,8 @@ class PhasetuneTrainerCallback(TrainerCallback):
         agreed = self.run.observe(value, epoch=epoch, step=state.global_step, optimizer=optimizer,
                                   schedulers=schedulers)
         if agreed is None:
-            if self._monitor is not None and phase.max_transition_epoch < 0 and not self.run.is_final:
+            if self._monitor is not None and max(phase.max_transition_epoch, phase.max_transition_step) < 0 \
+                    and not self.run.is_final:
                 raise ConfigurationError(
                     f"metric_for_best_model {self._monitor!r} is not among the evaluation metrics "
                     f"({', '.join(sorted(metrics or {}))}); phase {phase.index} ends only by it: name one of them"
@@ -289,6 +297,13 @@ class PhasetuneTrainerCallback(TrainerCallback):
         return state
 
     # ------------------------------------------------------------------ helpers
+    def _transition(self, epoch: int, step: int, reason: str) -> None:
+        assert self.run is not None and self._trainer is not None
+        optimizer, schedulers = self._optimizer_and_schedulers(self._trainer)
+        t = self.run.transition(epoch=epoch, step=step, reason=reason, optimizer=optimizer, schedulers=schedulers)
+        self._install(self._trainer, t.optimizer if t.new_optimizer else None, t.new_scheduler)
+        self.tracker.start_phase()
+
     def _stop(self, control: Any, epoch: int, step: int, reason: str) -> None:
         assert self.run is not None
         self.done = True

@@ -25,10 +25,11 @@ def metric_key(args: Any) -> str | None:
 
 
 def metric_driven_phases(schedule: Schedule, final_depth: int, epoch_transitions_only: bool) -> list[int]:
-    """Phases before the final one that end only when the metric stops improving (no max_transition_epoch)."""
+    """Phases before the final one that end only when the metric stops improving (no max_transition_epoch nor
+    max_transition_step)."""
     if epoch_transitions_only:
         return []
-    return [p.index for p in schedule.phases[:final_depth] if p.max_transition_epoch < 0]
+    return [p.index for p in schedule.phases[:final_depth] if max(p.max_transition_epoch, p.max_transition_step) < 0]
 
 
 def trainer_problems(
@@ -54,13 +55,13 @@ def trainer_problems(
             problems.append(
                 f"TrainingArguments.metric_for_best_model is unset, but phase(s) {which} end only when the evaluation "
                 "metric stops improving: set metric_for_best_model (e.g. 'eval_loss') or give those phases a "
-                "max_transition_epoch"
+                "max_transition_epoch or max_transition_step"
             )
         if not evaluates:
             problems.append(
                 f"TrainingArguments.eval_strategy='no', but phase(s) {which} end only when the evaluation metric "
                 "stops improving: set eval_strategy='epoch' (and an eval_dataset) or give those phases a "
-                "max_transition_epoch"
+                "max_transition_epoch or max_transition_step"
             )
     elif restore_best and final_depth > 0 and (metric is None or not evaluates):
         setting = "metric_for_best_model is unset" if metric is None else "eval_strategy='no'"
@@ -100,7 +101,7 @@ def trainer_problems(
 def scheduler_notes(schedule: Schedule, final_depth: int) -> list[str]:
     """Warnings for schedule keys the Trainer reads differently from Lightning (it steps every optimizer step)."""
     notes = []
-    for phase in schedule.phases[1 : final_depth + 1]:
+    for phase in schedule.phases[: final_depth + 1]:
         spec = phase.new_lr_scheduler
         if spec is None:
             continue
@@ -119,8 +120,14 @@ def epochs_note(args: Any, schedule: Schedule, final_depth: int) -> str | None:
     The Trainer fixes its step count before phasetune sees the schedule, so unlike the Lightning callback
     (which raises ``max_epochs``) this only warns.
     """
-    if getattr(args, "max_steps", -1) > 0:
-        return None
+    max_steps = getattr(args, "max_steps", -1)
+    if max_steps > 0:
+        late = [p for p in schedule.phases[: final_depth + 1] if p.max_transition_step > max_steps]
+        if not late:
+            return None
+        return (f"TrainingArguments.max_steps={max_steps} ends training before phase {late[0].index}'s "
+                f"max_transition_step ({late[0].max_transition_step}); raise max_steps to at least "
+                f"{max(p.max_transition_step for p in late)} so that every phase runs")
     epochs = math.ceil(getattr(args, "num_train_epochs", 0))
     late = [p for p in schedule.phases[: final_depth + 1] if p.max_transition_epoch > epochs]
     if not late:

@@ -9,8 +9,9 @@ Hook order in a fit: ``setup`` (reset per-fit state, pick the strategy adapter, 
 and FTSCheckpoint, resolve the schedule and freeze all but phase 0) -> ``load_state_dict`` when resuming
 -> ``on_fit_start`` (fit the optimizer to phase 0, replay a resumed run's transitions before Lightning
 loads optimizer state) -> per epoch: ``on_train_epoch_start`` (transition if the phase ended) ...
-``on_validation_end`` (record the monitored value; snapshot the phase's best state) ...
-``on_train_epoch_end`` (end the run after the final phase).
+``on_train_batch_end`` (after each optimizer step: transition when the phase's ``max_transition_step`` is
+reached; one compare otherwise) ... ``on_validation_end`` (record the monitored value; snapshot the phase's
+best state) ... ``on_train_epoch_end`` (end the run after the final phase).
 """
 
 from __future__ import annotations
@@ -134,6 +135,7 @@ class FinetuningScheduler(Callback):
         self._log_dir: str | None = None
         self._validated_this_epoch = False
         self._fit_started = False
+        self._steps: Any = None  # the optimizer-step counter on_train_batch_end reads (set in on_train_start)
 
     # the shared knobs live in self.options (one RunOptions, as in the plain loop), under their FTS names
     max_depth = _option("max_depth")
@@ -272,15 +274,22 @@ class FinetuningScheduler(Callback):
                           header=f"resolved from {schedule.source}: exact parameter names per phase")
 
     def _reach_every_phase(self, trainer: pl.Trainer) -> None:
-        """Raise ``max_epochs`` to the largest ``max_transition_epoch`` of the phases to run (with a warning), so
-        that every phase gets its epochs; the final phase then runs until early stopping or ``max_epochs``."""
+        """Raise ``max_epochs`` / ``max_steps`` to the largest ``max_transition_epoch`` / ``max_transition_step`` of
+        the phases to run (with a warning), so that every phase gets its length; the final phase then runs until
+        early stopping or the Trainer's limits."""
         assert self.run is not None
+        phases = self.run.schedule.phases[: self.run.final_depth + 1]
         max_epochs = trainer.max_epochs
-        latest = max(p.max_transition_epoch for p in self.run.schedule.phases[: self.run.final_depth + 1])
+        latest = max(p.max_transition_epoch for p in phases)
         if max_epochs is not None and 0 <= max_epochs < latest:
             rank_zero_warn(f"max_epochs={max_epochs} would end training before the schedule's max_transition_epoch "
                            f"{latest}; raised max_epochs to {latest} so that every phase runs")
             trainer.fit_loop.max_epochs = latest
+        latest_step = max(p.max_transition_step for p in phases)
+        if 0 <= trainer.max_steps < latest_step:
+            rank_zero_warn(f"max_steps={trainer.max_steps} would end training before the schedule's "
+                           f"max_transition_step {latest_step}; raised max_steps to {latest_step} so that every phase runs")
+            trainer.fit_loop.epoch_loop.max_steps = latest_step
 
     # ------------------------------------------------------------------ resume and fit start
     def state_dict(self) -> dict[str, Any]:
@@ -326,6 +335,10 @@ class FinetuningScheduler(Callback):
         run.env.device = pl_module.device
         optimizer, schedulers = self._optimizer_and_schedulers(trainer)
         run.fit_optimizer(optimizer, schedulers, expected=deferred)
+        first = run.first_scheduler(optimizer, schedulers)
+        if first is not None:
+            self.adapter.install_scheduler(trainer, *first)
+            schedulers = [first[0]]
         # the adapter first: it may set how groups are split, which the engine's group count depends on
         problems = self.adapter.check(self, trainer)
         problems += run.check(optimizer, schedulers)
@@ -369,6 +382,19 @@ class FinetuningScheduler(Callback):
         if self.run.is_final and decision is not None:
             trainer.should_stop = True
             log.info("phasetune: the schedule was already complete in the checkpoint; nothing left to train")
+        at_cap = self.run.begin_steps(trainer.global_step)  # a checkpoint saved at a step cap, before its transition
+        if at_cap is not None:
+            self._transition(trainer, at_cap.reason)
+        self._steps = _optimizer_steps(trainer, pl_module)
+
+    # ------------------------------------------------------------------ per optimizer step
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        # optimizer steps, as trainer.global_step counts them (it repeats under gradient accumulation, and step_end
+        # ignores repeats), read from the progress counter itself: the property costs ~10x the rest of this hook
+        decision = self.run.step_end(self._steps.completed)  # type: ignore[union-attr]
+        if decision is not None:
+            self._transition(trainer, decision.reason)
 
     # ------------------------------------------------------------------ per epoch
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -425,6 +451,31 @@ class FinetuningScheduler(Callback):
         self.adapter.after_thaw(trainer)
         if self.early_stopping is not None:
             self.early_stopping.reset_for_phase()
+
+
+class _GlobalStep:
+    """``trainer.global_step`` behind the progress counter's interface (a Lightning whose loops differ)."""
+
+    def __init__(self, trainer: pl.Trainer) -> None:
+        self.trainer = trainer
+
+    @property
+    def completed(self) -> int:
+        return self.trainer.global_step
+
+
+def _optimizer_steps(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+    """The object whose ``completed`` is ``trainer.global_step``: Lightning's optimizer-step progress counter
+    (updated in place, also when a checkpoint is restored), checked against the property once."""
+    loop = trainer.fit_loop.epoch_loop
+    try:
+        counter = (loop.automatic_optimization.optim_progress.optimizer.step.total if pl_module.automatic_optimization
+                   else loop.manual_optimization.optim_step_progress.total)
+        if counter.completed == trainer.global_step:
+            return counter
+    except AttributeError:
+        pass
+    return _GlobalStep(trainer)
 
 
 __all__ = ["STATE_FORMAT", "FinetuningScheduler", "PhaseRecord", "ScheduleError"]

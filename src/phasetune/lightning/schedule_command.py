@@ -1,7 +1,11 @@
-"""``phasetune schedule generate|check|show``: a schedule for the model of a ``phasetune fit`` config.
+"""``phasetune schedule generate|check|show``: a schedule for the model of a ``phasetune fit`` config, a
+Hugging Face model folder, or a model class.
 
 The config is read by :class:`PhasetuneCLI` without running anything; its model is built to read parameter
 names and shapes, and its :class:`FinetuningScheduler` (if any) supplies the schedule and its settings.
+``--model-dir PATH`` loads a Hugging Face model saved with ``save_pretrained`` (offline, with
+``AutoModelForSequenceClassification``, else ``AutoModel``); ``--model module:Class`` builds ``Class()``. Both
+use the default settings (those of ``PhasetuneTrainerCallback()`` and ``ScheduledFinetuning``).
 """
 
 from __future__ import annotations
@@ -24,13 +28,14 @@ from phasetune.report import covering_modules, fmt_count, format_table
 from phasetune.schedule import Schedule, resolve_schedule
 
 SCHEDULE_HELP = """\
-phasetune schedule generate --config CONFIG [--recipe NAME] [--lr LR] [--lr_decay F]
-                           [--phase_steps N [N ...]] [--warmup_fraction F] [--steps_per_epoch N]
-                           [--include_stem true|false] [--blocks_per_phase N] [--output FILE]
-phasetune schedule check [SCHEDULE] --config CONFIG
-phasetune schedule show [SCHEDULE] --config CONFIG
+phasetune schedule generate MODEL [--recipe NAME] [--lr LR] [--lr_decay F]
+                           [--phase_steps N [N ...] | --steps N [--head_fraction F]] [--warmup_fraction F]
+                           [--steps_per_epoch N] [--include_stem true|false] [--blocks_per_phase N] [--output FILE]
+phasetune schedule check [SCHEDULE] MODEL
+phasetune schedule show [SCHEDULE] MODEL
 
-CONFIG is a `phasetune fit` config; its model is built (weights included) to read parameter names.
+MODEL is one of --config CONFIG (a `phasetune fit` config; its model is built, weights included, to read
+parameter names), --model-dir PATH (a Hugging Face model folder, loaded offline) or --model module:Class.
 SCHEDULE defaults to the ft_schedule of the FinetuningScheduler in CONFIG. Further arguments are
 config overrides, e.g. --model.init_args.lr 1e-4.
 """
@@ -53,8 +58,8 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-RECIPE_OPTIONS = ("lr", "lr_decay", "phase_steps", "warmup_fraction", "steps_per_epoch", "include_stem",
-                  "blocks_per_phase")
+RECIPE_OPTIONS = ("lr", "lr_decay", "phase_steps", "total_steps", "head_fraction", "warmup_fraction",
+                  "steps_per_epoch", "include_stem", "blocks_per_phase")
 
 
 def _schedule_parser() -> argparse.ArgumentParser:
@@ -72,9 +77,15 @@ def _schedule_parser() -> argparse.ArgumentParser:
     gen.add_argument("--phase_steps", type=int, nargs="+", metavar="N",
                      help="optimizer steps per phase (one value for all, or one per phase): each phase >= 1 gets "
                           "a warm-up then linear decay over its steps (phasetune.lr_shapes.WarmupLinearDecay)")
+    gen.add_argument("--steps", "--total_steps", dest="total_steps", type=int, metavar="N",
+                     help="a step budget for the whole run, split across the phases (each phase ends at its "
+                          "max_transition_step; the lr shapes as with --phase_steps)")
+    gen.add_argument("--head_fraction", type=float,
+                     help="with --steps: the head phase's share of the budget (default: an equal share)")
     gen.add_argument("--warmup_fraction", type=float, help="share of each phase's steps spent warming up (0.1)")
     gen.add_argument("--steps_per_epoch", type=int,
-                     help="with --phase_steps: write each phase's end as max_transition_epoch")
+                     help="with --phase_steps or --steps: write each phase's end as max_transition_epoch instead "
+                          "of max_transition_step")
     gen.add_argument("--include_stem", type=_bool, help="schedule the embeddings (stem) in a last phase (true)")
     gen.add_argument("--blocks_per_phase", type=int, help="discriminative/blocks: blocks thawed per phase (1)")
     gen.add_argument("-o", "--output", help="file to write (default: print to stdout)")
@@ -83,7 +94,12 @@ def _schedule_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, prog=f"phasetune schedule {name}", help=text)
         p.add_argument("schedule", nargs="?", help="schedule YAML (default: the config's ft_schedule)")
     for p in sub.choices.values():
-        p.add_argument("-c", "--config", required=True, help="a `phasetune fit` config file naming the model")
+        model = p.add_mutually_exclusive_group(required=True)
+        model.add_argument("-c", "--config", help="a `phasetune fit` config file naming the model")
+        model.add_argument("--model-dir", dest="model_dir", metavar="PATH",
+                           help="a Hugging Face model folder (save_pretrained), loaded offline")
+        model.add_argument("--model", dest="model_class", metavar="module:Class",
+                           help="a model class whose Class() builds the model")
     return parser
 
 
@@ -120,6 +136,56 @@ def _load_target(config: str, overrides: Sequence[str]) -> _Target:
     return _Target(adapter.named_parameters(model), adapter.structure_module(model), fts, type(model).__name__)
 
 
+def _load_model_target(model_dir: str | None, model_class: str | None) -> _Target:
+    """The model of ``--model-dir`` or ``--model``, with default settings."""
+    model = _load_pretrained(model_dir) if model_dir is not None else _build_class(str(model_class))
+    return _Target(dict(model.named_parameters()), model, FinetuningScheduler(), type(model).__name__)
+
+
+def _load_pretrained(path: str) -> torch.nn.Module:
+    from pathlib import Path
+
+    if not (Path(path) / "config.json").is_file():
+        raise UsageError(f"--model-dir {path}: no config.json there; pass the folder a Hugging Face model was saved "
+                         "to with save_pretrained")
+    try:
+        import transformers
+    except ImportError:
+        raise UsageError("--model-dir needs the transformers package: pip install transformers") from None
+    last: Exception | None = None
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # no load report: a new head's weights are expected to be missing
+    try:
+        for cls in (transformers.AutoModelForSequenceClassification, transformers.AutoModel):
+            try:
+                return cls.from_pretrained(path, local_files_only=True)
+            except (ValueError, OSError, KeyError) as e:
+                last = e
+    finally:
+        transformers.logging.set_verbosity(level)
+    raise UsageError(f"--model-dir {path}: transformers could not load it ({str(last).splitlines()[0]})")
+
+
+def _build_class(spec: str) -> torch.nn.Module:
+    import importlib
+
+    module_name, _, cls_name = spec.partition(":")
+    if not module_name or not cls_name:
+        raise UsageError(f"--model {spec!r}: write module:Class, e.g. --model mypackage.models:Classifier")
+    try:
+        cls = getattr(importlib.import_module(module_name), cls_name)
+    except (ImportError, AttributeError) as e:
+        raise UsageError(f"--model {spec!r}: cannot import it ({e})") from None
+    try:
+        model = cls()
+    except TypeError as e:
+        raise UsageError(f"--model {spec!r}: {cls_name}() cannot be built without arguments ({e}); use --config "
+                         "with init_args, or --model-dir") from None
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"--model {spec!r}: {cls_name}() is a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
 def _schedule_source(args: argparse.Namespace, target: _Target) -> tuple[Any, str]:
     if args.schedule:
         return args.schedule, args.schedule
@@ -133,20 +199,26 @@ def _schedule_source(args: argparse.Namespace, target: _Target) -> tuple[Any, st
 def schedule_main(argv: Sequence[str]) -> int:
     """``phasetune schedule generate|check|show``; returns the exit code."""
     args, overrides = _schedule_parser().parse_known_args(list(argv))
-    target = _load_target(args.config, overrides)
+    if args.config is None and overrides:
+        raise UsageError(f"unrecognized arguments: {' '.join(overrides)} (config overrides need --config)")
+    target = (_load_target(args.config, overrides) if args.config is not None
+              else _load_model_target(args.model_dir, args.model_class))
     shapes = {n: tuple(p.shape) for n, p in target.params.items()}
     if args.action == "generate":
         style = args.style or target.fts.schedule_style
         options = {k: getattr(args, k) for k in RECIPE_OPTIONS if getattr(args, k) is not None}
         if options.get("phase_steps") and len(options["phase_steps"]) == 1:
             options["phase_steps"] = options["phase_steps"][0]
+        if "total_steps" in options:  # the same split the recipe makes, for the phase-0 note below
+            options["phase_steps"] = _budget_split(target.structure, style, options)
         try:
             raw = generate.generate_schedule(target.structure, style, **options)
         except ValueError as e:
             raise UsageError(str(e)) from None
         schedule = resolve_schedule(raw, shapes)
         header = (f"phasetune schedule generated for {target.model_name} (style {style!r}): {len(schedule)} phases\n"
-                  + _phase0_note(raw, options) + "edit it, then pass it as FinetuningScheduler(ft_schedule=...)")
+                  + _phase0_note(raw, options) + "edit it, then pass it as FinetuningScheduler(ft_schedule=...), "
+                  "PhasetuneTrainerCallback(schedule) or ScheduledFinetuning(schedule, ...)")
         if args.output:
             schedule.dump(args.output, resolved=False, header=header)
             print(f"wrote {args.output} ({len(schedule)} phases)")
@@ -170,6 +242,21 @@ def schedule_main(argv: Sequence[str]) -> int:
     if args.action == "check":
         print(f"{desc}: OK, {len(schedule)} phases for {target.model_name}")
     return 0
+
+
+def _budget_split(structure: torch.nn.Module, style: str, options: dict[str, Any]) -> list[int]:
+    from phasetune.recipes import split_budget
+
+    if "phase_steps" in options:
+        raise UsageError("give either --phase_steps (the steps of each phase) or --steps (a budget split across the "
+                         "phases), not both")
+    try:
+        n = len(generate.generate_schedule(structure, style, **{k: v for k, v in options.items()
+                                                                 if k not in ("total_steps", "head_fraction",
+                                                                              "steps_per_epoch")}))
+        return split_budget(options.pop("total_steps"), n, options.pop("head_fraction", None))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _phase0_note(raw: dict[int, dict[str, Any]], options: dict[str, Any]) -> str:
@@ -200,16 +287,16 @@ def _schedule_table(schedule: Schedule, target: _Target) -> str:
         else:
             lr = f"{fts.base_max_lr:.3g} (base)" if fts.base_max_lr else "1/10 of phase 0"
         rows.append([phase.index, f"{fmt_count(count)} ({len(phase.params)})", f"{100.0 * cumulative / total:.1f}%",
-                     lr, _rule(phase.max_transition_epoch, phase.index == last, fts.epoch_transitions_only),
+                     lr, _rule(phase.max_transition_epoch, phase.max_transition_step, phase.index == last,
+                               fts.epoch_transitions_only),
                      covering_modules(phase.params, list(numel), limit=2)])
     return format_table(["phase", "params (tensors)", "trainable", "lr", "ends", "thaws"], rows, align="lrrrll")
 
 
-def _rule(epoch: int, final: bool, epoch_only: bool) -> str:
+def _rule(epoch: int, step: int, final: bool, epoch_only: bool) -> str:
     stop = "run ends" if final else "next phase"
+    caps = [f"epoch {epoch}"] * (epoch >= 0) + [f"step {step}"] * (step >= 0)
     if epoch_only:
-        return f"epoch {epoch}: {stop}"
-    if epoch >= 0:
-        return f"early stopping or epoch {epoch}: {stop}"
-    return f"early stopping: {stop}"
+        return f"{' or '.join(caps)}: {stop}"
+    return f"{' or '.join(['early stopping', *caps])}: {stop}"
 

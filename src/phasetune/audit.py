@@ -1,0 +1,494 @@
+"""Did each phase take effect? An audit at every transition and after the first optimizer step of a phase.
+
+The commonest failure of gradual unfreezing is silent: a layer the schedule thawed never trains. The audit
+proves each phase took effect, or names what did not and why (torch only):
+
+- **at a transition, a start or a resume** (:meth:`PhaseAudit.check_phase`): every parameter of the phases
+  so far requires grad, sits in exactly one optimizer group and, under ``DistributedDataParallel``, is one
+  the reducer averages;
+- **after the first optimizer step of the phase** (optimizer step hooks armed by ``check_phase`` and removed
+  after that step, so ordinary steps do no work): the structure again (a callback may freeze a layer after
+  the transition), each newly thawed parameter got a finite, non-zero gradient on every rank and its value
+  moved, its FSDP1 ``FlatParameter`` requires grad, each group's lr is the one the schedule (and its lr
+  scheduler) asked for, and parameters of later phases did not move.
+
+Each audit uses at most one collective (an ``all_gather_object`` of every rank's findings), so every rank
+reaches the same verdict. A failure raises :class:`AuditError` (or warns, ``on_failure="warn"``); a pass is
+one line per phase. :func:`group_names` gives optimizer groups readable names for logging lrs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from phasetune import _dist
+from phasetune.audit_probes import _find_ddp, _fingerprints, _fsdp1_flat_params, _grad_stats, _reducer_misses
+from phasetune.errors import ConfigurationError
+from phasetune.param_groups import PHASE_KEY, is_no_decay
+from phasetune.report import covering_modules, few
+
+log = logging.getLogger("phasetune")
+
+#: probable causes: key -> (what the message calls it, what to do)
+CAUSES: dict[str, tuple[str, str]] = {
+    "refrozen": ("re-frozen after the thaw", "something set requires_grad=False after phasetune thawed them (a callback "
+                 "or hook that freezes layers, e.g. BaseFinetuning-style code run every epoch); remove it and let the "
+                 "schedule decide what trains"),
+    "missing": ("missing from the optimizer", "the optimizer that steps does not hold them: was it built from the "
+                "parameters trainable at that moment, or replaced after phasetune added the phase's groups? Give "
+                "phasetune the optimizer that trains and do not rebuild it after a transition"),
+    "duplicate": ("in more than one optimizer group", "each parameter must sit in exactly one group; remove it from the "
+                  "extra group"),
+    "not_in_reducer": ("not in the DDP reducer", "DistributedDataParallel was built while they were frozen, so their "
+                       "gradients are never averaged across ranks; make every parameter the schedule will train require "
+                       "grad when the model is wrapped (phasetune freezes them again after) and pass "
+                       "find_unused_parameters=True"),
+    "not_synchronised": ("gradients differ across ranks", "their gradients were not averaged across ranks (not in DDP's "
+                         "reducer, or a hook changed them after the all-reduce); wrap the model with every parameter the "
+                         "schedule will train requiring grad"),
+    "flat_frozen": ("FSDP FlatParameter frozen", "the FSDP1 unit holding them has a FlatParameter that does not require "
+                    "grad, so FSDP computes no gradient for them; use use_orig_params=True and thaw through phasetune"),
+    "no_gradient": ("no gradient reached them", "they got no gradient (or an all-zero one) at the phase's first step: "
+                    "check that the forward uses them for the loss and that no hook, detach() or no_grad cuts or zeroes "
+                    "their gradient"),
+    "nonfinite": ("non-finite gradient", "their gradient holds inf or NaN: lower the phase's lr, check the loss, clip "
+                  "gradients or use a GradScaler"),
+    "lr_zero": ("lr 0", "their group trained at lr 0 though the schedule asked for more; check the lr scheduler (one "
+                "that already ended at eta_min=0, a lambda or warmup returning 0 for the new groups), or pass "
+                "zero_lr='report' if a phase starting at lr 0 is intended"),
+    "lr_mismatch": ("lr not the scheduled one", "something set the group's lr after the schedule and its lr scheduler "
+                    "did (a callback, an lr finder, another scheduler); let the schedule set phase lrs"),
+    "unchanged": ("value did not change", "a gradient reached them at a non-zero lr but the step left them as they were "
+                  "(the optimizer skipped them, or other code restored them)"),
+    "frozen_changed": ("frozen parameter changed", "a parameter that should be frozen moved at the step: it sits in an "
+                       "optimizer group with a leftover gradient or weight decay, or other code writes to it; take it "
+                       "out of the optimizer or set its .grad to None"),
+}
+#: stages of an audit
+START, TRANSITION, RESUME, FIRST_STEP = "start", "transition", "resume", "first step"
+
+
+class AuditError(ConfigurationError):
+    """A phase did not take effect; ``result`` is the :class:`AuditResult` that says what and why."""
+
+    def __init__(self, result: AuditResult) -> None:
+        self.result = result
+        super().__init__(result.message())
+
+
+@dataclass
+class Finding:
+    """One probable cause and the parameters (schedule names) it applies to."""
+
+    cause: str
+    params: list[str]
+
+    def line(self) -> str:
+        label, advice = CAUSES[self.cause]
+        return f"{label}: {few(self.params)} ({_n(len(self.params), 'tensor')}). What to do: {advice}"
+
+
+@dataclass
+class AuditResult:
+    """What one audit found. ``passed`` is True when no finding is a failure; ``notes`` are reported only."""
+
+    depth: int
+    stage: str
+    checked: int = 0  # trainable tensors checked (phases 0..depth)
+    groups: int = 0  # non-empty optimizer groups
+    newly_thawed: int = 0  # tensors whose gradient and change were checked (first step)
+    frozen_checked: int = 0  # tensors of later phases fingerprinted (first step)
+    findings: list[Finding] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    recompiles: int | None = None  # graphs torch.compile built since the transition (see compile_support)
+
+    @property
+    def passed(self) -> bool:
+        return not self.findings
+
+    def summary(self) -> str:
+        """One line: the counts, and the verdict."""
+        if not self.passed:
+            return f"audit phase {self.depth} ({self.stage}) FAILED: " + "; ".join(
+                f"{CAUSES[f.cause][0]}: {few(f.params, 2)}" for f in self.findings)
+        if self.stage.startswith(FIRST_STEP):
+            what = "trainable tensors checked" if self.stage != FIRST_STEP else "tensors thawed"
+            text = (f"audit phase {self.depth}: {self.newly_thawed} {what}, all trained; {_n(self.groups, 'group')} "
+                    f"at the scheduled lrs; {self.frozen_checked} frozen unchanged")
+        else:
+            text = (f"audit phase {self.depth} ({self.stage}): {self.checked} trainable tensors, each requiring grad "
+                    f"and in exactly one of {_n(self.groups, 'optimizer group')}")
+        if self.recompiles is not None:
+            text += f"; torch.compile built {self.recompiles} graph(s) for it"
+        return text + "".join(f"; note: {n}" for n in self.notes)
+
+    def message(self) -> str:
+        """The failure report: every finding with its parameters, its probable cause and what to do."""
+        lines = [f"phasetune audit of phase {self.depth} ({self.stage}) failed: the phase did not take effect."]
+        lines += [f"  - {f.line()}" for f in self.findings]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def record(self) -> dict[str, Any]:
+        """A JSON-safe summary for a phase's history record."""
+        return {"stage": self.stage, "passed": self.passed, "checked": self.checked, "groups": self.groups,
+                "newly_thawed": self.newly_thawed, "frozen_checked": self.frozen_checked,
+                "failures": {f.cause: f.params for f in self.findings}, "notes": list(self.notes),
+                "recompiles": self.recompiles}
+
+
+@dataclass
+class AuditOptions:
+    """``on_failure``: raise :class:`AuditError` or only warn. ``zero_lr``: a group a scheduler holds at lr 0
+    at the phase's first step (a warmup from 0) fails, or is only reported."""
+
+    on_failure: Literal["raise", "warn"] = "raise"
+    zero_lr: Literal["fail", "report"] = "fail"
+
+    def __post_init__(self) -> None:
+        if self.on_failure not in ("raise", "warn"):
+            raise ConfigurationError(f"audit on_failure must be 'raise' or 'warn', got {self.on_failure!r}")
+        if self.zero_lr not in ("fail", "report"):
+            raise ConfigurationError(f"audit zero_lr must be 'fail' or 'report', got {self.zero_lr!r}")
+
+
+@dataclass
+class _Armed:
+    depth: int
+    optimizer: Optimizer
+    schedulers: list[Any]
+    check: list[str]  # names whose gradient and change are checked
+    frozen: list[str]
+    stage: str
+    handles: list[Any] = field(default_factory=list)
+    before: dict[str, tuple[float, float]] | None = None
+
+
+class PhaseAudit:
+    """Audits the phases an engine runs (see the module docstring).
+
+    Args:
+        engine: the :class:`~phasetune.engine.PhaseEngine` (its ``params``, schedule and depth).
+        options: failure policy.
+        model: the model as trained: a ``DistributedDataParallel`` (its reducer is checked) or a module holding
+            FSDP1 units (their FlatParameters are checked); may be set later (``audit.model = ...``).
+        info, warn: where the pass line and a warned failure go (default: the ``phasetune`` logger, rank 0).
+        recompiles: a :class:`phasetune.compile_support.RecompileCounter` whose count since the transition is
+            reported with the first step's result.
+        on_result: called with every result (a transition's, then its first step's), e.g. to put the summary
+            into the phase's history record.
+    """
+
+    def __init__(
+        self,
+        engine: Any,
+        *,
+        options: AuditOptions | None = None,
+        model: nn.Module | None = None,
+        info: Callable[[str], None] | None = None,
+        warn: Callable[[str], None] | None = None,
+        recompiles: Any = None,
+        on_result: Callable[[AuditResult], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.options = options or AuditOptions()
+        self.model = model
+        self.info = info or _rank_zero(logging.INFO)
+        self.warn = warn or _rank_zero(logging.WARNING)
+        self.recompiles = recompiles
+        self.on_result = on_result
+        self.results: list[AuditResult] = []  # the first-step audits, one per phase
+        self._armed: _Armed | None = None
+
+    @property
+    def pending(self) -> bool:
+        """Whether the first-step audit of the current phase is still to come."""
+        return self._armed is not None
+
+    def check_stepped(self, steps: int) -> None:
+        """Warn when the optimizer the audit watches has not stepped after ``steps`` steps of the phase (call it
+        from a per-step hook, e.g. a run's step watch): the optimizer that trains is another one (wrapped or
+        rebuilt after the transition), or every step so far was skipped (a GradScaler finding inf gradients)."""
+        if self._armed is not None:
+            self.warn(f"audit: the optimizer phasetune fitted has not stepped in {steps} optimizer steps of phase "
+                      f"{self._armed.depth}: if another optimizer trains (one built or replaced after the transition), "
+                      "phase parameters may not train at all; give phasetune the optimizer that steps")
+
+    # ------------------------------------------------------------------ the two audits
+    def check_phase(
+        self, optimizer: Optimizer, schedulers: Sequence[Any] = (), *, thawed: Sequence[str] | None = None,
+        stage: str = TRANSITION,
+    ) -> AuditResult:
+        """Audit the phase just entered (``stage``: start, transition or resume; a collective) and arm the audit of
+        its first optimizer step. ``thawed``: the names the transition thawed (default: the phase's; on a resume
+        every trainable parameter is checked)."""
+        if self._armed is not None and self._armed.depth != self.engine.depth and stage != RESUME:
+            self.warn(f"audit: phase {self._armed.depth} ended before an optimizer step, so it was not audited after "
+                      "one")
+        self.disarm()
+        engine = self.engine
+        trainable = list(engine.trainable())
+        local = self._structure(optimizer, trainable, first_step=False)
+        gathered = _gather({"local": local})
+        result = AuditResult(engine.depth, stage, checked=len(trainable), groups=_n_groups(optimizer))
+        result.findings = _merge_local([g["local"] for g in gathered])
+        self._conclude(result, quiet=True)
+        if stage == RESUME or (thawed is None and stage == START):
+            check = trainable
+        else:
+            names = thawed if thawed is not None else engine.schedule[engine.depth].params
+            check = [n for n in engine.distinct(names) if n in set(trainable)]
+        keep = set(trainable)
+        frozen = [n for n in engine.distinct(list(engine.params)) if n not in keep]
+        self._arm(_Armed(engine.depth, optimizer, list(schedulers), check, frozen, stage))
+        if self.recompiles is not None:
+            self.recompiles.mark()
+        return result
+
+    def disarm(self) -> None:
+        """Remove the first-step hooks (a no-op when none are armed)."""
+        if self._armed is not None:
+            for h in self._armed.handles:
+                h.remove()
+            self._armed = None
+
+    def _arm(self, armed: _Armed) -> None:
+        self._armed = armed
+        armed.handles = [armed.optimizer.register_step_pre_hook(self._before_step),
+                         armed.optimizer.register_step_post_hook(self._after_step)]
+
+    def _before_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        armed = self._armed
+        if armed is not None and armed.before is None:  # values as the step finds them (before a closure runs)
+            names = armed.check + armed.frozen
+            armed.before = dict(zip(names, _fingerprints([self.engine.params[n] for n in names])))
+
+    def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        armed = self._armed
+        self.disarm()  # ordinary steps run without hooks from here on
+        if armed is None or armed.before is None:
+            return
+        self.results.append(self._first_step(armed))
+        self._conclude(self.results[-1], quiet=False)
+
+    def _first_step(self, armed: _Armed) -> AuditResult:
+        engine, optimizer = self.engine, armed.optimizer
+        trainable = list(engine.trainable())
+        params = engine.params
+        names = armed.check + armed.frozen
+        after = dict(zip(names, _fingerprints([params[n] for n in names])))
+        moved = [n for n in names if after[n] != armed.before[n]]  # type: ignore[index]
+        grads = dict(zip(armed.check, _grad_stats([params[n] for n in armed.check])))
+        lrs, lr_findings, notes = self._lrs(optimizer, armed.schedulers)
+        payload = {
+            "local": self._structure(optimizer, trainable, first_step=True),
+            "grads": grads,
+            "moved": moved,
+        }
+        gathered = _gather(payload)
+        result = AuditResult(armed.depth, FIRST_STEP if armed.stage != RESUME else "first step after the resume",
+                             checked=len(trainable), groups=_n_groups(optimizer), newly_thawed=len(armed.check),
+                             frozen_checked=len(armed.frozen), notes=notes)
+        findings = _merge_local([g["local"] for g in gathered])
+        flagged = {n for f in findings for n in f.params}
+        moved_any = {n for g in gathered for n in g["moved"]}
+        ddp = _find_ddp(self.model)
+        by_cause: dict[str, list[str]] = {}
+        for n in armed.check:
+            if n in flagged:
+                continue
+            stats = [g["grads"][n] for g in gathered if g["grads"][n][0] != "empty"]  # ranks holding a piece
+            lr = lrs.get(n)
+            if any(s[0] == "none" for s in stats) or (stats and all(s[1] == 0.0 for s in stats)):
+                by_cause.setdefault("no_gradient", []).append(n)
+            elif any(not math.isfinite(s[1]) for s in stats):
+                by_cause.setdefault("nonfinite", []).append(n)
+            elif ddp is not None and len({s[2] for s in stats}) > 1:
+                by_cause.setdefault("not_synchronised", []).append(n)
+            elif lr is not None and lr > 0 and n not in moved_any and n in lr_findings.get("ok", set()):
+                by_cause.setdefault("unchanged", []).append(n)
+        # lr 0 fails on the groups of newly thawed parameters (a scheduler may end an old phase's groups at 0);
+        # an lr other than the one asked for fails on every group
+        # (at the start of training a scheduler's lr 0 is a warmup from 0: reported only)
+        new_zero = [] if armed.stage == START else armed.check
+        for cause, among in (("lr_zero", new_zero), ("lr_mismatch", trainable)):
+            hit = [n for n in among if n in lr_findings[cause] and n not in flagged]
+            if hit:
+                by_cause.setdefault(cause, []).extend(hit)
+        other_zero = [n for n in trainable if n in lr_findings["lr_zero"] and n not in set(new_zero)]
+        if other_zero:
+            result.notes.append(f"{len(other_zero)} tensors trained this step at lr 0, their lr scheduler's value "
+                                f"(e.g. {other_zero[0]!r}); they are not expected to change")
+        frozen_moved = [n for n in armed.frozen if n in moved_any]
+        if frozen_moved:
+            by_cause["frozen_changed"] = frozen_moved
+        findings += [Finding(c, by_cause[c]) for c in CAUSES if c in by_cause]
+        result.findings = findings
+        if self.recompiles is not None:
+            result.recompiles = self.recompiles.since_mark()
+        return result
+
+    # ------------------------------------------------------------------ checks
+    def _structure(self, optimizer: Optimizer, trainable: list[str], first_step: bool) -> dict[str, list[str]]:
+        """Structural failures on this rank: cause -> names."""
+        params = self.engine.params
+        count: dict[int, int] = {}
+        for g in optimizer.param_groups:
+            for p in g["params"]:
+                count[id(p)] = count.get(id(p), 0) + 1
+        found: dict[str, list[str]] = {}
+        for n in trainable:
+            p = params[n]
+            cause = ("refrozen" if not p.requires_grad else "missing" if id(p) not in count
+                     else "duplicate" if count[id(p)] > 1 else None)
+            if cause:
+                found.setdefault(cause, []).append(n)
+        flagged = {n for names in found.values() for n in names}
+        rest = {n: params[n] for n in trainable if n not in flagged}
+        ddp = _find_ddp(self.model)
+        if ddp is not None:
+            misses = _reducer_misses(ddp, rest)
+            if misses:
+                found["not_in_reducer"] = misses
+        if first_step and self.model is not None:
+            flat_of = _fsdp1_flat_params(self.model)
+            frozen_flat = [n for n, p in rest.items() if id(p) in flat_of and not flat_of[id(p)].requires_grad]
+            if frozen_flat:
+                found["flat_frozen"] = frozen_flat
+        return found
+
+    def _lrs(self, optimizer: Optimizer, schedulers: Sequence[Any]) -> tuple[dict[str, float], dict[str, set[str]], list[str]]:
+        """Each parameter's lr, which names' groups fail the lr checks (and which pass: "ok"), and notes."""
+        name_of = self.engine.name_of
+        n_groups = len(optimizer.param_groups)
+        asked_by: list[list[float]] = []
+        for s in schedulers:
+            if getattr(s, "optimizer", None) is optimizer:
+                last = list(s.get_last_lr()) if hasattr(s, "get_last_lr") else []
+                if len(last) == n_groups:
+                    asked_by.append([float(v) for v in last])
+        lrs: dict[str, float] = {}
+        verdict: dict[str, set[str]] = {"ok": set(), "lr_zero": set(), "lr_mismatch": set()}
+        notes = []
+        for i, g in enumerate(optimizer.param_groups):
+            names = [name_of[id(p)] for p in g["params"] if id(p) in name_of]
+            if not names:
+                continue
+            phase = int(g.get(PHASE_KEY, 0))
+            lr = float(g["lr"])
+            base = float(g.get("initial_lr", self.engine.lr_for(phase) if phase > 0 else lr))
+            asked = [a[i] for a in asked_by] or ([self.engine.lr_for(phase)] if phase > 0 else [lr])
+            for n in names:
+                lrs[n] = lr
+            if lr == 0.0 and base == 0.0:
+                notes.append(f"group {i} (phase {phase}, {few(names, 2)}) has lr 0 as configured: its parameters are "
+                             "not expected to change")
+                continue
+            if not any(math.isclose(lr, a, rel_tol=1e-6, abs_tol=1e-12) for a in asked):
+                verdict["lr_mismatch"].update(names)
+                continue
+            if lr == 0.0:
+                if self.options.zero_lr == "fail":
+                    verdict["lr_zero"].update(names)
+                else:
+                    notes.append(f"group {i} (phase {phase}) trained its first step at lr 0 (its lr scheduler's value)")
+                continue
+            verdict["ok"].update(names)
+        return lrs, verdict, notes
+
+    # ------------------------------------------------------------------ verdict
+    def _conclude(self, result: AuditResult, quiet: bool) -> None:
+        if self.on_result is not None:
+            self.on_result(result)
+        if result.passed:
+            (log.debug if quiet else self.info)(result.summary())
+            return
+        if self.options.on_failure == "raise":
+            self.disarm()
+            raise AuditError(result)
+        self.warn(result.message())
+
+
+# ---------------------------------------------------------------------------------------------- group names
+
+
+def group_names(optimizer: Optimizer, engine: Any) -> list[str]:
+    """A readable name per optimizer group, e.g. ``phase1/encoder.layer.5`` (its phase and the blocks its
+    parameters belong to; ``/no_decay`` on the weight-decay-free twin), unique within the optimizer: log lrs
+    as ``lr/<name>`` rather than ``pg3``. Names change only at transitions: compute them then."""
+    owner = {n: n.rpartition(".")[0] or n for n in engine.params}  # the module holding each parameter
+    modules = list(dict.fromkeys(owner.values()))
+    names_by_id: dict[int, list[str]] = {}
+    for n, p in engine.params.items():
+        names_by_id.setdefault(id(p), []).append(n)
+    labels, no_decay = [], []
+    for g in optimizer.param_groups:
+        names = [n for p in g["params"] for n in names_by_id.get(id(p), [])]
+        held = list(dict.fromkeys(owner[n] for n in names))
+        where = covering_modules(held, modules, limit=2).replace(", ", "+").replace(" +", "+").replace(" more", "_more")
+        labels.append(f"phase{int(g.get(PHASE_KEY, 0))}/{where if held else 'empty'}")
+        no_decay.append(bool(names) and all(is_no_decay(n, engine.no_decay) for n in names))
+    out: list[str] = []
+    for label, nd in zip(labels, no_decay):
+        if labels.count(label) > 1 and nd:
+            label += "/no_decay"
+        base, k = label, 2
+        while label in out:
+            label, k = f"{base}/{k}", k + 1
+        out.append(label)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _rank_zero(level: int) -> Callable[[str], None]:
+    def emit(message: str) -> None:
+        if _dist.rank() == 0:
+            log.log(level, "phasetune: %s", message)
+
+    return emit
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'s' if count != 1 else ''}"
+
+
+def _n_groups(optimizer: Optimizer) -> int:
+    return sum(1 for g in optimizer.param_groups if g["params"])
+
+
+def _gather(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every rank's ``payload`` (the audit's one collective; none on one process)."""
+    if _dist.world_size() == 1:
+        return [payload]
+    out: list[Any] = [None] * _dist.world_size()
+    torch.distributed.all_gather_object(out, payload)
+    return out
+
+
+def _merge_local(per_rank: list[dict[str, list[str]]]) -> list[Finding]:
+    merged: dict[str, list[str]] = {}
+    for found in per_rank:
+        for cause, names in found.items():
+            merged.setdefault(cause, [])
+            merged[cause] += [n for n in names if n not in merged[cause]]
+    seen: set[str] = set()
+    findings = []
+    for cause in CAUSES:  # a name is reported under its first (most likely) cause only
+        names = [n for n in merged.get(cause, []) if n not in seen]
+        seen.update(names)
+        if names:
+            findings.append(Finding(cause, names))
+    return findings
+
+
+__all__ = ["CAUSES", "AuditError", "AuditOptions", "AuditResult", "Finding", "PhaseAudit", "group_names"]
