@@ -168,7 +168,7 @@ def test_indexed_datasets_carry_indices_through_default_and_custom_collation():
 
 def test_the_example_in_docs_prefix_cache_md_runs_and_serves_later_epochs_from_the_cache():
     doc = (Path(__file__).resolve().parents[1] / "docs" / "prefix_cache.md").read_text()
-    code = re.search(r"<!-- tested: .*? -->\s*```python\n(.*?)```", doc, re.S).group(1)
+    code = re.search(r"<!-- tested: tests/test_prefix_cache.py .*? -->\s*```python\n(.*?)```", doc, re.S).group(1)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         exec(compile(code, "docs/prefix_cache.md", "exec"), {})

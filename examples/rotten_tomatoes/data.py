@@ -168,6 +168,8 @@ class RottenTomatoes(pl.LightningDataModule):
         train_size: training examples (stratified); ``None`` uses all that remain.
         seed: seed of the split (the training order follows ``seed_everything``).
         tokenizer_dir: tokenizer to use; ``None`` takes the demo model's.
+        index_samples: give every training batch its snippets' indices (``"sample_index"``), which the
+            frozen-prefix cache (schedule key ``prefix_cache``) keys its entries by; off by default.
     """
 
     def __init__(
@@ -180,6 +182,7 @@ class RottenTomatoes(pl.LightningDataModule):
         train_size: int | None = None,
         seed: int = 42,
         tokenizer_dir: str | None = None,
+        index_samples: bool = False,
     ) -> None:
         super().__init__()
         self.max_length = max_length
@@ -190,6 +193,7 @@ class RottenTomatoes(pl.LightningDataModule):
         self.train_size = train_size
         self.seed = seed
         self.tokenizer_dir = tokenizer_dir
+        self.index_samples = index_samples
         self.sets: dict[str, Encoded] = {}
         self.pad_id = 0
 
@@ -213,6 +217,11 @@ class RottenTomatoes(pl.LightningDataModule):
                           collate_fn=functools.partial(pad_batch, pad_id=self.pad_id))
 
     def train_dataloader(self) -> DataLoader:
+        if self.index_samples:  # batches gain "sample_index" (see phasetune.prefix_cache)
+            from phasetune.prefix_cache import IndexedCollate, IndexedDataset
+
+            return DataLoader(IndexedDataset(self.sets["train"]), batch_size=self.batch_size, shuffle=True,
+                              collate_fn=IndexedCollate(functools.partial(pad_batch, pad_id=self.pad_id)))
         return self._loader("train", self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:

@@ -16,6 +16,7 @@ from phasetune.errors import ConfigurationError, PhasetuneError, ScheduleError, 
 from phasetune.generate import generate_schedule
 from phasetune.lr_shapes import WarmupLinearDecay
 from phasetune.prefix_cache import IndexedCollate, IndexedDataset, PrefixCache, find_prefix_end
+from phasetune.prefix_phases import PrefixCachePhases
 from phasetune.run import PhaseRecord, PhaseRun, RunEnv, RunOptions
 from phasetune.schedule import Phase, Schedule, resolve_schedule
 from phasetune.snapshots import Snapshot, restore_snapshot, take_snapshot
@@ -81,6 +82,7 @@ __all__ = [
     "PhasetuneTrainerCallback",
     "PhasetuneTrainerMixin",
     "PrefixCache",
+    "PrefixCachePhases",
     "RunEnv",
     "RunOptions",
     "Schedule",

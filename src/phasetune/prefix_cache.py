@@ -10,6 +10,7 @@ holding a trainable parameter, a batch without indices, a dataset with random au
 output it cannot key by sample, and a stored output that differs from a fresh one are errors. Entries live
 in RAM up to ``limit_bytes``, beyond that in memory-mapped files, deleted at :meth:`PrefixCache.close`. Only
 training-mode forwards use the cache; evaluation passes through. Each process caches what it sees (DDP).
+Per phase, from a schedule's ``prefix_cache`` key: :mod:`phasetune.prefix_phases`.
 """
 
 from __future__ import annotations
@@ -219,6 +220,7 @@ class PrefixCache:
         self._prefix_modules: list[nn.Module] = []
         self._prefix_params: list[tuple[str, torch.Tensor]] = []
         self._verified = self._nan_checked = False
+        self._root: str | None = None  # the module whose forward is the training step in flight
         self._mode = "off"  # per forward: off (pass through), fill (run the prefix, store), serve (from cache)
         self._served: Any = None
         self._pending: tuple[list[int], Any] | None = None
@@ -226,9 +228,13 @@ class PrefixCache:
     # ------------------------------------------------------------------ lifecycle
     def activate(self) -> PrefixCache:
         """Install the hooks; the next training forward records the prefix and starts filling the cache."""
-        if not self._handles:
-            self._handles = [self.model.register_forward_pre_hook(self._before, with_kwargs=True),
-                             self.model.register_forward_hook(self._after, with_kwargs=True)]
+        if not self._handles:  # on the model and every module between it and prefix_end (see _before)
+            parts = self.prefix_end.split(".")
+            for name in (".".join(parts[:k]) for k in range(len(parts))):
+                m = self._modules[name]
+                self._handles += [
+                    m.register_forward_pre_hook(lambda m, a, kw, n=name: self._before(n, m, a, kw), with_kwargs=True),
+                    m.register_forward_hook(lambda m, a, kw, o, n=name: self._after(n, m, o), with_kwargs=True)]
             self._wrap(self.prefix_end, end=True)
         return self
 
@@ -253,7 +259,7 @@ class PrefixCache:
         self.prefix, self._templates, self._boundary = [], {}, None
         self._prefix_modules, self._prefix_params = [], []
         self._verified = self._nan_checked = False
-        self._mode, self._served, self._pending = "off", None, None
+        self._mode, self._served, self._pending, self._root = "off", None, None, None
 
     def __enter__(self) -> PrefixCache:
         return self.activate()
@@ -266,6 +272,7 @@ class PrefixCache:
         does not receive the batch itself); reads the indices and, for dict batches, ``mask_key``."""
         mask = batch.get(self.mask_key) if isinstance(batch, Mapping) and self.mask_key else None
         self._pending = (batch_indices(batch).tolist(), mask)
+        self._root = None
 
     def describe(self) -> str:
         """One line for the phase log: where the prefix ends, that it runs in eval mode, what the cache holds."""
@@ -284,7 +291,14 @@ class PrefixCache:
         return self._store.files()
 
     # ------------------------------------------------------------------ hooks
-    def _before(self, root: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def _before(self, name: str, root: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        # The step's root is the outermost module around prefix_end whose forward runs: the model itself, or an
+        # inner one when a training_step calls self.model(**batch) without going through the model's forward.
+        if self._root is not None and name.count(".") + bool(name) > self._root.count(".") + bool(self._root):
+            if INDEX_KEY in kwargs:  # an inner module of a step in flight: only the index is taken out
+                kwargs = {k: v for k, v in kwargs.items() if k != INDEX_KEY}
+            return args, kwargs
+        self._root = name
         pending, self._pending = self._pending, None
         found = None
         if INDEX_KEY in kwargs:  # model(..., sample_index=idx): taken out before the model sees it
@@ -303,7 +317,8 @@ class PrefixCache:
             raise PrefixCacheError(
                 f"a training forward of {type(root).__name__} came without sample indices, which the prefix cache "
                 f"keys its entries by: build the training dataset with IndexedDataset and pass the batch to the "
-                f"model (or call cache.next_batch(batch) before the forward, or pass {INDEX_KEY}=... to the model)")
+                f"model (or call cache.next_batch(batch) before the forward, or pass {INDEX_KEY}=... to the model); "
+                f"under the Hugging Face Trainer set remove_unused_columns=False, which otherwise drops {INDEX_KEY!r}")
         indices, mask = [int(i) for i in got[0]], got[1]
         self._batch = (indices, *_widths(mask, len(indices)))
         if not self._prefix_modules:  # the first training forward (or one after a refused one): find the prefix
@@ -319,7 +334,10 @@ class PrefixCache:
         self._mode = "serve" if self._served is not None else "fill"
         return args, kwargs
 
-    def _after(self, root: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def _after(self, name: str, root: nn.Module, output: Any) -> None:
+        if name != self._root:
+            return
+        self._root = None
         if self._record:
             self._finish_recording()
         if self._mode == "serve":

@@ -9,6 +9,7 @@ A schedule is a mapping of phase index to phase settings, written in YAML or giv
     1:
       params: [model.encoder.layer.11.*]
       lr: 1.0e-5                           # optional; default: the callback's base_max_lr
+      prefix_cache: true                   # optional: cache the frozen prefix's outputs (phasetune.prefix_phases)
 
 Phase k trains the parameters of phases 0..k. :func:`resolve_schedule` reads and checks a schedule (the
 checks live in :mod:`phasetune.schedule_validation`) and raises one :class:`~phasetune.errors.ScheduleError`
@@ -45,6 +46,9 @@ class Phase:
     new_optimizer: specs.ClassSpec | None = None
     new_lr_scheduler: specs.LRSchedulerSpec | None = None
     patterns: tuple[str, ...] = ()
+    #: the frozen-prefix cache for this phase: None (off) or the ``prefix_cache`` sub-keys given ({}: defaults);
+    #: not in the resume fingerprint, since it does not change what trains
+    prefix_cache: dict[str, Any] | None = field(default=None, hash=False)
 
     def to_dict(self, resolved: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {"params": list(self.params if resolved else self.patterns)}
@@ -58,6 +62,8 @@ class Phase:
             out["new_optimizer"] = {"optimizer_init": self.new_optimizer.to_dict()}
         if self.new_lr_scheduler is not None:
             out["new_lr_scheduler"] = self.new_lr_scheduler.to_dict()
+        if self.prefix_cache is not None:
+            out["prefix_cache"] = dict(self.prefix_cache) if self.prefix_cache else True
         return out
 
 

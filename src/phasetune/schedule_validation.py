@@ -20,11 +20,13 @@ from phasetune import specs
 from phasetune.io import DuplicateKeyError, load_yaml
 from phasetune.report import few
 
-PHASE_KEYS = ("params", "lr", "max_transition_epoch", "max_transition_step", "new_optimizer", "new_lr_scheduler")
+PHASE_KEYS = ("params", "lr", "max_transition_epoch", "max_transition_step", "new_optimizer", "new_lr_scheduler",
+              "prefix_cache")
 #: how the two phase-length keys count, for their messages
 _CAP_UNITS = {"max_transition_epoch": "epoch", "max_transition_step": "optimizer step"}
 NEW_LR_SCHEDULER_KEYS = ("lr_scheduler_init", "pl_lrs_cfg", "init_pg_lrs", "use_current_optimizer_pg_lrs")
 NEW_OPTIMIZER_KEYS = ("optimizer_init",)
+PREFIX_CACHE_KEYS = ("prefix_end", "limit_mb", "deterministic_inputs")
 
 
 def load_schedule_source(source: str | os.PathLike[str] | Mapping[Any, Any]) -> tuple[Any, str, list[str]]:
@@ -189,6 +191,7 @@ def check_phases(
 
         new_opt = _parse_new_optimizer(body.get("new_optimizer"), where, idx, problems)
         new_lrs = _parse_new_lr_scheduler(body.get("new_lr_scheduler"), where, idx, problems)
+        cache = parse_prefix_cache(body.get("prefix_cache"), where, names, set(owner), problems)
         phases.append(
             dict(
                 index=idx,
@@ -199,6 +202,7 @@ def check_phases(
                 new_optimizer=new_opt,
                 new_lr_scheduler=new_lrs,
                 patterns=tuple(e for e in entries if isinstance(e, str)),
+                prefix_cache=cache,
             )
         )
     return phases, problems, notes
@@ -394,3 +398,59 @@ def _parse_new_lr_scheduler(raw: Any, where: str, idx: int, problems: list[str])
         return None
     return specs.LRSchedulerSpec(init, dict(pl_cfg), init_pg_lrs, bool(use_current))
 
+
+
+def parse_prefix_cache(raw: Any, where: str, names: list[str], trained: set[str],
+                       problems: list[str]) -> dict[str, Any] | None:
+    """A phase's ``prefix_cache`` (``true``, ``false`` or a mapping of :data:`PREFIX_CACHE_KEYS`) as ``None``
+    (off) or a dict of the keys given; checks what parameter names alone can tell (``trained``: the names
+    phases 0..k train). The model-level checks are :class:`phasetune.prefix_phases.PrefixCachePhases`'s."""
+    key = f"{where}, key 'prefix_cache'"
+    if raw is None or raw is False:
+        return None
+    out: dict[str, Any] = {}
+    ok = True
+    if isinstance(raw, Mapping):
+        for k, v in raw.items():
+            if k not in PREFIX_CACHE_KEYS:
+                hint = difflib.get_close_matches(str(k), PREFIX_CACHE_KEYS, n=1)
+                problems.append(f"{key}: unknown sub-key {k!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
+                                + f" (valid: {', '.join(PREFIX_CACHE_KEYS)})")
+                ok = False
+            elif k == "limit_mb" and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                problems.append(f"{key}, 'limit_mb': {v!r} is not an integer >= 0 (megabytes kept in RAM; the rest "
+                                "is spilled to memory-mapped files)")
+                ok = False
+            elif k == "deterministic_inputs" and not isinstance(v, bool):
+                problems.append(f"{key}, 'deterministic_inputs': expected true or false, got {v!r}")
+                ok = False
+            elif k == "prefix_end" and (not isinstance(v, str) or not v.strip()):
+                problems.append(f"{key}, 'prefix_end': expected a non-empty module name (as in "
+                                f"model.named_modules()), got {v!r}; omit it to let phasetune find the prefix")
+                ok = False
+            else:
+                out[k] = v
+    elif raw is not True:
+        problems.append(f"{key}: expected true, false or a mapping with {', '.join(PREFIX_CACHE_KEYS)}, "
+                        f"got {type(raw).__name__} {raw!r}")
+        return None
+    if names and all(n in trained for n in names):
+        problems.append(f"{key}: every parameter trains in this phase, so no frozen prefix is left to cache; "
+                        "turn the prefix cache off for it")
+        return None
+    end = out.get("prefix_end")
+    if end is not None:
+        inside = [n for n in names if n.startswith(end + ".")]
+        if not inside:
+            close = difflib.get_close_matches(end, sorted({n.rsplit(".", 1)[0] for n in names}), n=1, cutoff=0.6)
+            problems.append(f"{key}, 'prefix_end': {end!r} is not a module with parameters"
+                            + (f"; did you mean {close[0]!r}?" if close else "; name a module from "
+                               "model.named_modules() that holds parameters"))
+            return None
+        thawed = [n for n in inside if n in trained]
+        if thawed:
+            problems.append(f"{key}, 'prefix_end': the prefix up to {end!r} holds {few(thawed)}, which "
+                            f"train{'s' if len(thawed) == 1 else ''} in this phase; end the prefix below them or "
+                            "turn the cache off for this phase")
+            return None
+    return out if ok else None
