@@ -1,15 +1,15 @@
 """Exact resume with randomness: a shuffled DataLoader (no generator of its own), Dropout, and data that
 draws from Python's ``random`` (gauss cache) and NumPy. Resumed from any epoch checkpoint, a run ends
-bit-equal to the uninterrupted one, in Lightning and in the plain loop; without the random state it does not."""
+bit-equal to the uninterrupted one, in Lightning (one device; FSDPStrategy and ModelParallelStrategy on 2
+processes, one launch of tests/distributed/resume_scenarios.py) and in the plain loop; without the random
+state it does not. Kills mid-write are in tests/test_kill_harness.py, other numbers of processes in
+tests/test_topology.py (and the ModelParallel 2 -> 1 case here, from this launch's checkpoints)."""
 
 from __future__ import annotations
 
 import io
 import os
 import random
-import signal
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import phasetune.rng
 from helpers import SCHEDULE_3, ToyModule, dataset, trainer
+from launch import launch
 from phasetune import (
     ConfigurationError,
     FinetuningScheduler,
@@ -32,7 +33,6 @@ from phasetune import (
     FTSEarlyStopping,
     ScheduledFinetuning,
 )
-from phasetune.strategy import list_checkpoints
 from plain_models import SCHEDULE as PLAIN_SCHEDULE
 from plain_models import TinyLM, data
 
@@ -142,6 +142,95 @@ def test_reseed_continues_a_resume_onto_another_number_of_processes_with_a_warni
 def test_resume_rng_must_be_exact_or_reseed():
     with pytest.raises(ConfigurationError, match="resume_rng must be one of"):
         FinetuningScheduler(resume_rng="ignore")
+
+
+# ---------------------------------------------------------------------------------------------- FSDP1 and FSDP2
+# tests/distributed/resume_scenarios.py: one 2-process launch; each strategy trains uninterrupted, then resumes
+# from several epoch checkpoints (inside phase 0, the last epoch before a transition, the first after it, the
+# last of phase 1), with Lightning's shuffling DistributedSampler, Dropout, noise from random/NumPy, restore_best
+SHARDED = ("fsdp1", "fsdp2", "fsdp2_full")
+
+
+@pytest.fixture(scope="module")
+def sharded_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sharded_resume")
+    return launch("resume_scenarios.py", out, "lightning"), out
+
+
+@pytest.fixture(scope="module")
+def sharded_ranks(sharded_run):
+    return sharded_run[0]
+
+
+def resumed_fits(rank: dict, kind: str) -> dict[str, dict]:
+    return {k: v for k, v in rank[kind].items() if k.startswith("epoch=")}
+
+
+@pytest.mark.parametrize("kind", SHARDED)
+def test_a_sharded_resume_from_each_epoch_checkpoint_is_bit_equal_with_shuffling_and_dropout(sharded_ranks, kind):
+    reference = sharded_ranks[0][kind]["reference"]
+    assert reference["phases"] == [[0, 2, True], [2, 4, True], [4, 5, False]]  # both phases rolled back to their best
+    fits = resumed_fits(sharded_ranks[0], kind)
+    assert len(fits) >= 2
+    for point, fit in fits.items():
+        assert fit["phases"] == reference["phases"], point
+        assert fit["final"] == reference["final"], point
+        assert fit["warnings"] == [], point  # every snapshot and random state came back
+    for fit in sharded_ranks[0][kind].values():
+        if "final" in fit:  # saved atomically (nothing hidden left behind), the strategy given back unpatched
+            assert fit["hidden_files"] == [] and fit["patches_left"] == []
+
+
+def test_a_sharded_resume_without_the_random_state_differs(sharded_ranks):
+    expected = sharded_ranks[0]["fsdp2"]["reference"]["final"]
+    assert sharded_ranks[0]["fsdp2"]["without_random_state"]["final"] != expected
+
+
+@pytest.mark.parametrize("kind", SHARDED)
+def test_a_sharded_checkpoint_holds_the_random_state_of_every_rank(sharded_ranks, kind):
+    assert sharded_ranks[0][kind]["saved_rng"] == {"world_size": 2, "ranks": [0, 1],
+                                                   "generators": ["numpy", "python", "torch"]}
+
+
+def _fit_on_one_process(out: str, ckpt: str, resume_rng: str) -> None:
+    """Child: the scenarios' ModelParallel fit on one device from ``ckpt``; what it saw (or raised) to out/result.json."""
+    import importlib.util
+    import json
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(k, None)
+    torch.set_num_threads(1)
+    spec = importlib.util.spec_from_file_location("resume_scenarios", Path(__file__).parent / "distributed" / "resume_scenarios.py")
+    scenarios = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scenarios)
+    try:
+        result = scenarios.lightning_fit()("fsdp2", Path(out), "fit", Path(ckpt), devices=1, resume_rng=resume_rng)
+    except ConfigurationError as e:
+        result = {"error": str(e)}
+    Path(out, "result.json").write_text(json.dumps(result))
+
+
+def fit_on_one_process(out: Path, ckpt: Path, resume_rng: str) -> dict:
+    import json
+
+    from test_kill_harness import run_in_child
+
+    assert run_in_child(_fit_on_one_process, str(out), str(ckpt), resume_rng) == 0
+    return json.loads((out / "result.json").read_text())
+
+
+def test_a_2_process_model_parallel_checkpoint_on_1_is_refused_then_continues_re_seeded(sharded_run, tmp_path):
+    ranks, out = sharded_run
+    ckpt = out / "fsdp2_ref" / "epoch=2.ckpt"  # phase 1, sharded on 2 processes
+    refused = fit_on_one_process(tmp_path / "exact", ckpt, "exact")["error"]
+    assert "saved by 2 processes and this run has 1" in refused and "resume_rng='reseed'" in refused
+    assert "\n" not in refused
+    fit = fit_on_one_process(tmp_path / "reseed", ckpt, "reseed")
+    # DCP resharded model and optimizer state, the phase state as saved: the schedule goes on where it was
+    assert [p[:2] for p in fit["phases"]] == [[0, 2], [2, 4], [4, 5]]
+    said = " ".join(fit["warnings"])
+    assert "re-seeded" in said  # the random state
+    assert "restore-best snapshot was taken on 2 ranks, this run has 1" in said  # each rank's shards: dropped
 
 
 # ---------------------------------------------------------------------------------------------- plain loop
@@ -262,6 +351,29 @@ def test_the_plain_strategy_restores_the_gauss_cache_numpy_and_torch(one_process
         st.teardown()  # destroys the process group the strategy created: later tests start without one
 
 
+def test_optimizer_steps_run_while_a_checkpoint_is_saved_or_loaded_are_marked_as_no_training_steps(one_process):
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from phasetune.sharding.optim_state import in_placeholder_step
+
+    st = FSDP2Strategy(seed=0, micro_batch_size=4, global_batch_size=4)
+    marks: list[bool] = []
+    handle = register_optimizer_step_post_hook(lambda *_: marks.append(in_placeholder_step()))  # every optimizer
+    try:
+        model = st.prepare_model(TinyLM())
+        ft = ScheduledFinetuning(PLAIN_SCHEDULE, model, st.create_optimizer(model))
+        st.save_ckpt(model, "ck", "a", finetuning=ft)  # torch gives a never-stepped optimizer a fake step
+        st.load_ckpt(model, "ck", finetuning=ScheduledFinetuning(PLAIN_SCHEDULE, model, st.create_optimizer(model)))
+        assert marks and all(marks)  # step hooks watching training (phasetune's audit) can leave them alone
+        ids, y = data(4, 0)
+        st.backward(nn.functional.cross_entropy(model(ids), y), model)
+        st.optimizer_step(ft.optimizer, model)
+        assert marks[-1] is False
+    finally:
+        handle.remove()
+        st.teardown()
+
+
 # ---------------------------------------------------------------------------------------------- mid-epoch
 def fit_with_step_checkpoints(root: Path, loader_cls, ckpt_path=None):
     class Module(RandomModule):
@@ -304,27 +416,7 @@ def test_a_mid_epoch_resume_of_a_plain_dataloader_warns_once_naming_stateful_dat
     assert "torchdata.stateful_dataloader.StatefulDataLoader" in said[0]
 
 
-# ---------------------------------------------------------------------------------------------- crashes
-def train_subprocess(out: Path, *args: str) -> int:
-    tests = Path(__file__).resolve().parent
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                           "MASTER_PORT")}
-    env["PYTHONPATH"] = os.pathsep.join([str(tests), env.get("PYTHONPATH", "")])
-    out.mkdir(parents=True, exist_ok=True)
-    return subprocess.run([sys.executable, str(tests / "crash_train.py"), str(out), *args], env=env,
-                          capture_output=True, timeout=600).returncode
-
-
-def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_previous_one_bit_equal(tmp_path):
-    assert train_subprocess(tmp_path / "ref") == 0
-    killed = tmp_path / "killed"
-    assert train_subprocess(killed, "3") == -signal.SIGKILL  # killed inside epoch 3's save, after the shards
-    assert [c.tag for c in list_checkpoints(killed / "checkpoints")] == ["epoch1", "epoch2"]  # the partial one hidden
-    assert train_subprocess(killed) == 0  # resumes from epoch2, with dropout and a shuffled DataLoader
-    assert_equal_params(torch.load(killed / "final.pt"), torch.load(tmp_path / "ref" / "final.pt"))
-    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["epoch4", "epoch5"]  # leftovers removed
-
-
+# ---------------------------------------------------------------------------------------------- topology
 def test_the_plain_loop_refuses_another_number_of_processes_unless_asked_to_reseed(plain_reference, caplog):
     _, saved = plain_reference
     state = torch.load(io.BytesIO(saved[2]), weights_only=True)["ft"]

@@ -190,7 +190,11 @@ def save_snapshot_file(snap: Snapshot, root: Path, tag: str, rank: int, world_si
     """Write this rank's ``snap`` atomically to ``root/rank<rank>_<tag>.pt``; return the reference a checkpoint
     keeps (a path template with ``{rank}``, so one reference serves every rank)."""
     template = str(Path(root) / f"rank{{rank}}_{tag}.pt")
-    atomic_torch_save(snap.to_state(), Path(template.format(rank=rank)))
+    path = Path(template.format(rank=rank))
+    if path.parent.is_dir():  # temporary files of this rank's writes that died (a killed process) go first
+        for stale in path.parent.glob(f".rank{rank}_*.pt.*.tmp"):
+            stale.unlink(missing_ok=True)
+    atomic_torch_save(snap.to_state(), path)
     return {"path": template, "step": snap.step, "depth": snap.depth, "world_size": world_size}
 
 

@@ -123,6 +123,7 @@ class FSDPStrategyAdapter(ShardedStrategyAdapter):
 
         self.keep_undo(_compat.replace_optimizer_state(strategy, optimizer_state))
         self.route_checkpoint_loads(strategy)
+        self.route_checkpoint_saves(strategy)  # sharded checkpoints appear complete or not at all
 
     def file_weights_only(self, weights_only: bool | None) -> bool | None:
         return _compat.fsdp_full_checkpoint_weights_only(weights_only)

@@ -88,6 +88,7 @@ class ModelParallelStrategyAdapter(ShardedStrategyAdapter):
         # The strategy loads optimizer state in load_checkpoint, before callbacks are restored: rebuild the
         # saved phase first (see the module docstring).
         self.route_checkpoint_loads(strategy)
+        self.route_checkpoint_saves(strategy)  # sharded checkpoints appear complete or not at all
 
     def mesh(self, pl_module: pl.LightningModule) -> Any:
         """The mesh plan entries shard over: the strategy's ``data_parallel`` mesh."""

@@ -6,12 +6,19 @@
 - Both strategies load optimizer state in ``load_checkpoint``, before Lightning restores callbacks; the
   adapters read the callback's saved state from the checkpoint first (:func:`read_callback_state`) to
   rebuild the saved phase.
+- Both write sharded checkpoints (directories) in place: a process killed while saving would leave a
+  partial directory under the checkpoint's name, or damage the previous one of the same name (``last.ckpt``).
+  During a fit the adapters make every checkpoint save atomic (:meth:`ShardedStrategyAdapter.route_checkpoint_saves`).
 """
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import time
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -22,6 +29,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from phasetune.errors import ConfigurationError
 from phasetune.lightning import _compat
 from phasetune.lightning.adapters import StrategyAdapter
+from phasetune.sharding import optim_state
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -42,10 +50,34 @@ class ShardedStrategyAdapter(StrategyAdapter):
 
         def load_checkpoint(original: Any, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
             weights_only = kwargs.get("weights_only", args[0] if args else None)
-            with self.checkpoint_load(checkpoint_path, weights_only):
+            with self.checkpoint_load(checkpoint_path, weights_only), optim_state.placeholder_steps():
                 return original(checkpoint_path, *args, **kwargs)
 
         self.keep_undo(_compat.route_load_checkpoint(strategy, load_checkpoint))
+
+    def route_checkpoint_saves(self, strategy: Any) -> None:
+        """Make ``strategy.save_checkpoint`` write under a hidden name and rename into place (until :meth:`release`).
+
+        The strategy writes a sharded checkpoint's shards and then its metadata file straight into the final
+        directory; saved under ``.partial-<name>-<time>`` and renamed by rank 0 once every rank is done, a
+        checkpoint is complete whenever its name is visible. Remote (fsspec URL) paths are saved as they are.
+        """
+
+        def save_checkpoint(original: Any, checkpoint: Any, filepath: Any, *args: Any, **kwargs: Any) -> Any:
+            final = Path(filepath) if "://" not in str(filepath) else None
+            if final is None:
+                return original(checkpoint, filepath, *args, **kwargs)
+            tmp = Path(strategy.broadcast(str(final.with_name(f"{PARTIAL_PREFIX}{final.name}-{time.time_ns()}"))))
+            with optim_state.placeholder_steps():
+                result = original(checkpoint, tmp, *args, **kwargs)
+            strategy.barrier("phasetune_checkpoint_written")
+            if strategy.is_global_zero:
+                _put_in_place(tmp, final)
+            strategy.barrier("phasetune_checkpoint_renamed")
+            return result
+
+        # why a patch: Lightning has no option to save checkpoints atomically under these strategies
+        self.keep_undo(_compat.patch_method(strategy, "save_checkpoint", save_checkpoint))
 
     def checkpoint_load(self, checkpoint_path: Any, weights_only: bool | None) -> AbstractContextManager[Any]:
         """Rebuild the checkpoint's phase (thawed set, groups) before the strategy loads optimizer state; the
@@ -74,12 +106,45 @@ class ShardedStrategyAdapter(StrategyAdapter):
         if fs.isfile(path):
             weights_only = self.file_weights_only(weights_only)
         state = read_callback_state(checkpoint_path, fts.state_key, weights_only)
+        meta = f"{path.rstrip('/')}/{_compat.sharded_checkpoint_metadata_name()}"
+        if state is None and fs.isdir(path) and not fs.isfile(meta):
+            raise ConfigurationError(
+                f"cannot resume from {checkpoint_path}: it is a directory without {meta.rsplit('/', 1)[-1]}, not a "
+                "complete sharded checkpoint (a save that did not finish, e.g. a process killed while writing it); "
+                "resume from an earlier checkpoint"
+            )
         if not state:
             from phasetune.lightning.resume_checks import checkpoint_without_state
 
             raise checkpoint_without_state(checkpoint_path)
         fts.resume_early(state)
         return True
+
+
+PARTIAL_PREFIX = ".partial-"
+TRASH_PREFIX = ".trash-"
+
+
+def _put_in_place(tmp: Path, final: Path) -> None:
+    """Rename the complete checkpoint ``tmp`` (a file or a directory) to ``final``, replacing what is there; remove
+    what killed saves left behind."""
+    if final.exists() or final.is_symlink():
+        old = final.with_name(f"{TRASH_PREFIX}{final.name}-{time.time_ns()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        _remove(old)
+    else:
+        os.replace(tmp, final)
+    for stale in final.parent.glob(f"{PARTIAL_PREFIX}*"):
+        if stale != tmp and re.fullmatch(rf"{re.escape(PARTIAL_PREFIX)}.+-\d+", stale.name):
+            _remove(stale)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def read_callback_state(checkpoint_path: Any, state_key: str, weights_only: bool | None = None) -> dict[str, Any] | None:

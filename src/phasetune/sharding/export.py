@@ -9,6 +9,8 @@ by default only rank 0 receives them, on CPU), :func:`save_full_model` writes th
 from __future__ import annotations
 
 import os
+import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -16,6 +18,9 @@ from torch import nn
 
 from phasetune._dist import initialized, rank
 from phasetune.sharding.names import logical_name
+
+PARTIAL_PREFIX = ".partial-"
+TRASH_PREFIX = ".trash-"
 
 
 def _prefix_of(module: nn.Module, submodule: nn.Module | None) -> str:
@@ -61,25 +66,47 @@ def save_full_model(
     ``submodule`` (e.g. the Hugging Face model inside a LightningModule) is what gets saved; with a
     ``save_pretrained`` method it writes ``config.json`` + ``model.safetensors`` loadable by
     ``from_pretrained``, otherwise ``model.safetensors`` with the state dict. Every rank must call this.
+
+    The files are written to a hidden ``.partial-<name>`` directory next to ``out_dir`` and renamed into it once
+    all are complete: a process killed while exporting leaves the previous export's files as they were (and
+    the hidden directory, which the next export removes). Other files in ``out_dir`` are kept.
     """
     target = submodule if submodule is not None else module
     sd = full_state_dict(module, submodule=submodule, rank0_only=True)
     out = Path(out_dir)
     written = None
     if rank() == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f"{PARTIAL_PREFIX}{out.name}")
+        shutil.rmtree(tmp, ignore_errors=True)  # left by an export that died
+        tmp.mkdir(parents=True)
         if hasattr(target, "save_pretrained"):
-            target.save_pretrained(str(out), state_dict=sd, safe_serialization=True)
+            target.save_pretrained(str(tmp), state_dict=sd, safe_serialization=True)
         else:
             from safetensors.torch import save_file
 
-            tmp = out / ".model.safetensors.tmp"
-            save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp))
-            tmp.replace(out / "model.safetensors")
+            save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / "model.safetensors"))
+        _move_into(tmp, out)
         written = out
     if initialized():
         torch.distributed.barrier()
     return written
+
+
+def _move_into(new: Path, out: Path) -> None:
+    """Move every file of the complete directory ``new`` into ``out`` by renames (each file appears whole;
+    other files in ``out`` stay), then remove ``new``."""
+    out.mkdir(parents=True, exist_ok=True)
+    for f in sorted(new.iterdir()):
+        if f.is_file():  # the data on disk before the rename makes it visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        dest = out / f.name
+        if f.is_dir() and dest.exists():
+            trash = dest.with_name(f"{TRASH_PREFIX}{dest.name}-{time.time_ns()}")
+            os.replace(dest, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(f, dest)
+    new.rmdir()
 
 
 __all__ = ["full_state_dict", "save_full_model"]

@@ -15,10 +15,15 @@ a checkpoint holds exactly the state the optimizer had -- :func:`no_placeholder_
 inventing any at save -- and a load first shapes the optimizer like the checkpoint
 (:func:`shaped_like_checkpoint`): parameters with saved state get placeholders for the load to overwrite,
 the others no state (they start fresh, as in the uninterrupted run).
+
+Optimizer steps run while a checkpoint is saved or loaded (torch's fake step, phasetune's placeholder step)
+are no training steps: code that watches steps through optimizer step hooks asks
+:func:`in_placeholder_step` and leaves them alone (:func:`placeholder_steps` marks them).
 """
 
 from __future__ import annotations
 
+import contextvars
 import os
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -26,6 +31,24 @@ from pathlib import Path
 
 import torch
 from torch.optim import Optimizer
+
+_PLACEHOLDER_STEPS = contextvars.ContextVar("phasetune_placeholder_steps", default=False)
+
+
+@contextmanager
+def placeholder_steps() -> Iterator[None]:
+    """Mark the optimizer steps run inside (while a checkpoint is saved or loaded) as no training steps."""
+    token = _PLACEHOLDER_STEPS.set(True)
+    try:
+        yield
+    finally:
+        _PLACEHOLDER_STEPS.reset(token)
+
+
+def in_placeholder_step() -> bool:
+    """Whether an optimizer step running now only gives an optimizer placeholder state for a checkpoint
+    save or load (a step hook that watches training should ignore it)."""
+    return _PLACEHOLDER_STEPS.get()
 
 
 def saved_state_names(checkpoint_dir: str | os.PathLike[str], key: str) -> set[str] | None:
@@ -49,7 +72,8 @@ def prime_optimizer_state(optimizer: Optimizer, params: Iterable[torch.Tensor]) 
     """Give ``params`` (those without state) optimizer state with one zero-lr step that touches only them.
 
     The values are placeholders for a load to overwrite; other parameters' state and all gradients are left
-    as they were, and no parameter moves. Returns how many parameters were primed.
+    as they were, and no parameter moves. Step hooks do not see this step. Returns how many parameters were
+    primed.
     """
     targets = [p for p in params if p not in optimizer.state]
     if not targets:
@@ -64,7 +88,12 @@ def prime_optimizer_state(optimizer: Optimizer, params: Iterable[torch.Tensor]) 
             p.grad = torch.zeros_like(p)
         for g in optimizer.param_groups:
             g["lr"] = torch.zeros_like(g["lr"]) if isinstance(g["lr"], torch.Tensor) else 0.0
-        optimizer.step()
+        # no training step: the optimizer's step hooks (the user's, phasetune's audit) are not run for it
+        unhooked = getattr(type(optimizer).step, "__wrapped__", None)
+        if unhooked is not None:
+            unhooked(optimizer)
+        else:
+            optimizer.step()
     finally:
         for g, lr in zip(optimizer.param_groups, lrs):
             g["lr"] = lr
@@ -93,7 +122,7 @@ def no_placeholder_state(optimizer: Optimizer) -> Iterator[None]:
     if optimizer.state:
         yield  # torch only invents state for an optimizer without any
         return
-    with _frozen(p for g in optimizer.param_groups for p in g["params"]):
+    with placeholder_steps(), _frozen(p for g in optimizer.param_groups for p in g["params"]):
         yield
 
 
@@ -110,16 +139,25 @@ def shaped_like_checkpoint(
     fresh. Yields the parameters without saved state.
     """
     if saved is None:
-        yield []
+        with placeholder_steps():
+            yield []
         return
     name_of = {id(p): n for n, p in params.items()}
     held = [p for g in optimizer.param_groups for p in g["params"]]
     unsaved = [p for p in held if name_of.get(id(p)) not in saved]
     for p in unsaved:
         optimizer.state.pop(p, None)
-    prime_optimizer_state(optimizer, [p for p in held if name_of.get(id(p)) in saved])
-    with _frozen(unsaved):
-        yield unsaved
+    with placeholder_steps():
+        prime_optimizer_state(optimizer, [p for p in held if name_of.get(id(p)) in saved])
+        with _frozen(unsaved):
+            yield unsaved
 
 
-__all__ = ["no_placeholder_state", "prime_optimizer_state", "saved_state_names", "shaped_like_checkpoint"]
+__all__ = [
+    "in_placeholder_step",
+    "no_placeholder_state",
+    "placeholder_steps",
+    "prime_optimizer_state",
+    "saved_state_names",
+    "shaped_like_checkpoint",
+]

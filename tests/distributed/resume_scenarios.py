@@ -1,0 +1,178 @@
+"""2-process resume scenarios (run under torchrun, gloo, CPU), one launch per mode.
+
+``resume_scenarios.py OUT lightning`` (tests/test_exact_resume.py): exact resume under Lightning's FSDPStrategy
+(FSDP1) and ModelParallelStrategy (FSDP2, sharded and full checkpoints). Every fit trains a 3-phase schedule
+with restore-best on, Lightning's shuffling DistributedSampler, a Dropout layer and data that draws from
+Python's ``random`` (gauss cache) and NumPy in ``__getitem__``. Each strategy runs once uninterrupted, saving a
+checkpoint after every epoch, then resumes from several of them; rank 0 reports the final full parameters.
+
+``resume_scenarios.py OUT topology ONE_CKPT`` (tests/test_topology.py): the plain strategy saves a checkpoint
+on 2 ranks, and loads ONE_CKPT (saved by 1 process): refused without ``resume_rng="reseed"``, re-seeded with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from launch import write_report
+
+# phase 0 ends after epoch 1, phase 1 after epoch 3; scripted val_loss makes restore-best roll both back
+SCHEDULE = {
+    0: {"params": ["model.head.*"], "max_transition_epoch": 2},
+    1: {"params": [r"model\.layers\.[23]\..*"], "lr": 0.05, "max_transition_epoch": 4},
+    2: {"params": [r"model\.layers\.[01]\..*", "model.embed.*"], "lr": 0.02, "max_transition_epoch": 5},
+}
+LOSSES = [1.0, 1.1, 0.9, 0.95, 0.8]
+EPOCHS = 5
+# resume points (epoch checkpoints): inside phase 0, the last epoch of phase 0 (the resumed run transitions
+# first thing), the first epoch after that transition, the last epoch of phase 1 (the next transition follows)
+RESUME_AT = (0, 1, 2, 3)
+
+
+def lightning_fit() -> Callable[..., dict[str, Any]]:
+    """The fit these scenarios run (Lightning imported here: the topology mode does without it).
+
+    ``fit(kind, root, name, ckpt=None, devices=2, resume_rng="exact")`` trains under ``kind`` (``fsdp1``,
+    ``fsdp2``: sharded checkpoints, ``fsdp2_full``: full ones) in ``root/name`` and returns what rank 0 saw.
+    """
+    import lightning.pytorch as pl
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch import nn
+    from torch.utils.data import DataLoader, Dataset
+
+    from fsdp_cpu import CPUFSDPStrategy
+    from helpers import Block, ToyModule, dataset
+    from phasetune import FinetuningScheduler, FTSCheckpoint
+    from phasetune.sharding import full_state_dict
+
+    class NoisyData(Dataset):
+        """Samples with noise from Python's ``random.gauss`` (its cached second value) and NumPy's generator."""
+
+        def __init__(self) -> None:
+            self.data = dataset(64, 0)
+
+        def __len__(self) -> int:
+            return len(self.data)
+
+        def __getitem__(self, i: int) -> Any:
+            x, y = self.data[i]
+            return x + 0.01 * random.gauss(0, 1) + 0.01 * float(np.random.normal()), y
+
+    class RandomModule(ToyModule):
+        """ToyModule with Dropout before the model and a shuffled loader over noisy data (Adam, StepLR)."""
+
+        def __init__(self) -> None:
+            super().__init__(val_losses=LOSSES, optimizer="adam", lr=0.01, scheduler="step", batch_size=8)
+            self.drop = nn.Dropout(0.2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.model(self.drop(x))
+
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(NoisyData(), batch_size=self.batch_size, shuffle=True)  # Lightning's DistributedSampler
+
+    def strategy(kind: str, devices: int) -> Any:
+        if kind == "fsdp1":
+            return CPUFSDPStrategy(auto_wrap_policy={Block}, use_orig_params=True)
+        return ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1,
+                                     save_distributed_checkpoint=kind == "fsdp2")
+
+    def adapter_cfg(kind: str) -> dict[str, Any]:
+        if kind == "fsdp1":
+            return {"awp_overrides": ["model.head"]}
+        return {"fsdp_plan": {r"model\.layers\.\d+": {}, "model.head": {}}}
+
+    def fit(kind: str, root: Path, name: str, ckpt: Path | None = None, devices: int = 2,
+            resume_rng: str = "exact") -> dict[str, Any]:
+        pl.seed_everything(7)
+        module = RandomModule()
+        fts = FinetuningScheduler(ft_schedule=SCHEDULE, epoch_transitions_only=True, resume_rng=resume_rng,
+                                  strategy_adapter_cfg=adapter_cfg(kind))
+        ck = FTSCheckpoint(monitor="val_loss", save_top_k=-1, dirpath=str(root / name), filename="{epoch}")
+        t = pl.Trainer(
+            accelerator="cpu", devices=devices, strategy=strategy(kind, devices), max_epochs=EPOCHS, callbacks=[fts, ck],
+            logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+            deterministic=True, default_root_dir=str(root / name),
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            t.fit(module, ckpt_path=ckpt)
+        full = full_state_dict(t.lightning_module)  # a collective: every rank calls it; rank 0 gets the tensors
+        return {
+            "phases": [[r.start_epoch, r.end_epoch, r.restored_best] for r in fts.history],
+            "warnings": [str(w.message) for w in caught if "snapshot" in str(w.message) or "random" in str(w.message)],
+            "final": {n: v.double().flatten().tolist() for n, v in full.items()},
+            "patches_left": [k for k in ("load_checkpoint", "save_checkpoint") if k in vars(t.strategy)],
+            "hidden_files": sorted(p.name for p in (root / name).iterdir() if p.name.startswith(".")),
+        }
+
+    return fit
+
+
+def lightning_scenarios(out: Path) -> dict[str, Any]:
+    import phasetune.rng
+    from phasetune.lightning.sharded import read_callback_state
+
+    fit = lightning_fit()
+    report: dict[str, Any] = {}
+    # FSDP1 with a full checkpoint file, FSDP2 with a sharded (DCP) checkpoint directory and with a full file
+    for kind, resume_at in (("fsdp1", RESUME_AT), ("fsdp2", RESUME_AT), ("fsdp2_full", (1, 2))):
+        report[kind] = {"reference": fit(kind, out, f"{kind}_ref")}
+        for epoch in resume_at:
+            report[kind][f"epoch={epoch}"] = fit(kind, out, f"{kind}_from{epoch}", out / f"{kind}_ref" / f"epoch={epoch}.ckpt")
+        saved = read_callback_state(out / f"{kind}_ref" / "epoch=2.ckpt", "FinetuningScheduler")
+        report[kind]["saved_rng"] = {"world_size": saved["rng"]["world_size"], "ranks": sorted(saved["rng"]["states"]),
+                                     "generators": sorted(saved["rng"]["states"][1])}
+    # the control: a resume that leaves the generators where the new process has them
+    restore = phasetune.rng.restore_checkpoint_state
+    phasetune.rng.restore_checkpoint_state = lambda *a, **k: None
+    try:
+        report["fsdp2"]["without_random_state"] = fit("fsdp2", out, "fsdp2_norng", out / "fsdp2_ref" / "epoch=2.ckpt")
+    finally:
+        phasetune.rng.restore_checkpoint_state = restore
+    return report
+
+
+def topology_scenarios(out: Path, one_ckpt: Path) -> dict[str, Any]:
+    from test_topology import build, refusal, state_report, train_into_phase_1, train_steps
+
+    said = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("phasetune").addHandler(handler)
+    report: dict[str, Any] = {}
+    strategy, model, ft = build()
+    train_into_phase_1(strategy, model, ft)
+    strategy.save_ckpt(model, out / "ckpt", "phase1", finetuning=ft)
+    report["saved"] = state_report(model, ft)
+    _, model, ft = build()
+    report["refused"] = refusal(strategy, model, ft, one_ckpt)
+    _, model, ft = build(resume_rng="reseed")
+    strategy.load_ckpt(model, one_ckpt, finetuning=ft)
+    report["from_one"] = state_report(model, ft)
+    report["from_one_warnings"] = "\n".join(said)
+    report["draws"] = torch.rand(3).tolist()
+    train_steps(strategy, model, ft)
+    report["from_one_trained"] = True
+    _, model, ft = build(resume_rng="reseed")
+    strategy.load_ckpt(model, one_ckpt, finetuning=ft)
+    report["draws_again"] = torch.rand(3).tolist()
+    return report
+
+
+if __name__ == "__main__":
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    OUT = Path(sys.argv[1])
+    result = lightning_scenarios(OUT) if sys.argv[2] == "lightning" else topology_scenarios(OUT, Path(sys.argv[3]))
+    write_report(str(OUT), torch.distributed.get_rank(), result)
+    torch.distributed.destroy_process_group()
