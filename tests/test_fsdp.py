@@ -243,7 +243,7 @@ def path_hparams_fit(one_rank, tmp_path_factory):
 
 def test_after_fit_the_fsdp_strategy_is_left_as_the_user_gave_it(path_hparams_fit):
     _, t, user_policy, _ = path_hparams_fit
-    assert "load_checkpoint" not in vars(t.strategy) and "optimizer_state" not in vars(t.strategy)
+    assert not {"load_checkpoint", "optimizer_state", "save_checkpoint"} & set(vars(t.strategy))
     assert t.strategy.kwargs["auto_wrap_policy"] is user_policy
 
 

@@ -65,7 +65,7 @@ def fit(name: str, module_cls: type = LMModule, plan: Any = PLAN, defaults: Any 
         "warnings": [str(w.message) for w in caught],
         "group_notes": fts.adapter.group_notes,
         "plan": {"sharded": fts.adapter.plan_report.sharded, "root": fts.adapter.plan_report.root},
-        "patches_left": [k for k in ("load_checkpoint", "optimizer_state") if k in vars(t.strategy)]
+        "patches_left": [k for k in ("load_checkpoint", "optimizer_state", "save_checkpoint") if k in vars(t.strategy)]
         + [k for k in ("clip_grad_by_norm",) if k in vars(t.precision_plugin)],
     }
     return report, t, module

@@ -90,7 +90,7 @@ def patches_left(t: pl.Trainer) -> list[str]:
     """phasetune's instance patches still on the strategy, or a wrap policy other than the user's, after fit."""
     from phasetune.sharding.fsdp1_alignment import AlignedWrapPolicy
 
-    left = [k for k in ("load_checkpoint", "optimizer_state") if k in vars(t.strategy)]
+    left = [k for k in ("load_checkpoint", "optimizer_state", "save_checkpoint") if k in vars(t.strategy)]
     return left + (["auto_wrap_policy"] if isinstance(t.strategy.kwargs.get("auto_wrap_policy"), AlignedWrapPolicy) else [])
 
 
