@@ -107,6 +107,36 @@ def test_a_warmup_from_lr_zero_at_the_start_of_training_is_reported_not_failed()
     assert result.passed and any("at lr 0, their lr scheduler's value" in n for n in result.notes)
 
 
+def test_a_sequential_scheduler_extended_by_a_transition_does_not_fail_the_lr_check():
+    def sequential(opt):
+        return torch.optim.lr_scheduler.SequentialLR(opt, [
+            torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.5, total_iters=2),
+            torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)], milestones=[2])
+
+    loop = Loop(scheduler=sequential)
+    loop.step()
+    loop.advance()
+    for _ in range(3):  # past the milestone: phase 1's lr decays away from the phase's lr
+        loop.step()
+    loop.advance()  # phase 2: its group is added to the SequentialLR and the schedulers inside it
+    loop.step()
+    assert [r.passed for r in loop.audit.results] == [True, True, True], loop.audit.results[-1].message()
+
+
+def test_a_checkpoints_state_creating_step_is_not_taken_for_the_phases_first_step():
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    loop = phase1()
+    loop.advance()
+    loop.optimizer.zero_grad(set_to_none=True)
+    loop.optimizer.state.clear()  # as an optimizer that has not stepped yet (a phase's new_optimizer)
+    # a checkpoint saved right after the transition: DCP steps a stateless optimizer once, at lr 0 over zero grads
+    get_optimizer_state_dict(loop.model, loop.optimizer)
+    assert loop.audit.pending and len(loop.audit.results) == 1
+    loop.step()
+    assert loop.audit.results[-1].passed and loop.audit.results[-1].depth == 1
+
+
 def test_group_names_give_phase_and_block():
     loop = phase1()
     loop.advance()
@@ -216,6 +246,18 @@ def test_an_optimizer_rebuilt_after_the_transition_is_reported_by_check_stepped(
     assert "has not stepped in 3 optimizer steps of phase 1" in loop.warnings[-1]
 
 
+def test_a_post_step_hook_registered_after_the_audit_keeps_working():
+    loop = phase1()
+    loop.advance()
+    seen = []
+    loop.optimizer.register_step_post_hook(lambda *a: seen.append(1))  # follows the audit's own post-step hook
+    loop.step()  # the audit cannot remove its hook while torch iterates them: it goes inert until dropped
+    loop.step()
+    assert seen == [1, 1] and loop.audit.results[-1].passed and not loop.audit.pending
+    loop.audit.drop_spent_hooks()
+    assert len(loop.optimizer._optimizer_step_post_hooks) == 1  # only the user's hook is left
+
+
 def test_every_result_reaches_on_result():
     loop = phase1()
     seen = []
@@ -242,7 +284,8 @@ def test_on_failure_warn_warns_and_training_goes_on():
 def resumed_loop() -> tuple[ScheduledFinetuning, PhaseAudit, tuple]:
     torch.manual_seed(0)
     model = TinyLM()
-    ft = ScheduledFinetuning(SCHEDULE, model, torch.optim.SGD(model.parameters(), lr=0.1), restore_best=False)
+    ft = ScheduledFinetuning(SCHEDULE, model, torch.optim.SGD(model.parameters(), lr=0.1), restore_best=False,
+                             audit="off")  # these tests audit with a PhaseAudit of their own
     ids, labels = data(16)
     F.cross_entropy(model(ids), labels).backward()
     ft.optimizer.step()
@@ -251,7 +294,8 @@ def resumed_loop() -> tuple[ScheduledFinetuning, PhaseAudit, tuple]:
     torch.manual_seed(1)
     fresh = TinyLM()
     fresh.load_state_dict(model.state_dict())
-    ft2 = ScheduledFinetuning(SCHEDULE, fresh, torch.optim.SGD(fresh.parameters(), lr=0.1), restore_best=False)
+    ft2 = ScheduledFinetuning(SCHEDULE, fresh, torch.optim.SGD(fresh.parameters(), lr=0.1), restore_best=False,
+                              audit="off")
     ft2.load_state_dict(state)
     audit = PhaseAudit(ft2.engine)
     return ft2, audit, (ids, labels)

@@ -115,3 +115,16 @@ def test_plateau_min_lrs_and_onecycle_bounds_are_extended():
     _, sched = run("OneCycleLR")
     g = sched.optimizer.param_groups[1]
     assert g["max_lr"] == 0.05 and g["initial_lr"] == pytest.approx(0.05 / 25) and g["min_lr"] < g["initial_lr"]
+
+
+def test_sequential_lr_reports_one_last_lr_per_group_after_a_group_is_added():
+    # SequentialLR shares its last-lr list with the active inner scheduler: it must grow by one, not two
+    w1, w2 = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([w1], lr=0.1)
+    seq = lrs.SequentialLR(opt, [lrs.ConstantLR(opt, factor=0.5, total_iters=2), lrs.ExponentialLR(opt, 0.9)],
+                           milestones=[2])
+    add_groups(opt, [{"params": [w2], "lr": 0.01}], [seq])
+    assert len(seq.get_last_lr()) == len(opt.param_groups) == 2
+    opt.step()
+    seq.step()
+    assert len(seq.get_last_lr()) == 2

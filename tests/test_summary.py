@@ -84,12 +84,13 @@ def test_summary_table_has_a_row_per_phase_and_a_total(run):
     fts = run[1]
     lines = summary_table(fts.history, "val_loss").splitlines()
     assert lines[0].split() == ["phase", "epochs", "steps", "trainable", "params", "lr", "best", "val_loss", "@",
-                                "epoch", "wall", "time", "peak", "memory", "ended", "by"]
+                                "epoch", "wall", "time", "peak", "memory", "ended", "by", "audit"]
     rows = [line.split() for line in lines[2:5]]
     assert [r[:3] for r in rows] == [["0", "2", "8"], ["1", "1", "4"], ["2", "1", "4"]]
     assert rows[0][3:6] == ["34", "(2.4%)", "optimizer's"]  # the head: 34 of 1394 parameters
     assert rows[0][6:9] == ["0.5", "@", "1"]  # phase 0's best val_loss was at epoch 1
-    assert rows[1][5] == "0.05" and rows[0][-2:] == ["epoch", "cap"]
+    assert rows[1][5] == "0.05" and rows[0][-3:-1] == ["epoch", "cap"]
+    assert [r[-1] for r in rows] == ["passed"] * 3  # every phase passed the thaw audit after its first step
     assert lines[5].split()[:3] == ["all", "4", "16"]
     assert lines[-1] == f"peak memory: {KIND_LABELS[fts.history[0].peak_memory_kind]}"
 
@@ -97,7 +98,20 @@ def test_summary_table_has_a_row_per_phase_and_a_total(run):
 def test_summary_of_a_phase_still_running_shows_dashes():
     rec = PhaseRecord(depth=0, start_epoch=0, start_step=0, lr=None, trainable_params=10, total_params=40)
     row = summary_table([rec]).splitlines()[2].split()
-    assert row[:3] == ["0", "-", "-"] and row[-1] == "-"
+    assert row[:3] == ["0", "-", "-"] and row[-2:] == ["-", "-"]
+
+
+def test_the_audit_column_says_passed_failed_or_no_step_and_a_failure_is_spelt_out():
+    recs = [PhaseRecord(depth=d, start_epoch=d, start_step=4 * d, lr=None, trainable_params=10, total_params=40,
+                        end_epoch=d + 1, end_step=4 * d + 4, end_reason="max_transition_step reached") for d in range(3)]
+    recs[0].audit = "audit phase 0: 2 tensors thawed, all trained; 1 group at the scheduled lrs; 18 frozen unchanged"
+    recs[1].audit = "audit phase 1 (first step) FAILED: re-frozen after the thaw: 'layers.3.lin.weight'"
+    recs[2].audit = "audit phase 2 (transition): 20 trainable tensors, each requiring grad and in exactly one of 3 ..."
+    lines = summary_table(recs).splitlines()
+    assert lines[2].split()[-3:] == ["step", "cap", "passed"]
+    assert lines[3].split()[-3:] == ["step", "cap", "FAILED"]
+    assert lines[4].split()[-4:] == ["step", "cap", "no", "step"]  # checked at its transition, never stepped
+    assert lines[-1] == recs[1].audit  # the failure's line under the table
 
 
 def test_validation_history_and_plot(run, tmp_path):

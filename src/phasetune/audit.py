@@ -30,10 +30,18 @@ from torch import nn
 from torch.optim import Optimizer
 
 from phasetune import _dist
-from phasetune.audit_probes import _find_ddp, _fingerprints, _fsdp1_flat_params, _grad_stats, _reducer_misses
+from phasetune.audit_probes import (
+    _find_ddp,
+    _fingerprints,
+    _fsdp1_flat_params,
+    _grad_stats,
+    _reducer_misses,
+    _state_init_step,
+)
 from phasetune.errors import ConfigurationError
 from phasetune.param_groups import PHASE_KEY, is_no_decay
 from phasetune.report import covering_modules, few
+from phasetune.sharding import optim_state
 
 log = logging.getLogger("phasetune")
 
@@ -170,6 +178,7 @@ class _Armed:
     stage: str
     handles: list[Any] = field(default_factory=list)
     before: dict[str, tuple[float, float]] | None = None
+    skip: bool = False  # the step under way is not a training step (see _state_init_step)
 
 
 class PhaseAudit:
@@ -207,6 +216,7 @@ class PhaseAudit:
         self.on_result = on_result
         self.results: list[AuditResult] = []  # the first-step audits, one per phase
         self._armed: _Armed | None = None
+        self._spent: list[Any] = []  # post-step hooks that ran their audit, removed at the next safe moment
 
     @property
     def pending(self) -> bool:
@@ -230,7 +240,7 @@ class PhaseAudit:
         """Audit the phase just entered (``stage``: start, transition or resume; a collective) and arm the audit of
         its first optimizer step. ``thawed``: the names the transition thawed (default: the phase's; on a resume
         every trainable parameter is checked)."""
-        if self._armed is not None and self._armed.depth != self.engine.depth and stage != RESUME:
+        if (self._armed is not None and self._armed.depth != self.engine.depth and RESUME not in (stage, self._armed.stage)):
             self.warn(f"audit: phase {self._armed.depth} ended before an optimizer step, so it was not audited after "
                       "one")
         self.disarm()
@@ -254,11 +264,31 @@ class PhaseAudit:
         return result
 
     def disarm(self) -> None:
-        """Remove the first-step hooks (a no-op when none are armed)."""
+        """Remove the first-step hooks (a no-op when none are armed). Not from inside an optimizer step hook."""
         if self._armed is not None:
             for h in self._armed.handles:
                 h.remove()
             self._armed = None
+        self.drop_spent_hooks()
+
+    def drop_spent_hooks(self) -> None:
+        """Remove a post-step hook that already ran its audit but could not remove itself then (another post-step
+        hook followed it); until then it returns at once. A run calls this after each phase's first step."""
+        for h in self._spent:
+            h.remove()
+        self._spent = []
+
+    def _spend(self, armed: _Armed) -> None:
+        """After the audited step, from inside the post-step hooks: remove both hooks. torch iterates the
+        optimizer's post-step hooks while calling them, and removing one that other hooks follow breaks that
+        iteration ("OrderedDict mutated during iteration"): such a hook is kept (inert) for drop_spent_hooks."""
+        pre, post = armed.handles
+        pre.remove()  # the pre-step hooks are not being iterated now
+        hooks = post.hooks_dict_ref()
+        if hooks is None or next(reversed(hooks), None) == post.id:  # the last one: safe to remove now
+            post.remove()
+        else:
+            self._spent.append(post)
 
     def _arm(self, armed: _Armed) -> None:
         self._armed = armed
@@ -266,15 +296,28 @@ class PhaseAudit:
                          armed.optimizer.register_step_post_hook(self._after_step)]
 
     def _before_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        if optim_state.in_placeholder_step():  # a checkpoint save/load's placeholder step, not training
+            return
         armed = self._armed
+        if armed is not None and armed.before is None and _state_init_step(optimizer):
+            armed.skip = True
+            return
         if armed is not None and armed.before is None:  # values as the step finds them (before a closure runs)
             names = armed.check + armed.frozen
             armed.before = dict(zip(names, _fingerprints([self.engine.params[n] for n in names])))
 
     def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        if optim_state.in_placeholder_step():
+            return
         armed = self._armed
-        self.disarm()  # ordinary steps run without hooks from here on
-        if armed is None or armed.before is None:
+        if armed is None:
+            return
+        if armed.skip:  # not a training step: the audit waits for the next one
+            armed.skip = False
+            return
+        self._armed = None
+        self._spend(armed)  # ordinary steps run without hooks from here on
+        if armed.before is None:
             return
         self.results.append(self._first_step(armed))
         self._conclude(self.results[-1], quiet=False)
@@ -370,14 +413,20 @@ class PhaseAudit:
         name_of = self.engine.name_of
         n_groups = len(optimizer.param_groups)
         asked_by: list[list[float]] = []
+        unreadable = []  # schedulers of this optimizer whose last lrs do not say one lr per group
         for s in schedulers:
             if getattr(s, "optimizer", None) is optimizer:
                 last = list(s.get_last_lr()) if hasattr(s, "get_last_lr") else []
                 if len(last) == n_groups:
                     asked_by.append([float(v) for v in last])
+                else:
+                    unreadable.append(f"{type(s).__name__} ({len(last)} lrs)")
         lrs: dict[str, float] = {}
         verdict: dict[str, set[str]] = {"ok": set(), "lr_zero": set(), "lr_mismatch": set()}
         notes = []
+        if unreadable and not asked_by:  # nothing to compare with: the phase lr is not what a scheduler asks for
+            notes.append(f"the lrs of {', '.join(unreadable)} do not match the optimizer's {n_groups} groups: group "
+                         "lrs were not compared with the schedule")
         for i, g in enumerate(optimizer.param_groups):
             names = [name_of[id(p)] for p in g["params"] if id(p) in name_of]
             if not names:
@@ -385,7 +434,7 @@ class PhaseAudit:
             phase = int(g.get(PHASE_KEY, 0))
             lr = float(g["lr"])
             base = float(g.get("initial_lr", self.engine.lr_for(phase) if phase > 0 else lr))
-            asked = [a[i] for a in asked_by] or ([self.engine.lr_for(phase)] if phase > 0 else [lr])
+            asked = [a[i] for a in asked_by] or ([self.engine.lr_for(phase)] if phase > 0 and not unreadable else [lr])
             for n in names:
                 lrs[n] = lr
             if lr == 0.0 and base == 0.0:

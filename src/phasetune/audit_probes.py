@@ -5,7 +5,8 @@
 - :func:`_find_ddp` and :func:`_reducer_misses`: the ``DistributedDataParallel`` wrapping a model and the
   trainable parameters its reducer does not average (read through private DDP API, see there);
 - :func:`_fsdp1_flat_params`: the FSDP1 ``FlatParameter`` holding each original parameter
-  (``use_orig_params=True`` units).
+  (``use_orig_params=True`` units);
+- :func:`_state_init_step`: whether an optimizer step only creates optimizer state (a checkpoint's).
 
 None of them is a collective: the audit gathers their results in its one ``all_gather_object``.
 """
@@ -62,6 +63,16 @@ def _grad_stats(tensors: Sequence[torch.Tensor]) -> list[tuple[str, float, float
                                      g.sum(dtype=torch.float64)]).tolist()
             out[i] = ("ok", n1, total)
     return out
+
+
+def _state_init_step(optimizer: Any) -> bool:
+    """Whether the step under way only creates optimizer state: ``torch.distributed.checkpoint``'s
+    ``get_optimizer_state_dict`` of a never-stepped optimizer steps it with every lr set to 0 over zero gradients
+    (a checkpoint saved before the phase's first step). Checked only when every lr is 0."""
+    groups = [g for g in optimizer.param_groups if g["params"]]
+    if not groups or any(float(g["lr"]) != 0.0 for g in groups):
+        return False
+    return all(p.grad is None or not bool(_local(p.grad).any()) for g in groups for p in g["params"])
 
 
 def _find_ddp(model: nn.Module | None) -> Any:

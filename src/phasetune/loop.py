@@ -72,7 +72,12 @@ class ScheduledFinetuning:
     (:class:`phasetune.run.RunOptions`): ``max_depth``, ``base_max_lr``, ``restore_best``,
     ``epoch_transitions_only``, ``schedule_style``, ``schedule_options``, ``reinit_optim_cfg``, ``reinit_lr_cfg``,
     ``enforce_phase0_params``, ``apply_lambdas_new_pgs``, ``frozen_bn_track_running_stats``,
-    ``snapshot_storage``, ``resume_rng``.
+    ``snapshot_storage``, ``resume_rng``, ``audit``, ``audit_zero_lr``.
+
+    The thaw audit (:mod:`phasetune.audit`, ``audit="raise"`` by default) checks each phase at its start and
+    after its first ``optimizer.step()``: a phase that did not take effect raises :class:`~phasetune.AuditError`
+    from that step, naming the parameters and the probable cause. :meth:`lrs` gives each group's lr by a readable
+    name, for your logger.
     """
 
     def __init__(
@@ -101,6 +106,8 @@ class ScheduledFinetuning:
         snapshot_storage: str = "memory",
         snapshot_dir: str | os.PathLike[str] | None = None,
         resume_rng: str = "exact",
+        audit: str = "raise",
+        audit_zero_lr: str = "fail",
         base_lr: float | None = None,
     ) -> None:
         if base_lr is not None:
@@ -114,7 +121,7 @@ class ScheduledFinetuning:
             reinit_optim_cfg=reinit_optim_cfg, reinit_lr_cfg=reinit_lr_cfg,
             enforce_phase0_params=enforce_phase0_params, apply_lambdas_new_pgs=apply_lambdas_new_pgs,
             frozen_bn_track_running_stats=frozen_bn_track_running_stats, snapshot_storage=snapshot_storage,
-            resume_rng=resume_rng,
+            resume_rng=resume_rng, audit=audit, audit_zero_lr=audit_zero_lr,
         )
         problems = options.problems(explicit_schedule=schedule is not None)
         if mode not in ("min", "max"):
@@ -162,6 +169,7 @@ class ScheduledFinetuning:
         if problems:
             raise ConfigurationError(problems)
         self.run.start(epoch=0, step=0)
+        self.run.audit_phase(optimizer, self.schedulers, stage="start", model=model)
 
     # ------------------------------------------------------------------ read-only state
     @property
@@ -200,6 +208,11 @@ class ScheduledFinetuning:
     def thawed_params(self) -> list[str]:
         """Names of the parameters trained in the current phase (phases 0..depth)."""
         return self.run.thawed_params
+
+    def lrs(self) -> dict[str, float]:
+        """Each optimizer group's lr by a readable name, its phase and blocks (``phase1/layers.2-3``): log them as
+        ``lr/<name>``."""
+        return self.run.lrs(self.optimizer)
 
     # ------------------------------------------------------------------ the per-epoch call
     def step(self, epoch: int, metric: float | torch.Tensor | None = None, global_step: int | None = None) -> Transition | None:
@@ -257,6 +270,7 @@ class ScheduledFinetuning:
         if t.new_scheduler is not None:
             self.schedulers = [t.new_scheduler]
         self.tracker.start_phase()
+        self.run.audit_phase(self.optimizer, self.schedulers, thawed=t.thawed, stage="transition", model=self.model)
         return t
 
     def _finish(self, epoch: int, global_step: int | None, reason: str) -> None:
@@ -288,7 +302,9 @@ class ScheduledFinetuning:
         self.global_step, self._epoch = state.get("global_step"), int(state.get("epoch", self.run.history[-1].start_epoch))
         decision = self.run.begin_steps(self.global_step or 0)
         if decision is not None and not self.done:  # saved right at a step cap, before the transition
-            self._transition(self._epoch, self.global_step, decision.reason)
+            self._transition(self._epoch, self.global_step, decision.reason)  # audits the next phase
+        else:
+            self.run.audit_phase(self.optimizer, self.schedulers, stage="resume", model=self.model)
 
 
 # ---------------------------------------------------------------------------------------------- helpers

@@ -96,11 +96,12 @@ def extend_scheduler(scheduler: Any, group: dict[str, Any], apply_lambdas_new_pg
     Per-group lists are extended so the new group keeps its lr now and follows the schedule from
     here on (``base_lrs``, lambdas, ReduceLROnPlateau ``min_lrs``, CyclicLR and OneCycleLR bounds).
     """
+    seen: set[int] = set()  # SequentialLR shares its last-lr list with its active inner scheduler: extend it once
     for s in iter_schedulers(scheduler):
-        _extend_one(s, group, apply_lambdas_new_pgs)
+        _extend_one(s, group, apply_lambdas_new_pgs, seen)
 
 
-def _extend_one(s: Any, group: dict[str, Any], apply_lambdas: bool) -> None:
+def _extend_one(s: Any, group: dict[str, Any], apply_lambdas: bool, seen: set[int]) -> None:
     lr = group["lr"]
     if isinstance(s, lrs.OneCycleLR):
         prev = s.optimizer.param_groups[-2]
@@ -137,7 +138,8 @@ def _extend_one(s: Any, group: dict[str, Any], apply_lambdas: bool) -> None:
     if hasattr(s, "base_lrs") and not isinstance(s, (lrs.SequentialLR, lrs.ChainedScheduler)):
         s.base_lrs.append(group["initial_lr"])
     last = getattr(s, "_last_lr", None)  # torch keeps get_last_lr()'s values here
-    if isinstance(last, list):
+    if isinstance(last, list) and id(last) not in seen:
+        seen.add(id(last))
         last.append(group["lr"])
 
 

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from phasetune import generate, rng, snapshots, step_events, thaw, transitions
+from phasetune import compile_support, generate, rng, run_audit, snapshots, step_events, thaw, transitions
+from phasetune.audit import AuditResult
 from phasetune.engine import PhaseEngine, Transition
 from phasetune.errors import ConfigurationError
 from phasetune.memory import PeakMemory
@@ -117,6 +118,10 @@ class PhaseRun:
         self._pending_rng: tuple[Mapping[str, Any], str] | None = None  # resume(defer_random_state=True)
         self._events = step_events.StepEvents()
         self._next_event = step_events.NEVER  # the first optimizer step at which step_end has work to do
+        #: the thaw audit (None: ``options.audit="off"``); front ends run it through :meth:`audit_phase`
+        self.audit = run_audit.build(self, model)
+        self.lr_names = run_audit.LrNames(self.engine)
+        self._give_back_recompiles: Callable[[], None] = lambda: None
 
     # ------------------------------------------------------------------ read-only state
     @property
@@ -177,6 +182,39 @@ class PhaseRun:
         self._memory = PeakMemory(self.env.device)
         self._start_clock()
         self._plan_steps(step or 0)
+
+    # ------------------------------------------------------------------ the thaw audit
+    def audit_phase(
+        self, optimizer: Optimizer, schedulers: Sequence[Any], *, stage: str, thawed: Sequence[str] | None = None,
+        model: nn.Module | None = None,
+    ) -> AuditResult | None:
+        """Audit the phase just entered (``stage``: start, transition or resume; see :mod:`phasetune.audit`) once the
+        front end installed it (a rebuilt DDP: ``model``, the model as trained; a phase's new scheduler); name the
+        groups for :meth:`lrs`. A collective: every rank calls it."""
+        self.lr_names.refresh(optimizer)
+        if self.audit is None:
+            return None
+        if model is not None:
+            self.audit.model = model
+        return self.audit.check_phase(optimizer, schedulers, thawed=thawed, stage=stage)
+
+    def lrs(self, optimizer: Optimizer) -> dict[str, float]:
+        """Each group's lr by its readable name (``phase1/layers.2-3``), for loggers."""
+        return self.lr_names.lrs(optimizer)
+
+    def reserve_recompiles(self) -> None:
+        """A compiled model: raise dynamo's recompile limit for the schedule's phases until :meth:`release` (see
+        :mod:`phasetune.compile_support`; front ends whose training has an end call it)."""
+        if self.model is not None:
+            self._give_back_recompiles = compile_support.reserve_recompiles(self.model, len(self.schedule), self.env.info)
+
+    def release(self) -> None:
+        """Remove the audit's optimizer hooks and give back dynamo's recompile limit (:meth:`finish` does; a front
+        end also calls it when training stopped without finishing)."""
+        if self.audit is not None:
+            self.audit.disarm()
+        self._give_back_recompiles()
+        self._give_back_recompiles = lambda: None
 
     # ------------------------------------------------------------------ per optimizer step
     def step_end(self, step: int) -> Decision | None:
@@ -303,6 +341,7 @@ class PhaseRun:
 
     def finish(self, *, epoch: int, step: int | None, reason: str) -> None:
         """Close the last phase's record (once) and its clock; warn when the schedule did not run to its end."""
+        self.release()
         if not self.history:
             return
         rec = self.history[-1]

@@ -18,6 +18,8 @@ from phasetune import _dist, generate, recipes, rng
 log = logging.getLogger("phasetune")
 
 SNAPSHOT_STORAGES = ("memory", "disk")
+AUDIT_MODES = ("raise", "warn", "off")
+AUDIT_ZERO_LR = ("fail", "report")
 
 
 @dataclass
@@ -39,6 +41,8 @@ class PhaseRecord:
     wall_time: float = 0.0
     peak_memory: int | None = None  # bytes; what was measured: peak_memory_kind (see phasetune.memory)
     peak_memory_kind: str | None = None
+    #: the thaw audit's last line for this phase (its transition's, then its first step's); None: not audited
+    audit: str | None = None
 
     @property
     def epochs(self) -> int | None:
@@ -100,6 +104,12 @@ class RunOptions:
     #: a resume onto another number of processes, whose per-process random state cannot be restored:
     #: refuse it ("exact") or re-seed every generator from the saved state with a warning ("reseed")
     resume_rng: str = "exact"
+    #: the thaw audit (:mod:`phasetune.audit`) at every start, transition and resume and after each phase's first
+    #: optimizer step: raise on a failure ("raise"), warn ("warn"), or do not audit ("off")
+    audit: str = "raise"
+    #: a scheduler's lr of 0 on a newly thawed group at its first step: a failure ("fail") or only reported
+    #: ("report": a phase whose new lr scheduler warms up from 0)
+    audit_zero_lr: str = "fail"
 
     def problems(self, explicit_schedule: bool) -> list[str]:
         """What is wrong with these options (empty when nothing is), each naming the option."""
@@ -122,6 +132,11 @@ class RunOptions:
             found.append(f"snapshot_storage must be 'memory' or 'disk', got {self.snapshot_storage!r}")
         if self.resume_rng not in rng.RESUME_RNG:
             found.append(f"resume_rng must be one of {rng.RESUME_RNG}, got {self.resume_rng!r}")
+        if self.audit not in AUDIT_MODES:
+            found.append(f"audit must be one of {AUDIT_MODES} (raise on a phase that did not take effect, warn, or "
+                         f"do not audit), got {self.audit!r}")
+        if self.audit_zero_lr not in AUDIT_ZERO_LR:
+            found.append(f"audit_zero_lr must be one of {AUDIT_ZERO_LR}, got {self.audit_zero_lr!r}")
         if (self.reinit_optim_cfg or self.reinit_lr_cfg) and explicit_schedule:
             found.append(
                 "reinit_optim_cfg/reinit_lr_cfg apply to implicit schedules only; with an explicit schedule "

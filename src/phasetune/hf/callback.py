@@ -64,7 +64,9 @@ class PhasetuneTrainerCallback(TrainerCallback):
 
     The other keyword arguments are the Lightning callback's and the plain loop's, with the same meaning
     and default (:class:`phasetune.run.RunOptions`). ``snapshot_storage="disk"`` writes its files under
-    ``TrainingArguments.output_dir``.
+    ``TrainingArguments.output_dir``. The thaw audit (``audit="raise"``) checks each phase at its start and after
+    its first optimizer step and raises :class:`~phasetune.AuditError` naming what did not take effect; each
+    group's lr goes into the Trainer's training logs as ``lr/<phase and block>`` (:meth:`lrs`).
     """
 
     def __init__(
@@ -87,6 +89,8 @@ class PhasetuneTrainerCallback(TrainerCallback):
         apply_lambdas_new_pgs: bool = False,
         frozen_bn_track_running_stats: bool = True,
         snapshot_storage: str = "memory",
+        audit: str = "raise",
+        audit_zero_lr: str = "fail",
     ) -> None:
         self.options = RunOptions(
             max_depth=max_depth, base_max_lr=base_max_lr, restore_best=restore_best,
@@ -95,6 +99,7 @@ class PhasetuneTrainerCallback(TrainerCallback):
             reinit_optim_cfg=reinit_optim_cfg, reinit_lr_cfg=reinit_lr_cfg,
             enforce_phase0_params=enforce_phase0_params, apply_lambdas_new_pgs=apply_lambdas_new_pgs,
             frozen_bn_track_running_stats=frozen_bn_track_running_stats, snapshot_storage=snapshot_storage,
+            audit=audit, audit_zero_lr=audit_zero_lr,
         )
         problems = self.options.problems(explicit_schedule=schedule is not None)
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
@@ -224,13 +229,16 @@ class PhasetuneTrainerCallback(TrainerCallback):
                 "your Trainer class (class MyTrainer(PhasetuneTrainerMixin, Trainer))"
             )
         self.run.start(epoch=_epoch_starting(state), step=state.global_step)
+        self.run.reserve_recompiles()  # a compiled model: every phase's graphs within dynamo's limit, until the end
         if self.done:
             control.should_training_stop = True
             self.run.env.info("the schedule was already complete in the checkpoint; nothing left to train")
             return
         at_cap = self.run.begin_steps(state.global_step)  # a checkpoint saved at a step cap, before its transition
         if at_cap is not None:
-            self._transition(_epoch_starting(state), state.global_step, at_cap.reason)
+            self._transition(_epoch_starting(state), state.global_step, at_cap.reason)  # audits the next phase
+        else:
+            self._audit("resume" if self.resume_from else "start")
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._stepped = True
@@ -283,6 +291,8 @@ class PhasetuneTrainerCallback(TrainerCallback):
             io.atomic_torch_save(self.state_dict(), folder / STATE_FILE)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.run is not None:
+            self.run.release()
         if self.run is None or not self.run.history or self.done:
             return
         reason = transitions.EARLY_STOPPING if self.tracker.done else TRAINER_STOPPED
@@ -303,6 +313,20 @@ class PhasetuneTrainerCallback(TrainerCallback):
         t = self.run.transition(epoch=epoch, step=step, reason=reason, optimizer=optimizer, schedulers=schedulers)
         self._install(self._trainer, t.optimizer if t.new_optimizer else None, t.new_scheduler)
         self.tracker.start_phase()
+        self._audit("transition", thawed=t.thawed)
+
+    def _audit(self, stage: str, thawed: list[str] | None = None) -> None:
+        """Audit the phase as installed (a collective): the Trainer's optimizer and scheduler, the wrapped model."""
+        assert self.run is not None and self._trainer is not None
+        optimizer, schedulers = self._optimizer_and_schedulers(self._trainer)
+        self.run.audit_phase(optimizer, schedulers, stage=stage, thawed=thawed, model=self._trainer.model_wrapped)
+
+    def lrs(self) -> dict[str, float]:
+        """Each optimizer group's lr by a readable name, its phase and blocks (``phase1/bert.encoder.layer.1``); the
+        Trainer hook adds them to every training log as ``lr/<name>``."""
+        if self.run is None or self._trainer is None or self._trainer.optimizer is None:
+            return {}
+        return self.run.lrs(unwrap_optimizer(self._trainer.optimizer))
 
     def _stop(self, control: Any, epoch: int, step: int, reason: str) -> None:
         assert self.run is not None

@@ -12,6 +12,8 @@ mixin gives the callback those two moments:
   scheduler over phase 0's groups, the model is frozen to phase 0 again and a resumed run replays its saved
   phase: thaw, groups added to optimizer and scheduler, a phase's new optimizer or scheduler installed. The
   Trainer loads the checkpoint's optimizer and scheduler state right after, into groups that now exist.
+- ``log``: adds each optimizer group's lr under a readable name (``lr/phase1/layers.2-3``) to the training logs,
+  before the reporting integrations (which run as callbacks ahead of phasetune's) see them.
 - ``train``: reads ``resume_from_checkpoint`` (``True`` means the last checkpoint in ``output_dir``) for the
   callback, and starts a fresh schedule in a Trainer that already ran one.
 """
@@ -64,6 +66,11 @@ class PhasetuneTrainerMixin:
         optimizer = super().create_optimizer(model)  # type: ignore[misc]
         ft.fit_optimizer(unwrap_optimizer(optimizer))
         return optimizer
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "learning_rate" in logs:  # a training log (evaluation logs carry no lr); at logging steps only
+            logs.update({f"lr/{name}": lr for name, lr in self.phasetune.lrs().items()})
+        super().log(logs, *args, **kwargs)  # type: ignore[misc]
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None) -> Any:
         scheduler = super().create_scheduler(num_training_steps, optimizer)  # type: ignore[misc]

@@ -240,3 +240,34 @@ def mid_epoch_position(checkpoint: Mapping[str, Any]) -> tuple[int, bool] | None
     if not batches or progress.get("is_last_batch", True):
         return None
     return int(batches), bool((fit_loop.get("state_dict") or {}).get("combined_loader"))
+
+
+class _GlobalStep:
+    """``trainer.global_step`` behind the progress counter's interface (a Lightning whose loops differ)."""
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+
+    @property
+    def completed(self) -> int:
+        return int(self.trainer.global_step)
+
+
+def optimizer_steps(trainer: Any, pl_module: Any) -> Any:
+    """An object whose ``completed`` is ``trainer.global_step``, read once per optimizer step by the callback.
+
+    Why: ``trainer.global_step`` is a property chain that costs about ten times the rest of the per-step hook;
+    Lightning's optimizer-step progress counter (private: ``fit_loop.epoch_loop`` -> ``automatic_optimization.
+    optim_progress.optimizer.step.total``, or ``manual_optimization.optim_step_progress.total``) is the object it
+    reads, updated in place (also when a checkpoint is restored). It is checked against the property once; a
+    Lightning whose loops differ gets the property itself.
+    """
+    loop = trainer.fit_loop.epoch_loop
+    try:
+        counter = (loop.automatic_optimization.optim_progress.optimizer.step.total if pl_module.automatic_optimization
+                   else loop.manual_optimization.optim_step_progress.total)
+        if counter.completed == trainer.global_step:
+            return counter
+    except AttributeError:
+        pass
+    return _GlobalStep(trainer)

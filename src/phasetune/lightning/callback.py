@@ -31,7 +31,7 @@ from phasetune import generate, snapshots, transitions
 from phasetune.engine import PhaseEngine
 from phasetune.errors import ConfigurationError, ScheduleError, ScheduleGenerated
 from phasetune.generate import implicit_schedule
-from phasetune.lightning import fts_compat, resume_checks
+from phasetune.lightning import _compat, fts_compat, resume_checks
 from phasetune.lightning.adapters import StrategyAdapter, select_adapter
 from phasetune.lightning.companions import configure_companions
 from phasetune.lightning.early_stopping import FTSEarlyStopping
@@ -60,8 +60,10 @@ class FinetuningScheduler(Callback):
             (raises :class:`~phasetune.errors.ScheduleGenerated`, a clean ``SystemExit``).
         max_depth, base_max_lr, restore_best, epoch_transitions_only, schedule_style, schedule_options, reinit_optim_cfg,
         reinit_lr_cfg, enforce_phase0_params, apply_lambdas_new_pgs, frozen_bn_track_running_stats,
-        snapshot_storage, resume_rng: the knobs every front end shares, with one meaning and default each: see
-            :class:`phasetune.RunOptions` (``self.options``).
+        snapshot_storage, resume_rng, audit, audit_zero_lr: the knobs every front end shares, with one meaning and
+            default each: see :class:`phasetune.RunOptions` (``self.options``). ``audit="raise"`` (the default)
+            checks each phase at its start and after its first optimizer step and raises
+            :class:`~phasetune.AuditError` naming what did not take effect (see docs/audit.md).
         strategy_adapter_cfg: options for the strategy adapter (FSDP/FSDP2 adapters take some).
         log_dir: where generated schedules, the resolved schedule and snapshot files go; ``None`` uses
             ``trainer.log_dir`` (or ``default_root_dir``).
@@ -91,6 +93,8 @@ class FinetuningScheduler(Callback):
         frozen_bn_track_running_stats: bool = True,
         snapshot_storage: str = "memory",
         resume_rng: str = "exact",
+        audit: str = "raise",
+        audit_zero_lr: str = "fail",
         strategy_adapter_cfg: Mapping[str, Any] | None = None,
         log_dir: str | os.PathLike[str] | None = None,
         logging_level: int | str | None = None,
@@ -104,7 +108,7 @@ class FinetuningScheduler(Callback):
             reinit_optim_cfg=reinit_optim_cfg, reinit_lr_cfg=reinit_lr_cfg,
             enforce_phase0_params=enforce_phase0_params, apply_lambdas_new_pgs=apply_lambdas_new_pgs,
             frozen_bn_track_running_stats=frozen_bn_track_running_stats, snapshot_storage=snapshot_storage,
-            resume_rng=resume_rng,
+            resume_rng=resume_rng, audit=audit, audit_zero_lr=audit_zero_lr,
         )
         problems = self.options.problems(explicit_schedule=ft_schedule is not None)
         fts_args = fts_compat.FTSArgs.parse(log_dir, logging_level, allow_untested, custom_strategy_adapters)
@@ -151,6 +155,8 @@ class FinetuningScheduler(Callback):
     frozen_bn_track_running_stats = _option("frozen_bn_track_running_stats")
     snapshot_storage = _option("snapshot_storage")
     resume_rng = _option("resume_rng")
+    audit = _option("audit")
+    audit_zero_lr = _option("audit_zero_lr")
 
     # ------------------------------------------------------------------ public read-only state
     @property
@@ -344,10 +350,13 @@ class FinetuningScheduler(Callback):
         problems += run.check(optimizer, schedulers)
         if problems:
             raise ConfigurationError(problems)
-        if self._restored_state is not None:
+        resumed = self._restored_state is not None
+        if resumed:
             self._resume(trainer)
         run.start(epoch=trainer.current_epoch, step=trainer.global_step)
+        run.reserve_recompiles()  # a compiled model: every phase's graphs within dynamo's limit, until the fit ends
         self._fit_started = True
+        self._audit(trainer, "resume" if resumed else "start")
 
     def _resume(self, trainer: pl.Trainer) -> None:
         assert self.run is not None and self.adapter is not None and self._restored_state is not None
@@ -363,6 +372,8 @@ class FinetuningScheduler(Callback):
             self.adapter.install_scheduler(trainer, scheds[0], cfg)
         if self.run.depth > 0:
             self.adapter.after_thaw(trainer)
+        if self._fit_started:  # restored after on_fit_start (FSDP, ModelParallel): audit the rebuilt phase now
+            self._audit(trainer, "resume")
 
     def _optimizer_and_schedulers(self, trainer: pl.Trainer) -> tuple[torch.optim.Optimizer, list[Any]]:
         optimizers = trainer.optimizers
@@ -385,7 +396,8 @@ class FinetuningScheduler(Callback):
         at_cap = self.run.begin_steps(trainer.global_step)  # a checkpoint saved at a step cap, before its transition
         if at_cap is not None:
             self._transition(trainer, at_cap.reason)
-        self._steps = _optimizer_steps(trainer, pl_module)
+        # the optimizer-step counter on_train_batch_end reads (Lightning's progress counter: see _compat)
+        self._steps = _compat.optimizer_steps(trainer, pl_module)
 
     # ------------------------------------------------------------------ per optimizer step
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
@@ -407,6 +419,11 @@ class FinetuningScheduler(Callback):
         # the phase in the progress bar and the loggers (shown from the end of the phase's first epoch)
         pl_module.log("ft_phase", float(self.run.depth), on_step=False, on_epoch=True, prog_bar=True,
                       logger=bool(trainer.loggers), sync_dist=False, rank_zero_only=True)
+        # each group's lr as the epoch starts, by phase and block (lr/phase1/layers.2-3): once an epoch, like
+        # LearningRateMonitor(logging_interval="epoch"), so ordinary steps do no work
+        for name, lr in self.run.lrs(trainer.optimizers[0]).items():
+            pl_module.log(f"lr/{name}", lr, on_step=False, on_epoch=True, logger=bool(trainer.loggers),
+                          sync_dist=False, rank_zero_only=True)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or self.run is None or not trainer.training:
@@ -428,6 +445,8 @@ class FinetuningScheduler(Callback):
         self.run.finish(epoch=trainer.current_epoch, step=trainer.global_step, reason=reason)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.run is not None:
+            self.run.release()  # after an exception too (on_train_end did not run)
         if stage == "fit" and self.adapter is not None:
             self.adapter.release()
 
@@ -448,34 +467,16 @@ class FinetuningScheduler(Callback):
             self.adapter.install_optimizer(trainer, t.optimizer)
         if t.new_scheduler is not None:
             self.adapter.install_scheduler(trainer, t.new_scheduler, t.scheduler_cfg)
-        self.adapter.after_thaw(trainer)
+        self.adapter.after_thaw(trainer)  # DDP is rebuilt here: the audit comes after it
+        self._audit(trainer, "transition", thawed=t.thawed)
         if self.early_stopping is not None:
             self.early_stopping.reset_for_phase()
 
-
-class _GlobalStep:
-    """``trainer.global_step`` behind the progress counter's interface (a Lightning whose loops differ)."""
-
-    def __init__(self, trainer: pl.Trainer) -> None:
-        self.trainer = trainer
-
-    @property
-    def completed(self) -> int:
-        return self.trainer.global_step
-
-
-def _optimizer_steps(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
-    """The object whose ``completed`` is ``trainer.global_step``: Lightning's optimizer-step progress counter
-    (updated in place, also when a checkpoint is restored), checked against the property once."""
-    loop = trainer.fit_loop.epoch_loop
-    try:
-        counter = (loop.automatic_optimization.optim_progress.optimizer.step.total if pl_module.automatic_optimization
-                   else loop.manual_optimization.optim_step_progress.total)
-        if counter.completed == trainer.global_step:
-            return counter
-    except AttributeError:
-        pass
-    return _GlobalStep(trainer)
+    def _audit(self, trainer: pl.Trainer, stage: str, thawed: list[str] | None = None) -> None:
+        """Audit the phase as installed (a collective): the current optimizer and schedulers, the model as trained."""
+        assert self.run is not None
+        optimizer, schedulers = self._optimizer_and_schedulers(trainer)
+        self.run.audit_phase(optimizer, schedulers, stage=stage, thawed=thawed, model=trainer.strategy.model)
 
 
 __all__ = ["STATE_FORMAT", "FinetuningScheduler", "PhaseRecord", "ScheduleError"]

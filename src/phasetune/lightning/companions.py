@@ -49,7 +49,7 @@ def configure_companions(
         if stoppers:
             rank_zero_warn(
                 f"epoch_transitions_only=True: removed {len(stoppers)} EarlyStopping callback(s); phases end at "
-                "their max_transition_epoch and the run ends after the final phase's."
+                "their max_transition_epoch / max_transition_step and the run ends after the final phase's."
             )
     else:
         odd = [type(c).__name__ for c in stoppers if not isinstance(c, FTSEarlyStopping) and type(c) is not EarlyStopping]

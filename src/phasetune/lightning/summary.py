@@ -62,8 +62,8 @@ class ValidationHistory(Callback):
 
 def summary_table(history: Sequence[PhaseRecord], monitor: str | None = None) -> str:
     """One row per phase: epochs, steps, trainable parameters (count and share), lr, best monitored
-    value, wall time, peak memory, and why the phase ended; a total row; a note saying what the memory
-    column measured."""
+    value, wall time, peak memory, why the phase ended and the thaw audit's verdict; a total row; a note saying
+    what the memory column measured, and the audit line of each phase that failed it."""
     rows = []
     for r in history:
         share = 100.0 * r.trainable_params / max(r.total_params, 1)
@@ -77,6 +77,7 @@ def summary_table(history: Sequence[PhaseRecord], monitor: str | None = None) ->
             fmt_seconds(r.wall_time),
             fmt_bytes(r.peak_memory),
             _short_reason(r.end_reason),
+            _short_audit(r.audit),
         ])
     if len(history) > 1:
         done = [r for r in history if r.steps is not None]
@@ -87,21 +88,23 @@ def summary_table(history: Sequence[PhaseRecord], monitor: str | None = None) ->
             "", "", "",
             fmt_seconds(sum(r.wall_time for r in history)),
             fmt_bytes(max((r.peak_memory for r in history if r.peak_memory is not None), default=None)),
-            "",
+            "", "",
         ])
     best = f"best {monitor} @ epoch" if monitor else "best @ epoch"
     table = format_table(
-        ["phase", "epochs", "steps", "trainable params", "lr", best, "wall time", "peak memory", "ended by"],
+        ["phase", "epochs", "steps", "trainable params", "lr", best, "wall time", "peak memory", "ended by", "audit"],
         rows,
-        align="lrrrrrrrl",
+        align="lrrrrrrrll",
     )
     kinds = {r.peak_memory_kind for r in history if r.peak_memory_kind}
     notes = [f"peak memory: {KIND_LABELS.get(k, k)}" for k in sorted(kinds)]
+    notes += [r.audit for r in history if r.audit and _short_audit(r.audit) == "FAILED"]
     return "\n".join([table, *notes])
 
 
 _REASONS = {  # the run's end reasons, short enough for a table column
     "max_transition_epoch reached": "epoch cap",
+    "max_transition_step reached": "step cap",
 }
 
 
@@ -111,6 +114,16 @@ def _short_reason(reason: str | None) -> str:
     if reason.startswith("trainer stopped"):  # every front end's own limit (max_epochs, max_steps, ...)
         return "trainer limit"
     return _REASONS.get(reason, reason)
+
+
+def _short_audit(line: str | None) -> str:
+    """The audit column: "passed" (after the phase's first step), "FAILED", "no step" (checked at its start
+    only: the phase ended before an optimizer step) or "-" (not audited)."""
+    if line is None:
+        return "-"
+    if " FAILED" in line:
+        return "FAILED"
+    return "no step" if line.split(":")[0].endswith(")") else "passed"  # "audit phase 1 (transition): ..."
 
 
 def _or_dash(v: int | None) -> str:
