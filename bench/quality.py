@@ -14,6 +14,7 @@ selection stages read validation only. Stages:
 
     python bench/quality.py select-baseline           # the baseline's lr from a grid, on validation
     python bench/quality.py select-recipes            # recipe settings from a small grid, on validation
+    python bench/quality.py select-lpft               # lpft's split and head lr in the last phase, 2 seeds
     python bench/quality.py table [--task debates]    # every chosen arm over --seeds, val and test
     python bench/quality.py report                    # print the tables again from the saved runs
 
@@ -43,6 +44,7 @@ RUNS = RESULTS / "quality_runs.jsonl"
 STEPS, BATCH, MAX_LENGTH, HEAD_LR = 48, 16, 48, 1e-3
 BASELINE_GRID = (1e-4, 2e-4, 4e-4)
 SELECT_SEEDS = (100,)  # one seed per setting: the CPU budget of the 2-core machine
+SELECT_SEEDS_LPFT = (100, 101)  # select-lpft: two seeds per setting
 TABLE_SEEDS = (0, 1, 2, 3, 4)
 
 
@@ -112,13 +114,23 @@ def run_one(cfg: dict[str, Any]) -> dict[str, Any]:
     nodecay = [p for n, p in model.named_parameters() if any(s in n for s in no_decay)]
     recipe, steps = cfg["arm"], cfg["steps"]
     lr0 = cfg["lr"] if recipe == "baseline" else cfg.get("head_lr", HEAD_LR)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": nodecay, "weight_decay": 0.0}], lr=lr0)
+    groups = [{"params": decay, "weight_decay": 0.01}, {"params": nodecay, "weight_decay": 0.0}]
+    if recipe == "baseline" and "head_lr" in cfg:  # an ablation: full fine-tuning with lpft's head lr on the head
+        import re
+
+        head = [re.compile(p) for p in generate_schedule(model, "lpft")[0]["params"]]
+        in_head = {id(p) for n, p in model.named_parameters() if any(h.fullmatch(n) for h in head)}
+        groups = [{**g, "params": [p for p in g["params"] if (id(p) in in_head) == is_head],
+                   **({"lr": cfg["head_lr"]} if is_head else {})} for is_head in (False, True) for g in groups]
+    opt = torch.optim.AdamW(groups, lr=lr0)
     ft = None
     if recipe == "baseline":
         sched = WarmupLinearDecay(opt, **phase_lr_shape(steps, cfg.get("warmup_fraction", 0.1)))
     else:
         phase_steps = split_steps(steps, cfg["split"])
-        options = {k: cfg[k] for k in ("lr", "lr_decay", "include_stem", "blocks_per_phase") if k in cfg}
+        options = {k: cfg[k] for k in ("lr", "lr_decay", "include_stem", "blocks_per_phase", "ft_head_lr") if k in cfg}
+        if "ft_head_lr" in options:
+            options["head_groups"] = 2  # the optimizer above: decayed and not decayed parameters
         schedule = generate_schedule(model, recipe, phase_steps=phase_steps, steps_per_epoch=1,
                                      warmup_fraction=cfg.get("warmup_fraction", 0.1), **options)
         if len(schedule) != len(phase_steps):
@@ -184,9 +196,9 @@ EQUAL8 = [1 / 8] * 8
 
 def arm_name(cfg: dict[str, Any]) -> str:
     if cfg["arm"] == "baseline":
-        return f"baseline lr={cfg['lr']:g}"
+        return f"baseline lr={cfg['lr']:g}" + (f" head_lr={cfg['head_lr']:g}" if "head_lr" in cfg else "")
     parts = [cfg["arm"]]
-    for key in ("lr", "head_lr", "lr_decay", "blocks_per_phase", "include_stem"):
+    for key in ("lr", "head_lr", "ft_head_lr", "lr_decay", "blocks_per_phase", "include_stem"):
         if key in cfg:
             parts.append(f"{key}={cfg[key]:g}" if isinstance(cfg[key], float) else f"{key}={cfg[key]}")
     parts.append("split=" + "/".join(f"{x:g}" for x in cfg["split"]))
@@ -214,7 +226,8 @@ def run_all(cfgs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         t = time.perf_counter()
         for attempt in range(3):  # a run that fails is tried again, once the working tree may have settled
             proc = subprocess.run([sys.executable, __file__, "one", json.dumps(cfg)], capture_output=True, text=True,
-                                  cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
+                                  cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
+                                      filter(None, (os.environ.get("PYTHONPATH"), str(ROOT)))),
                                        "OMP_WAIT_POLICY": "PASSIVE"})  # idle threads sleep: a shared machine
             if proc.returncode == 0:
                 break
@@ -291,17 +304,34 @@ def recipe_grid(args: argparse.Namespace, lr: float) -> list[dict[str, Any]]:
     ]
 
 
+def lpft_grid(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """lpft variants (stem frozen: it meets the memory target) compared over two seeds on validation: the head
+    phase's share of the steps, and the head's lr in the last phase (``ft_head_lr``: the body's lr instead of
+    its creation lr ``HEAD_LR`` restarting while the body starts to move)."""
+    lpft = functools.partial(base_cfg, args, arm="lpft", include_stem=False)
+    return [
+        lpft(lr=2e-4, split=[0.5, 0.5]),
+        lpft(lr=2e-4, split=[0.25, 0.75]),
+        lpft(lr=2e-4, ft_head_lr=2e-4, split=[0.5, 0.5]),
+        lpft(lr=2e-4, ft_head_lr=2e-4, split=[0.25, 0.75]),
+        lpft(lr=1e-4, ft_head_lr=1e-4, split=[0.25, 0.75]),
+        lpft(lr=4e-4, ft_head_lr=4e-4, split=[0.25, 0.75]),
+        # a faster linear probe (the optimizer's lr, restarting in the last phase too)
+        lpft(lr=2e-4, head_lr=3e-3, split=[0.25, 0.75]),
+    ]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("stage", choices=["select-baseline", "select-recipes", "table", "report", "one"])
+    p.add_argument("stage", choices=["select-baseline", "select-recipes", "select-lpft", "table", "report", "one"])
     p.add_argument("config", nargs="?", help="(stage 'one') the JSON config of one run")
     p.add_argument("--task", default="rt", choices=["rt", "debates"])
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--batch", type=int, default=BATCH)
     p.add_argument("--seeds", type=int, nargs="+", default=list(TABLE_SEEDS))
     p.add_argument("--arms", nargs="+", default=None,
-                   help="(table) these arms (default: baseline lpft lpft_frozen_stem discriminative; 'blocks' is "
-                        "today's default style)")
+                   help="(table) these arms (default: baseline lpft_selected lpft lpft_frozen_stem discriminative; "
+                        "'blocks' is the block-wise style before the recipes; 'baseline_head_lr' an ablation)")
     args = p.parse_args()
     if args.stage == "one":
         print(json.dumps(run_one(json.loads(args.config))))
@@ -329,9 +359,21 @@ def main() -> None:
         # today's default (blocks, every phase at base_max_lr 1e-5) is run with --arms blocks when time allows
         choice["blocks"] = {"arm": "blocks", "lr": 1e-5, "split": EQUAL8}
         _save_choice(choice)
+    elif args.stage == "select-lpft":
+        base = chosen(args)["baseline"]
+        grid = [base_cfg(args, **base), *lpft_grid(args)]
+        res = run_all([{**c, "seed": s} for s in SELECT_SEEDS_LPFT for c in grid])
+        print(table(res, with_test=False))
+        keys = ("arm", "lr", "head_lr", "ft_head_lr", "split", "include_stem")
+        choice = chosen(args)
+        choice["lpft_selected"] = {k: v for k, v in best([r for r in res if r["arm"] == "lpft"]).items() if k in keys}
+        # an ablation for the table: full fine-tuning with the chosen lpft's head lr on the head (and pooler)
+        choice["baseline_head_lr"] = {**base, "head_lr": choice["lpft_selected"].get("head_lr", HEAD_LR)}
+        _save_choice(choice)
     elif args.stage in ("table", "report"):
         choice = chosen(args)
-        arms = [a for a in choice if a in (args.arms or ("baseline", "lpft", "lpft_frozen_stem", "discriminative"))]
+        arms = [a for a in choice if a in (args.arms or ("baseline", "lpft_selected", "lpft", "lpft_frozen_stem",
+                                                         "discriminative"))]
         cfgs = [base_cfg(args, **choice[a], seed=s, test=True) for s in args.seeds for a in arms]
         saved = {r["key"] for r in cached_runs()}
         res = run_all(cfgs if args.stage == "table" else [c for c in cfgs if key(c) in saved])
@@ -359,9 +401,10 @@ def _write_md(args: argparse.Namespace, text: str) -> None:
     sections[title] = (f"\n`{cmd}` ({args.steps} steps of {args.batch}, seeds "
                                      f"{' '.join(map(str, args.seeds))})\n\n{text}\n")
     choice = json.dumps(chosen(args), indent=1)
-    head = ("# bench/quality.py results\n\nSettings chosen on the validation split (one seed per setting) by\n"
-            "`python bench/quality.py select-baseline` and `python bench/quality.py select-recipes`, saved in\n"
-            f"`bench/results/quality_choice.json`:\n\n```json\n{choice}\n```\n\nEvery run: "
+    head = ("# bench/quality.py results\n\nSettings chosen on the validation split by `python bench/quality.py "
+            "select-baseline`,\n`select-recipes` (one seed per setting) and `select-lpft` (seeds 100 and 101: "
+            "`lpft_selected`),\nsaved in `bench/results/quality_choice.json` (`baseline_head_lr` is an ablation, "
+            f"not a choice):\n\n```json\n{choice}\n```\n\nEvery run: "
             "`bench/results/quality_runs.jsonl`.\n\n")
     path.write_text(head + "".join(f"## {t}\n{b}\n" for t, b in sections.items()))
 

@@ -337,7 +337,8 @@ PER_STEP_HOOKS = (
 
 def test_the_per_step_hook_does_no_work_on_ordinary_steps(tmp_path, monkeypatch):
     # The overhead target (bench/overhead.py) rests on this: the one per-step hook (for max_transition_step and
-    # step watches) compares one integer and returns; nothing else of phasetune runs per training step.
+    # step watches) compares one integer and returns; nothing else of phasetune runs per training step. (The prefix
+    # cache's on_train_batch_start exists only as an instance attribute of a fit in which a phase caches.)
     for ours, parent in ((FinetuningScheduler, pl.Callback), (FTSEarlyStopping, EarlyStopping),
                          (FTSCheckpoint, ModelCheckpoint)):
         for hook in PER_STEP_HOOKS:
@@ -356,8 +357,16 @@ def test_the_per_step_hook_does_no_work_on_ordinary_steps(tmp_path, monkeypatch)
 
     for cls, name in ((PhaseRun, "step_end"), (StepEvents, "due"), (PhaseEngine, "advance")):
         counting(cls, name)
-    t, _, _, _ = fit(tmp_path, fts_kwargs=dict(ft_schedule=EPOCH_SCHEDULE, epoch_transitions_only=True), max_epochs=5)
-    assert t.global_step == 20
+    instance_hooks = []
+
+    class InstanceHooks(pl.Callback):  # per-step hooks installed on the callback object during the fit: none
+        def on_train_epoch_start(self, trainer, pl_module):
+            fts = next(c for c in trainer.callbacks if isinstance(c, FinetuningScheduler))
+            instance_hooks.extend(h for h in PER_STEP_HOOKS if h in vars(fts))
+
+    t, _, _, _ = fit(tmp_path, fts_kwargs=dict(ft_schedule=EPOCH_SCHEDULE, epoch_transitions_only=True), max_epochs=5,
+                     callbacks=[InstanceHooks()])
+    assert t.global_step == 20 and instance_hooks == []
     # 20 compares; both transitions at epoch starts; step watches due once per phase, after its first step (the thaw
     # audit's spent hooks are dropped then), never on the steps between
     assert calls == {"step_end": 20, "due": 3, "advance": 2}

@@ -285,7 +285,7 @@ def test_schedule_commands_take_a_hugging_face_model_folder_or_a_model_class(tmp
                "-o", str(out)) == 0
     generated = yaml.safe_load(out.read_text())
     assert generated[0]["params"] == [r"bert\.pooler\..*", r"classifier\..*"]  # the model's own names
-    assert generated[1]["max_transition_step"] == 40
+    assert [generated[k]["max_transition_step"] for k in (0, 1)] == [10, 40]  # lpft's head: a quarter by default
     assert run("schedule", "check", str(out), "--model-dir", str(folder)) == 0
     assert "OK, 2 phases for BertForSequenceClassification" in capsys.readouterr().out
     assert run("schedule", "show", "--model", "helpers:Net") == 0  # the generated schedule of Net()

@@ -107,15 +107,17 @@ def test_the_demo_schedule_covers_the_real_model(monkeypatch, capsys):
     assert cli("schedule", "show", "--config", DEMO) == 0
     out = capsys.readouterr().out
     rows = [line.split()[:4] for line in out.splitlines() if re.match(r"\d +\d", line)]
-    assert rows == [["0", "149k", "(4)", "0.7%"], ["1", "22.6M", "(101)", "100.0%"]]
-    assert "note:" not in out  # every parameter is in a phase, no regex matches more than meant
+    assert rows == [["0", "149k", "(4)", "0.7%"], ["1", "10.6M", "(96)", "47.5%"]]
+    # the embeddings stay frozen (include_stem: false), and nothing else is left out
+    notes = [line for line in out.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "5 of 105 parameters are in no phase" in notes[0] and "embeddings" in notes[0]
 
 
 def test_the_demo_schedule_is_the_lpft_recipe_as_generated(monkeypatch, tmp_path):
     monkeypatch.chdir(ROOT)
     generated = tmp_path / "lpft.yaml"
-    assert cli("schedule", "generate", "--config", DEMO, "--recipe", "lpft", "--lr", "2e-4", "--phase_steps", "24",
-               "--steps_per_epoch", "8", "--output", str(generated)) == 0
+    assert cli("schedule", "generate", "--config", DEMO, "--recipe", "lpft", "--lr", "2e-4", "--phase_steps", "12", "36",
+               "--steps_per_epoch", "4", "--include_stem", "false", "--output", str(generated)) == 0
     names = [n for n, _ in SentimentClassifier().named_parameters()]
     demo = resolve_schedule(ROOT / "examples/rotten_tomatoes/schedule.yaml", names)
     assert demo.to_dict() == resolve_schedule(generated, names).to_dict()
@@ -132,10 +134,10 @@ def test_demo_end_to_end_on_a_few_batches(monkeypatch, tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     phases = re.findall(r"^(\d)\s+(\d)\s+(\d)\s+\S+ \(([\d.]+)%\)", out, flags=re.M)
-    assert phases == [("0", "3", "3", "0.7"), ("1", "3", "3", "100.0")]
-    assert "baseline: plain full fine-tuning of every parameter for 6 steps, the scheduled run's budget" in out
-    assert "baseline: lr warm-up over 0 steps, then linear decay to 0 at step 6" in out
-    assert re.search(r"^scheduled \(2 phases\) +6 .* 0\.\d{4} +\d\.\d{4}$", out, flags=re.M)
-    assert re.search(r"^full fine-tuning +6 .* 0\.\d{4} +\d\.\d{4}$", out, flags=re.M)
+    assert phases == [("0", "3", "3", "0.7"), ("1", "9", "9", "47.5")]
+    assert "baseline: plain full fine-tuning of every parameter for 12 steps, the scheduled run's budget" in out
+    assert "baseline: lr warm-up over 1 step, then linear decay to 0 at step 12" in out
+    assert re.search(r"^scheduled \(2 phases\) +12 .* 0\.\d{4} +\d\.\d{4}$", out, flags=re.M)
+    assert re.search(r"^full fine-tuning +12 .* 0\.\d{4} +\d\.\d{4}$", out, flags=re.M)
     plot = tmp_path / "lightning_logs" / "version_0" / "phases.png"
     assert f"phasetune: plot: {plot}" in out and plot.stat().st_size > 10_000

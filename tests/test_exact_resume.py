@@ -1,8 +1,9 @@
 """Exact resume with randomness: a shuffled DataLoader (no generator of its own), Dropout, and data that
 draws from Python's ``random`` (gauss cache) and NumPy. Resumed from any epoch checkpoint, a run ends
-bit-equal to the uninterrupted one, in Lightning (one device; FSDPStrategy and ModelParallelStrategy on 2
-processes, one launch of tests/distributed/resume_scenarios.py) and in the plain loop; without the random
-state it does not. Kills mid-write are in tests/test_kill_harness.py, other numbers of processes in
+bit-equal to the uninterrupted one, in Lightning (one device; DDP, FSDPStrategy and ModelParallelStrategy on 2
+processes, one launch of tests/distributed/resume_scenarios.py) and in the plain loop; so is a resume from the
+middle of an epoch with torchdata's StatefulDataLoader (one device and the same 2-process launch); without the
+random state it is not. Kills mid-write are in tests/test_kill_harness.py, other numbers of processes in
 tests/test_topology.py (and the ModelParallel 2 -> 1 case here, from this launch's checkpoints)."""
 
 from __future__ import annotations
@@ -144,11 +145,24 @@ def test_resume_rng_must_be_exact_or_reseed():
         FinetuningScheduler(resume_rng="ignore")
 
 
-# ---------------------------------------------------------------------------------------------- FSDP1 and FSDP2
+# ---------------------------------------------------------------------------------------------- DDP, FSDP1, FSDP2
 # tests/distributed/resume_scenarios.py: one 2-process launch; each strategy trains uninterrupted, then resumes
 # from several epoch checkpoints (inside phase 0, the last epoch before a transition, the first after it, the
-# last of phase 1), with Lightning's shuffling DistributedSampler, Dropout, noise from random/NumPy, restore_best
-SHARDED = ("fsdp1", "fsdp2", "fsdp2_full")
+# last of phase 1) and, with a StatefulDataLoader over torchdata's StatefulDistributedSampler, from step checkpoints
+# in the middle of an epoch (mid phase 0; after the first batch following a transition), with a shuffling
+# distributed sampler, Dropout, noise from random/NumPy, restore_best
+SHARDED = ("ddp", "fsdp1", "fsdp2", "fsdp2_full")
+# FSDP1's full optimizer state was gathered with offload_to_cpu=True, which on CPU (torch 2.13) saved exp_avg_sq's
+# values as exp_avg too; epoch resumes did not show it (a restore-best rollback followed each), a mid-epoch one did
+@pytest.mark.parametrize("kind", ["ddp", "fsdp1", "fsdp2_full"])
+def test_a_full_checkpoint_keeps_the_two_adam_moments_of_each_parameter_apart(sharded_ranks, kind):
+    assert sharded_ranks[0][kind]["moments_apart"] is True
+
+
+# FSDP and ModelParallel resume through the sharded adapter, which applies the scheduler's state before Lightning
+# calls on_load_checkpoint: it must learn there that the checkpoint is mid-epoch, or the random state comes back
+# before Lightning re-creates the StatefulDataLoader's iterator (which draws from torch's generator)
+MID_EPOCH = ("ddp", "fsdp1", "fsdp2")
 
 
 @pytest.fixture(scope="module")
@@ -162,23 +176,48 @@ def sharded_ranks(sharded_run):
     return sharded_run[0]
 
 
-def resumed_fits(rank: dict, kind: str) -> dict[str, dict]:
-    return {k: v for k, v in rank[kind].items() if k.startswith("epoch=")}
+def resumed_fits(rank: dict, kind: str, point: str = "epoch=") -> dict[str, dict]:
+    return {k: v for k, v in rank[kind].items() if k.startswith(point)}
 
 
 @pytest.mark.parametrize("kind", SHARDED)
 def test_a_sharded_resume_from_each_epoch_checkpoint_is_bit_equal_with_shuffling_and_dropout(sharded_ranks, kind):
-    reference = sharded_ranks[0][kind]["reference"]
-    assert reference["phases"] == [[0, 2, True], [2, 4, True], [4, 5, False]]  # both phases rolled back to their best
-    fits = resumed_fits(sharded_ranks[0], kind)
-    assert len(fits) >= 2
-    for point, fit in fits.items():
-        assert fit["phases"] == reference["phases"], point
-        assert fit["final"] == reference["final"], point
-        assert fit["warnings"] == [], point  # every snapshot and random state came back
+    assert sharded_ranks[0][kind]["reference"]["phases"] == [[0, 2, True], [2, 4, True], [4, 5, False]]  # rolled back
+    assert len(resumed_fits(sharded_ranks[0], kind)) >= 2
+    for rank in sharded_ranks:  # each rank's parameters (under FSDP1 its shards)
+        reference = rank[kind]["reference"]
+        for point, fit in resumed_fits(rank, kind).items():
+            assert fit["phases"] == reference["phases"], point
+            assert fit["final"] == reference["final"], point
+            assert fit["warnings"] == [], point  # every snapshot and random state came back
     for fit in sharded_ranks[0][kind].values():
-        if "final" in fit:  # saved atomically (nothing hidden left behind), the strategy given back unpatched
+        if isinstance(fit, dict) and "final" in fit:  # saved atomically (nothing hidden left behind), the strategy given back unpatched
             assert fit["hidden_files"] == [] and fit["patches_left"] == []
+
+
+@pytest.mark.parametrize("kind", MID_EPOCH)
+def test_a_2_process_mid_epoch_resume_with_stateful_dataloader_and_sampler_is_bit_equal(sharded_ranks, kind):
+    assert sharded_ranks[0][kind]["sds_reference"]["phases"] == [[0, 2, True], [2, 4, True], [4, 5, False]]
+    # mid phase 0; phase 1's first step, after a rollback
+    assert sorted(resumed_fits(sharded_ranks[0], kind, "sds_step=")) == ["sds_step=6", "sds_step=9"]
+    for rank in sharded_ranks:
+        reference = rank[kind]["sds_reference"]
+        for point, fit in resumed_fits(rank, kind, "sds_step=").items():
+            assert fit["phases"] == reference["phases"], point
+            assert fit["final"] == reference["final"], point
+            assert fit["warnings"] == [], point  # no "saved no position" warning, every snapshot and generator back
+            assert fit["hidden_files"] == [] and fit["patches_left"] == [], point
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "Lightning 2.6 creates a mid-epoch resume's train iterator in fit_loop.setup_data, before on_advance_start "
+    "calls set_epoch: a StatefulDataLoader over Lightning's (not stateful) DistributedSampler fast-forwards "
+    "through epoch 0's order; phasetune does not work around it yet"))
+def test_a_2_process_mid_epoch_resume_over_lightnings_distributed_sampler_is_bit_equal(sharded_ranks):
+    for rank in sharded_ranks:
+        reference, fit = rank["ddp"]["stateful_reference"], rank["ddp"]["step=6"]
+        assert fit["phases"] == reference["phases"]
+        assert fit["final"] == reference["final"]
 
 
 def test_a_sharded_resume_without_the_random_state_differs(sharded_ranks):

@@ -214,9 +214,9 @@ def test_phase_steps_without_steps_per_epoch_write_cumulative_max_transition_ste
 
 
 @pytest.mark.parametrize("style, head_fraction, expected", [
-    ("lpft", None, [60, 60]),                    # an equal share: half for the head under lpft
-    ("lpft", 0.25, [30, 90]),
-    ("discriminative", None, [24, 24, 24, 24, 24]),
+    ("lpft", None, [30, 90]),                    # lpft's default: a quarter for the head
+    ("lpft", 0.5, [60, 60]),
+    ("discriminative", None, [24, 24, 24, 24, 24]),  # the others: an equal share
     ("blocks", 0.5, [60, 15, 15, 15, 15]),
 ])
 def test_a_step_budget_is_split_across_the_phases(style, head_fraction, expected):
@@ -235,3 +235,45 @@ def test_step_budget_problems_name_the_option():
         generate_schedule(BertLike(n=3), "discriminative", total_steps=4)
     with pytest.raises(ValueError, match=r"head_fraction must be a number in \(0, 1\)"):
         generate_schedule(BertLike(n=3), "lpft", total_steps=10, head_fraction=1.5)
+
+
+def test_lpft_ft_head_lr_restarts_the_head_at_the_body_lr_in_the_final_phase():
+    import torch
+
+    from phasetune import ScheduledFinetuning
+    from phasetune.lr_shapes import WarmupLinearDecay
+    from phasetune.recipes import phase_lr_shape
+
+    s = generate_schedule(BertLike(n=3), "lpft", lr=2e-4, total_steps=8, head_fraction=0.25, ft_head_lr=2e-4,
+                          head_groups=2, steps_per_epoch=1, warmup_fraction=0.0)
+    assert s[1]["new_lr_scheduler"]["init_pg_lrs"] == [2e-4, 2e-4]  # a plain schedule entry, one per group
+    assert "new_lr_scheduler" not in s[0]
+    # run it: after the transition every group (head included) follows phase 1's shape from 2e-4
+    model = BertLike(n=3)
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    weights = [p for n, p in model.named_parameters() if not n.endswith("bias")]
+    opt = torch.optim.AdamW([{"params": weights}, {"params": biases, "weight_decay": 0.0}], lr=1e-3)
+    ft = ScheduledFinetuning(s, model, opt, WarmupLinearDecay(opt, **phase_lr_shape(2, 0.0)),
+                             epoch_transitions_only=True, restore_best=False)
+    lrs = []
+    for step in range(8):
+        sum(p.sum() for p in model.parameters() if p.requires_grad).backward()
+        ft.optimizer.step()
+        ft.optimizer.zero_grad()
+        ft.lr_scheduler.step()
+        ft.step(step)
+        lrs.append([g["lr"] for g in ft.optimizer.param_groups])
+    assert len(lrs[0]) == 2 and lrs[0][0] == pytest.approx(5e-4)  # phase 0: the head at the optimizer's 1e-3
+    assert len(lrs[2]) == 4  # phase 1 added the body's two groups
+    assert lrs[2] == pytest.approx([2e-4 * 5 / 6] * 4)  # one step into phase 1's 6-step decay, head included
+    assert lrs[-1] == pytest.approx([0.0] * 4)
+
+
+def test_ft_head_lr_problems_name_the_option():
+    with pytest.raises(ValueError, match="ft_head_lr needs phase_steps or total_steps"):
+        generate_schedule(BertLike(n=3), "lpft", ft_head_lr=1e-4)
+    with pytest.raises(ValueError, match="ft_head_lr applies to the 'lpft' recipe only"):
+        generate_schedule(BertLike(n=3), "discriminative", ft_head_lr=1e-4, total_steps=20)
+    with pytest.raises(ValueError) as e:
+        generate_schedule(BertLike(n=3), "lpft", ft_head_lr=-1.0, head_groups=0, total_steps=20)
+    assert "ft_head_lr must be a positive number" in str(e.value) and "head_groups must be an integer >= 1" in str(e.value)

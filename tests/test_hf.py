@@ -428,7 +428,7 @@ def test_the_example_runs_the_demos_schedule_under_the_real_models_names():
 
     model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(str(model_dir()), num_labels=2))
     schedule = resolve_schedule(demo_schedule(), {n: tuple(p.shape) for n, p in model.named_parameters()})
-    assert len(schedule) == 2 and not schedule.unscheduled
+    assert len(schedule) == 2 and schedule.unscheduled and all(n.startswith("bert.embeddings.") for n in schedule.unscheduled)
     assert list(schedule[0].params) == ["bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight",
                                   "classifier.bias"]
 

@@ -32,8 +32,8 @@ from phasetune.report import whole_modules
 
 Style = Literal["blocks", "pairs", "lpft", "discriminative"]
 STYLES = ("blocks", "pairs", "lpft", "discriminative")
-#: the style used when none is given: ``"lpft"``, the recipe that lost least to tuned full fine-tuning at the
-#: same steps and costs least (bench/results/quality.md: it does not win; see the README)
+#: the style used when none is given: ``"lpft"``, the recipe that ties tuned full fine-tuning at the same steps
+#: (a quarter of them for the head, at a high lr) for about 0.6x its wall time (bench/results/quality.md)
 DEFAULT_STYLE: Style = "lpft"
 
 

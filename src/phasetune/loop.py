@@ -39,6 +39,7 @@ from torch.optim import Optimizer
 from phasetune import generate, transitions
 from phasetune.engine import Transition
 from phasetune.errors import ConfigurationError
+from phasetune.prefix_phases import PrefixCachePhases
 from phasetune.run import PhaseRecord, PhaseRun, RunEnv, RunOptions
 from phasetune.schedule import Schedule
 from phasetune.sharding.groups import split_groups
@@ -67,6 +68,12 @@ class ScheduledFinetuning:
         no_decay: parameter-name substrings (e.g. ``["bias", "norm"]``) whose parameters get
             ``weight_decay=0`` groups in every phase (not needed when ``optimizer`` already separates them).
         snapshot_dir: where ``snapshot_storage="disk"`` writes its files (default: the working directory).
+        prefix_cache: phase index -> ``True`` / ``False`` / ``{prefix_end, limit_mb, deterministic_inputs}``: sets or
+            overrides the phases' ``prefix_cache`` schedule key (cache the frozen prefix's outputs within a phase;
+            see docs/prefix_cache.md). A phase that caches needs :meth:`before_batch` before each training forward
+            and a training set built with ``IndexedDataset``.
+        train_dataset: the training dataset, checked for random transforms when a phase caches.
+        spill_dir: where cache entries beyond a phase's ``limit_mb`` go (default: the system temp dir).
 
     The other keyword arguments are the Lightning callback's, with the same meaning and default
     (:class:`phasetune.run.RunOptions`): ``max_depth``, ``base_max_lr``, ``restore_best``,
@@ -109,6 +116,9 @@ class ScheduledFinetuning:
         audit: str = "raise",
         audit_zero_lr: str = "fail",
         base_lr: float | None = None,
+        prefix_cache: Mapping[int, Any] | None = None,
+        train_dataset: Any = None,
+        spill_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         if base_lr is not None:
             warnings.warn("ScheduledFinetuning(base_lr=...) is now base_max_lr=..., the Lightning callback's name; "
@@ -168,8 +178,12 @@ class ScheduledFinetuning:
         problems = self.run.check(optimizer, self.schedulers)
         if problems:
             raise ConfigurationError(problems)
+        #: the frozen-prefix cache of each phase that asks for one (schedule key or ``prefix_cache``)
+        self.caches = PrefixCachePhases(self.run.schedule, model, spill_dir=spill_dir, dataset=train_dataset,
+                                        overrides=prefix_cache, info=self.run.env.info)
         self.run.start(epoch=0, step=0)
         self.run.audit_phase(optimizer, self.schedulers, stage="start", model=model)
+        self.caches.enter(self.run.depth)
 
     # ------------------------------------------------------------------ read-only state
     @property
@@ -248,7 +262,14 @@ class ScheduledFinetuning:
             return None
         return self._transition(epoch + 1, global_step, decision.reason)
 
-    # ------------------------------------------------------------------ the per-step call
+    # ------------------------------------------------------------------ the per-step calls
+    def before_batch(self, batch: Any) -> Any:
+        """Call it with each training batch before the forward when a phase caches its frozen prefix
+        (``prefix_cache``): tells the cache which samples come and returns the batch without its sample indices (a
+        dict batch loses ``"sample_index"`` in place; ``(item, indices)`` comes back as ``item``). Without any
+        cached phase it returns the batch untouched."""
+        return self.caches.before_batch(batch)
+
     def step_end(self, global_step: int | None = None) -> Transition | None:
         """Report an optimizer step (call it after ``optimizer.step()`` and the lr scheduler's ``step()``).
 
@@ -264,6 +285,7 @@ class ScheduledFinetuning:
         return self._transition(self._epoch, step, decision.reason)
 
     def _transition(self, epoch: int, step: int | None, reason: str) -> Transition:
+        self._leave_cache()  # before the next phase thaws any of the prefix
         t = self.run.transition(epoch=epoch, step=step, reason=reason, optimizer=self.optimizer,
                                 schedulers=self.schedulers)
         self.optimizer = t.optimizer
@@ -271,10 +293,25 @@ class ScheduledFinetuning:
             self.schedulers = [t.new_scheduler]
         self.tracker.start_phase()
         self.run.audit_phase(self.optimizer, self.schedulers, thawed=t.thawed, stage="transition", model=self.model)
+        self.caches.enter(self.run.depth)
         return t
+
+    def close(self) -> None:
+        """End a run that stopped before its schedule ended (``done`` not set): drop the prefix cache, its hooks and
+        spill files, and give back what the run holds (the audit's hooks). Ending with ``done`` does this itself."""
+        self._leave_cache()
+        self.caches.close()
+        self.run.release()
+
+    def _leave_cache(self) -> None:
+        line = self.caches.leave()
+        if line is not None:
+            self.run.history[-1].prefix_cache = line
 
     def _finish(self, epoch: int, global_step: int | None, reason: str) -> None:
         self.done = True
+        self._leave_cache()
+        self.caches.close()
         self.run.finish(epoch=epoch + 1, step=global_step, reason=reason)
         self.run.env.info(f"final phase {self.depth} ended after epoch {epoch} ({reason})" if self.run.is_final
                           else f"training ended after epoch {epoch} ({reason})")
@@ -300,6 +337,9 @@ class ScheduledFinetuning:
         self.tracker.load_state_dict(state["tracker"])
         self.done = bool(state["done"])
         self.global_step, self._epoch = state.get("global_step"), int(state.get("epoch", self.run.history[-1].start_epoch))
+        self.caches.enter(self.run.depth)  # the restored phase's cache, empty (none once done)
+        if self.done:
+            self.caches.close()
         decision = self.run.begin_steps(self.global_step or 0)
         if decision is not None and not self.done:  # saved right at a step cap, before the transition
             self._transition(self._epoch, self.global_step, decision.reason)  # audits the next phase

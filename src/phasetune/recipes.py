@@ -5,7 +5,10 @@ stem, as :func:`phasetune.generate.block_units` finds them) and returns an ordin
 ``lr`` values per phase, real ``new_lr_scheduler`` entries, ``max_transition_epoch`` where the phase
 lengths are known. Nothing is hidden: the file it writes is the whole story, and can be edited.
 
-* ``"lpft"``: the head first (linear probing), then everything else in one phase (Kumar et al. 2022).
+* ``"lpft"``: the head first (linear probing), then everything else in one phase (Kumar et al. 2022). The
+  head trains at ``configure_optimizers``' lr, and restarts from it in the last phase (unless ``ft_head_lr``):
+  give it a linear probe's high lr, well above the body's (bench/quality.py chose 3e-3 for the head with
+  ``lr`` 2e-4 for the body of a MiniLM classifier, on the validation split).
 * ``"discriminative"``: the head first, then one block per phase from the top down (``blocks_per_phase``
   more at once), each block's lr the block above's times ``lr_decay`` (ULMFiT's discriminative
   fine-tuning with gradual unfreezing), the stem last.
@@ -23,12 +26,20 @@ Options shared by the recipes (all optional):
   the final phase's is the run's length). Phase 0's shape must come from ``configure_optimizers`` (a
   schedule cannot set phase 0's scheduler): :func:`phase_lr_shape` gives its ``init_args``.
 * ``total_steps``: a step budget for the whole run, split into ``phase_steps`` by :func:`split_budget`:
-  the head phase gets ``head_fraction`` of it (default: an equal share, so half for ``lpft``), the later
-  phases share the rest equally (the last takes the remainder).
+  the head phase gets ``head_fraction`` of it (default: :data:`DEFAULT_HEAD_FRACTION` for ``lpft``, a
+  quarter; an equal share for the others), the later phases share the rest equally (the last takes the
+  remainder).
 * ``warmup_fraction``: share of each phase's steps spent warming up (default 0.1).
 * ``steps_per_epoch``: with ``phase_steps`` or ``total_steps``, write each phase's end as
   ``max_transition_epoch`` instead (the cumulative steps must be whole epochs).
 * ``include_stem``: schedule the stem (embeddings) in a last phase (default True); False leaves it frozen.
+* ``ft_head_lr`` (``lpft`` only, needs ``phase_steps`` or ``total_steps``): the lr the head's groups restart
+  from in the final phase, written as the ``init_pg_lrs`` of that phase's ``new_lr_scheduler`` (one value per
+  param group the optimizer holds in phase 0, ``head_groups`` of them). Without it the head restarts from the
+  lr it was created with (``configure_optimizers``' lr), usually far above the body's; on bench/quality.py's
+  validation split that was the better choice (the head at the body's lr lost 2 to 3 points).
+* ``head_groups``: how many param groups the optimizer from ``configure_optimizers`` has (default 1; 2 when
+  it splits parameters into decayed and not decayed ones). Only read with ``ft_head_lr``.
 """
 
 from __future__ import annotations
@@ -41,8 +52,11 @@ RECIPES = ("lpft", "discriminative", "blocks")
 #: lr factor per block, top down, when ``lr_decay`` is not given (see bench/results/quality.md)
 DEFAULT_LR_DECAY = 0.8
 DEFAULT_WARMUP_FRACTION = 0.1
+#: the head phase's share of a ``total_steps`` budget per recipe, when ``head_fraction`` is not given (the
+#: others: an equal share). lpft: a quarter led on the validation split (bench/results/quality.md)
+DEFAULT_HEAD_FRACTION = {"lpft": 0.25}
 OPTIONS = ("lr", "lr_decay", "phase_steps", "total_steps", "head_fraction", "warmup_fraction", "steps_per_epoch",
-           "include_stem", "blocks_per_phase")
+           "include_stem", "blocks_per_phase", "ft_head_lr", "head_groups")
 
 
 def apply_recipe(recipe: str, units: Sequence[Sequence[str]], **options: Any) -> dict[int, dict[str, Any]]:
@@ -70,6 +84,18 @@ def apply_recipe(recipe: str, units: Sequence[Sequence[str]], **options: Any) ->
     per_phase = options.get("blocks_per_phase", 1)
     if isinstance(per_phase, bool) or not isinstance(per_phase, int) or per_phase < 1:
         problems.append(f"blocks_per_phase must be an integer >= 1, got {per_phase!r}")
+    ft_head_lr, head_groups = options.get("ft_head_lr"), options.get("head_groups", 1)
+    if ft_head_lr is not None:
+        if recipe != "lpft":
+            problems.append(f"ft_head_lr applies to the 'lpft' recipe only (recipe {recipe!r} got {ft_head_lr!r})")
+        if not _positive(ft_head_lr):
+            problems.append(f"ft_head_lr must be a positive number, got {ft_head_lr!r}")
+        if options.get("phase_steps") is None and options.get("total_steps") is None:
+            problems.append("ft_head_lr needs phase_steps or total_steps (it sets the head's lr in the final "
+                            "phase's new_lr_scheduler, which only those write)")
+    if isinstance(head_groups, bool) or not isinstance(head_groups, int) or head_groups < 1:
+        problems.append(f"head_groups must be an integer >= 1 (the param groups of phase 0's optimizer), "
+                        f"got {head_groups!r}")
     if problems:
         raise ValueError("; ".join(problems))
 
@@ -93,20 +119,24 @@ def apply_recipe(recipe: str, units: Sequence[Sequence[str]], **options: Any) ->
         if phase_steps is not None:
             raise ValueError("give either phase_steps (the steps of each phase) or total_steps (a budget split "
                              "across the phases), not both")
-        phase_steps = split_budget(options.get("total_steps"), len(schedule), options.get("head_fraction"))
+        phase_steps = split_budget(options.get("total_steps"), len(schedule), options.get("head_fraction"), recipe)
     _add_lengths(schedule, phase_steps, warmup, options.get("steps_per_epoch"))
+    if ft_head_lr is not None and len(schedule) > 1:
+        schedule[len(schedule) - 1]["new_lr_scheduler"]["init_pg_lrs"] = [_tidy(ft_head_lr)] * head_groups
     return schedule
 
 
-def split_budget(total_steps: Any, n_phases: int, head_fraction: Any = None) -> list[int]:
+def split_budget(total_steps: Any, n_phases: int, head_fraction: Any = None, recipe: str | None = None) -> list[int]:
     """``total_steps`` optimizer steps split across ``n_phases``: phase 0 (the head) gets ``head_fraction`` of
-    them (default ``1 / n_phases``), the later phases share the rest equally, the last taking the remainder."""
+    them (default: ``recipe``'s :data:`DEFAULT_HEAD_FRACTION`, else ``1 / n_phases``), the later phases share
+    the rest equally, the last taking the remainder."""
     if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < n_phases:
         raise ValueError(f"total_steps must be an integer >= the number of phases ({n_phases}), got {total_steps!r}")
     if head_fraction is not None and (isinstance(head_fraction, bool) or not isinstance(head_fraction, (int, float))
                                       or not 0 < head_fraction < 1):
         raise ValueError(f"head_fraction must be a number in (0, 1), got {head_fraction!r}")
-    head_fraction = 1.0 / n_phases if head_fraction is None else head_fraction
+    if head_fraction is None:
+        head_fraction = DEFAULT_HEAD_FRACTION.get(recipe or "", 1.0 / n_phases)
     if n_phases == 1:
         return [total_steps]
     head = min(max(1, round(head_fraction * total_steps)), total_steps - (n_phases - 1))

@@ -43,6 +43,8 @@ class PhaseRecord:
     peak_memory_kind: str | None = None
     #: the thaw audit's last line for this phase (its transition's, then its first step's); None: not audited
     audit: str | None = None
+    #: the frozen-prefix cache's end-of-phase line (what it held and served, see docs/prefix_cache.md); None: no cache
+    prefix_cache: str | None = None
 
     @property
     def epochs(self) -> int | None:

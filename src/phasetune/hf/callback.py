@@ -32,6 +32,8 @@ from transformers import TrainerCallback
 from phasetune import generate, io, thaw, transitions
 from phasetune.errors import ConfigurationError
 from phasetune.hf import settings
+from phasetune.prefix_cache import PrefixCacheError
+from phasetune.prefix_phases import PrefixCachePhases
 from phasetune.run import PhaseRecord, PhaseRun, RunEnv, RunOptions
 from phasetune.schedule import Schedule
 from phasetune.sharding.names import logical_name
@@ -61,6 +63,10 @@ class PhasetuneTrainerCallback(TrainerCallback):
             ends training (``check_finite=True``). The plain loop's names and defaults.
         no_decay: parameter-name substrings whose parameters get ``weight_decay=0`` groups (not needed with
             the Trainer's own optimizer, whose decay / no-decay groups are the template of every phase).
+        prefix_cache: phase index -> ``True`` / ``False`` / ``{prefix_end, limit_mb, deterministic_inputs}``: sets or
+            overrides the phases' ``prefix_cache`` schedule key (cache the frozen prefix's outputs within a phase;
+            see docs/prefix_cache.md). A phase that caches needs an ``IndexedDataset`` training set and
+            ``remove_unused_columns=False``; spill files go under ``output_dir``.
 
     The other keyword arguments are the Lightning callback's and the plain loop's, with the same meaning
     and default (:class:`phasetune.run.RunOptions`). ``snapshot_storage="disk"`` writes its files under
@@ -91,6 +97,7 @@ class PhasetuneTrainerCallback(TrainerCallback):
         snapshot_storage: str = "memory",
         audit: str = "raise",
         audit_zero_lr: str = "fail",
+        prefix_cache: Mapping[int, Any] | None = None,
     ) -> None:
         self.options = RunOptions(
             max_depth=max_depth, base_max_lr=base_max_lr, restore_best=restore_best,
@@ -104,8 +111,13 @@ class PhasetuneTrainerCallback(TrainerCallback):
         problems = self.options.problems(explicit_schedule=schedule is not None)
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
             problems.append(f"patience must be an integer >= 1, got {patience!r}")
+        if prefix_cache is not None and not isinstance(prefix_cache, Mapping):
+            problems.append(f"prefix_cache must map phase indices to True, False or {{'prefix_end': ...}} (e.g. "
+                            f"{{0: True}}), got {type(prefix_cache).__name__}")
         if problems:
             raise ConfigurationError(problems)
+        self.prefix_cache = dict(prefix_cache) if prefix_cache else None
+        self.caches: PrefixCachePhases | None = None  # the frozen-prefix cache controller of the current train()
         self.schedule_source = schedule
         self.patience, self.min_delta, self.check_finite = patience, min_delta, check_finite
         self.no_decay = list(no_decay) if no_decay else None
@@ -178,6 +190,7 @@ class PhasetuneTrainerCallback(TrainerCallback):
             find_unused_parameters=None if ddp is None else ddp.find_unused_parameters,
             world_size=args.world_size, fsdp=trainer.is_fsdp_enabled, deepspeed=trainer.is_deepspeed_enabled,
         )
+        problems += self._prepare_caches(trainer, model)
         if problems:
             raise ConfigurationError(problems)
         for note in settings.scheduler_notes(self.run.schedule, self.run.final_depth):
@@ -230,6 +243,8 @@ class PhasetuneTrainerCallback(TrainerCallback):
             )
         self.run.start(epoch=_epoch_starting(state), step=state.global_step)
         self.run.reserve_recompiles()  # a compiled model: every phase's graphs within dynamo's limit, until the end
+        if self.caches is not None and not self.done:
+            self.caches.enter(self.run.depth)
         if self.done:
             control.should_training_stop = True
             self.run.env.info("the schedule was already complete in the checkpoint; nothing left to train")
@@ -291,6 +306,7 @@ class PhasetuneTrainerCallback(TrainerCallback):
             io.atomic_torch_save(self.state_dict(), folder / STATE_FILE)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._close_caches()
         if self.run is not None:
             self.run.release()
         if self.run is None or not self.run.history or self.done:
@@ -310,10 +326,52 @@ class PhasetuneTrainerCallback(TrainerCallback):
     def _transition(self, epoch: int, step: int, reason: str) -> None:
         assert self.run is not None and self._trainer is not None
         optimizer, schedulers = self._optimizer_and_schedulers(self._trainer)
+        self._leave_cache()  # before the next phase thaws any of the prefix
         t = self.run.transition(epoch=epoch, step=step, reason=reason, optimizer=optimizer, schedulers=schedulers)
         self._install(self._trainer, t.optimizer if t.new_optimizer else None, t.new_scheduler)
         self.tracker.start_phase()
         self._audit("transition", thawed=t.thawed)
+        if self.caches is not None:
+            self.caches.enter(self.run.depth)
+
+    def _prepare_caches(self, trainer: Trainer, model: torch.nn.Module) -> list[str]:
+        """Check the phases' prefix_cache settings against the model and the Trainer's settings; keep the controller
+        when a phase caches. Returns the problems for the setup error."""
+        assert self.run is not None
+        self._close_caches()  # a previous train()'s, if it ended by an exception
+        if self.prefix_cache is None and all(p.prefix_cache is None for p in self.run.schedule):
+            return []
+        args = trainer.args
+        try:
+            caches = PrefixCachePhases(self.run.schedule, model, spill_dir=args.output_dir,
+                                       dataset=trainer.train_dataset, overrides=self.prefix_cache,
+                                       sharded="FSDP" if trainer.is_fsdp_enabled else None,
+                                       compiled=bool(args.torch_compile), info=self.run.env.info)
+        except PrefixCacheError as e:
+            return e.problems
+        if not caches.enabled:
+            caches.close()
+            return []
+        problems = settings.prefix_cache_problems(args, sorted(caches.prefix_ends))
+        if problems:
+            caches.close()
+            return problems
+        self.caches = caches
+        return []
+
+    def _leave_cache(self) -> None:
+        """Drop the phase's prefix cache (and its spill files); its line goes into the phase's record."""
+        if self.caches is None or self.run is None:
+            return
+        line = self.caches.leave()
+        if line is not None and self.run.history:
+            self.run.history[-1].prefix_cache = line
+
+    def _close_caches(self) -> None:
+        if self.caches is not None:
+            self._leave_cache()
+            self.caches.close()
+            self.caches = None
 
     def _audit(self, stage: str, thawed: list[str] | None = None) -> None:
         """Audit the phase as installed (a collective): the Trainer's optimizer and scheduler, the wrapped model."""
@@ -332,6 +390,7 @@ class PhasetuneTrainerCallback(TrainerCallback):
         assert self.run is not None
         self.done = True
         control.should_training_stop = True
+        self._leave_cache()
         self.run.finish(epoch=epoch + 1, step=step, reason=reason)
         self.run.env.info(f"final phase {self.run.depth} ended after epoch {epoch} ({reason})" if self.run.is_final
                           else f"training ended after epoch {epoch} ({reason})")

@@ -135,3 +135,13 @@ def epochs_note(args: Any, schedule: Schedule, final_depth: int) -> str | None:
     return (f"TrainingArguments.num_train_epochs={epochs} ends training before phase {late[0].index}'s "
             f"max_transition_epoch ({late[0].max_transition_epoch}); raise num_train_epochs to at least "
             f"{max(p.max_transition_epoch for p in late)} so that every phase runs")
+
+
+def prefix_cache_problems(args: Any, phases: list[int]) -> list[str]:
+    """What in ``args`` keeps the frozen-prefix cache of ``phases`` from working, each naming the field."""
+    if phases and getattr(args, "remove_unused_columns", False):
+        which = ", ".join(map(str, phases))
+        return [f"prefix_cache is on in phase(s) {which}, but TrainingArguments.remove_unused_columns=True drops the "
+                "'sample_index' column the cache keys its entries by: set remove_unused_columns=False (the model "
+                "never sees the index), or turn prefix_cache off"]
+    return []

@@ -36,6 +36,9 @@ from phasetune.lightning.adapters import StrategyAdapter, select_adapter
 from phasetune.lightning.companions import configure_companions
 from phasetune.lightning.early_stopping import FTSEarlyStopping
 from phasetune.lightning.fts_checkpoint import FTSCheckpoint
+from phasetune.lightning.sharded import ShardedStrategyAdapter
+from phasetune.prefix_cache import PrefixCacheError
+from phasetune.prefix_phases import PrefixCachePhases
 from phasetune.run import STATE_FORMAT, PhaseRecord, PhaseRun, RunEnv, RunOptions
 from phasetune.schedule import Schedule, resolve_schedule
 
@@ -73,6 +76,10 @@ class FinetuningScheduler(Callback):
         custom_strategy_adapters: strategy name (``"ddp"``, ``"fsdp"``, ``"ModelParallelStrategy"``, ...) ->
             a :class:`~phasetune.lightning.StrategyAdapter` subclass or its import path; looked up before the
             built-in adapters.
+        prefix_cache: phase index -> ``true`` / ``false`` / ``{prefix_end, limit_mb, deterministic_inputs}``: sets
+            or overrides the phases' ``prefix_cache`` schedule key (cache the frozen prefix's outputs within the
+            phase; the training set must be an ``IndexedDataset``; see docs/prefix_cache.md). Refused under the
+            FSDP1 and FSDP2 strategies and with a compiled model.
     """
 
     def __init__(
@@ -100,6 +107,7 @@ class FinetuningScheduler(Callback):
         logging_level: int | str | None = None,
         allow_untested: bool = False,
         custom_strategy_adapters: Mapping[str, str | type[StrategyAdapter]] | None = None,
+        prefix_cache: Mapping[int, Any] | None = None,
     ) -> None:
         self.options = RunOptions(
             max_depth=max_depth, base_max_lr=base_max_lr, restore_best=restore_best,
@@ -113,6 +121,9 @@ class FinetuningScheduler(Callback):
         problems = self.options.problems(explicit_schedule=ft_schedule is not None)
         fts_args = fts_compat.FTSArgs.parse(log_dir, logging_level, allow_untested, custom_strategy_adapters)
         problems += fts_args.problems
+        if prefix_cache is not None and not isinstance(prefix_cache, Mapping):
+            problems.append(f"prefix_cache must map phase indices to true, false or {{prefix_end: ...}} (e.g. "
+                            f"{{0: true}}), got {type(prefix_cache).__name__}")
         if problems:
             raise ConfigurationError(problems)
         fts_args.apply_logging_level()
@@ -123,6 +134,7 @@ class FinetuningScheduler(Callback):
         self.logging_level = logging_level
         self.allow_untested = allow_untested
         self.custom_strategy_adapters = dict(custom_strategy_adapters or {})
+        self.prefix_cache = dict(prefix_cache) if prefix_cache else None
         self._reset()
 
     def _reset(self) -> None:
@@ -140,6 +152,9 @@ class FinetuningScheduler(Callback):
         self._validated_this_epoch = False
         self._fit_started = False
         self._steps: Any = None  # the optimizer-step counter on_train_batch_end reads (set in on_train_start)
+        self._caches: PrefixCachePhases | None = None  # the frozen-prefix cache controller, when a phase caches
+        # the per-batch hook exists only while a phase caches (an instance attribute): other fits do no work per step
+        self.__dict__.pop("on_train_batch_start", None)
 
     # the shared knobs live in self.options (one RunOptions, as in the plain loop), under their FTS names
     max_depth = _option("max_depth")
@@ -324,10 +339,12 @@ class FinetuningScheduler(Callback):
             # optimizer state; plain Lightning would silently drop them.
             self._resume(trainer)
 
-    def resume_early(self, state_dict: dict[str, Any]) -> None:
+    def resume_early(self, state_dict: dict[str, Any], mid_epoch: bool = False) -> None:
         """Apply a checkpoint's state now, after ``on_fit_start``: strategy adapters call this when the strategy
         loads optimizer state before restoring callbacks (ModelParallel). Lightning's later
-        ``load_state_dict`` with the same state is then skipped."""
+        ``load_state_dict`` with the same state is then skipped. ``mid_epoch``: the checkpoint was saved inside
+        a training epoch (its random state then comes back after Lightning re-creates the data iterator)."""
+        self._resumed_mid_epoch = mid_epoch
         self.load_state_dict(state_dict)
         self._resumed_early = True
 
@@ -348,6 +365,7 @@ class FinetuningScheduler(Callback):
         # the adapter first: it may set how groups are split, which the engine's group count depends on
         problems = self.adapter.check(self, trainer)
         problems += run.check(optimizer, schedulers)
+        problems += self._prepare_caches(trainer, pl_module)
         if problems:
             raise ConfigurationError(problems)
         resumed = self._restored_state is not None
@@ -387,6 +405,8 @@ class FinetuningScheduler(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.run is not None
         self.run.restore_random_state()  # a mid-epoch resume's, after Lightning created the data iterator
+        if self._caches is not None:  # the training set exists now: the phase's cache starts (or none)
+            self._caches.enter(self.run.depth, dataset=getattr(trainer.train_dataloader, "dataset", None))
         es = self.early_stopping
         stopped = es is not None and es.wait_count >= es.patience  # restored from a run early stopping ended
         decision = self.run.decide(trainer.current_epoch, stopped)
@@ -439,12 +459,17 @@ class FinetuningScheduler(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.run is None or not self.run.history:
             return
+        self._leave_cache()
         es = self.early_stopping
         stopped = es is not None and es.stopped_epoch
         reason = transitions.EARLY_STOPPING if stopped else "trainer stopped (max_epochs, max_steps or should_stop)"
         self.run.finish(epoch=trainer.current_epoch, step=trainer.global_step, reason=reason)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self._caches is not None:  # after an exception too: hooks and spill files go
+            self._caches.close()
+            self._caches = None
+            self.__dict__.pop("on_train_batch_start", None)
         if stage == "fit" and self.run is not None:
             self.run.release()  # after an exception too (on_train_end did not run)
         if stage == "fit" and self.adapter is not None:
@@ -461,6 +486,7 @@ class FinetuningScheduler(Callback):
     def _transition(self, trainer: pl.Trainer, reason: str) -> None:
         assert self.run is not None and self.adapter is not None
         optimizer, schedulers = self._optimizer_and_schedulers(trainer)
+        self._leave_cache()  # before the next phase thaws any of the prefix
         t = self.run.transition(epoch=trainer.current_epoch, step=trainer.global_step, reason=reason,
                                 optimizer=optimizer, schedulers=schedulers)
         if t.new_optimizer:
@@ -468,9 +494,44 @@ class FinetuningScheduler(Callback):
         if t.new_scheduler is not None:
             self.adapter.install_scheduler(trainer, t.new_scheduler, t.scheduler_cfg)
         self.adapter.after_thaw(trainer)  # DDP is rebuilt here: the audit comes after it
+        if self._caches is not None:
+            self._caches.enter(self.run.depth)
         self._audit(trainer, "transition", thawed=t.thawed)
         if self.early_stopping is not None:
             self.early_stopping.reset_for_phase()
+
+    def _prepare_caches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
+        """Check the phases' prefix_cache settings against the model and strategy; keep the controller when a phase
+        caches (the per-batch hook is installed then only). Problems are returned for the fit-start error."""
+        assert self.run is not None
+        if self.prefix_cache is None and all(p.prefix_cache is None for p in self.run.schedule):
+            return []
+        sharded = None
+        if isinstance(self.adapter, ShardedStrategyAdapter):
+            kind = "FSDP2" if type(trainer.strategy).__name__ == "ModelParallelStrategy" else "FSDP1"
+            sharded = f"{kind}, {type(trainer.strategy).__name__}"
+        try:
+            caches = PrefixCachePhases(self.run.schedule, pl_module, spill_dir=self.log_dir, overrides=self.prefix_cache,
+                                       sharded=sharded, info=self.run.env.info)
+        except PrefixCacheError as e:
+            return e.problems
+        if caches.enabled:
+            self._caches = caches
+            self.on_train_batch_start = self._before_batch  # type: ignore[method-assign]
+        return []
+
+    def _before_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        """``on_train_batch_start`` while a phase caches: the cache learns the batch's samples; a dict batch
+        loses its ``sample_index`` before ``training_step`` sees it."""
+        self._caches.before_batch(batch)  # type: ignore[union-attr]
+
+    def _leave_cache(self) -> None:
+        """Drop the phase's prefix cache (and its spill files); its line goes into the phase's record."""
+        if self._caches is None or self.run is None:
+            return
+        line = self._caches.leave()
+        if line is not None and self.run.history:
+            self.run.history[-1].prefix_cache = line
 
     def _audit(self, trainer: pl.Trainer, stage: str, thawed: list[str] | None = None) -> None:
         """Audit the phase as installed (a collective): the current optimizer and schedulers, the model as trained."""

@@ -106,7 +106,7 @@ class FullFineTuning(Callback):
         for g, base in zip(shape.optimizer.param_groups, shape.base_lrs):
             g["lr"] = base * shape.factor(shape.last_epoch)
         shape._last_lr = [g["lr"] for g in shape.optimizer.param_groups]  # torch's get_last_lr() storage
-        _say(f"baseline: lr warm-up over {warmup} steps, then linear decay to 0 at step {steps}")
+        _say(f"baseline: lr warm-up over {warmup} step{'' if warmup == 1 else 's'}, then linear decay to 0 at step {steps}")
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.memory is not None:

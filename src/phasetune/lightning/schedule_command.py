@@ -81,7 +81,8 @@ def _schedule_parser() -> argparse.ArgumentParser:
                      help="a step budget for the whole run, split across the phases (each phase ends at its "
                           "max_transition_step; the lr shapes as with --phase_steps)")
     gen.add_argument("--head_fraction", type=float,
-                     help="with --steps: the head phase's share of the budget (default: an equal share)")
+                     help="with --steps: the head phase's share of the budget (default: a quarter for lpft, an "
+                          "equal share otherwise)")
     gen.add_argument("--warmup_fraction", type=float, help="share of each phase's steps spent warming up (0.1)")
     gen.add_argument("--steps_per_epoch", type=int,
                      help="with --phase_steps or --steps: write each phase's end as max_transition_epoch instead "
@@ -254,7 +255,7 @@ def _budget_split(structure: torch.nn.Module, style: str, options: dict[str, Any
         n = len(generate.generate_schedule(structure, style, **{k: v for k, v in options.items()
                                                                  if k not in ("total_steps", "head_fraction",
                                                                               "steps_per_epoch")}))
-        return split_budget(options.pop("total_steps"), n, options.pop("head_fraction", None))
+        return split_budget(options.pop("total_steps"), n, options.pop("head_fraction", None), recipe=style)
     except ValueError as e:
         raise UsageError(str(e)) from None
 

@@ -105,7 +105,7 @@ class ShardedStrategyAdapter(StrategyAdapter):
             return False  # the strategy reports a missing checkpoint itself
         if fs.isfile(path):
             weights_only = self.file_weights_only(weights_only)
-        state = read_callback_state(checkpoint_path, fts.state_key, weights_only)
+        state, mid_epoch = read_callback_state(checkpoint_path, fts.state_key, weights_only, with_position=True)
         meta = f"{path.rstrip('/')}/{_compat.sharded_checkpoint_metadata_name()}"
         if state is None and fs.isdir(path) and not fs.isfile(meta):
             raise ConfigurationError(
@@ -117,7 +117,7 @@ class ShardedStrategyAdapter(StrategyAdapter):
             from phasetune.lightning.resume_checks import checkpoint_without_state
 
             raise checkpoint_without_state(checkpoint_path)
-        fts.resume_early(state)
+        fts.resume_early(state, mid_epoch=mid_epoch)
         return True
 
 
@@ -147,9 +147,12 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def read_callback_state(checkpoint_path: Any, state_key: str, weights_only: bool | None = None) -> dict[str, Any] | None:
+def read_callback_state(
+    checkpoint_path: Any, state_key: str, weights_only: bool | None = None, *, with_position: bool = False
+) -> Any:
     """The callback state ``state_key`` saved in a checkpoint (a sharded directory or a single file; a local
-    path or an fsspec URL, read as Lightning reads them); None when there is none.
+    path or an fsspec URL, read as Lightning reads them); None when there is none. ``with_position``: a pair
+    (that state, whether the checkpoint was saved in the middle of a training epoch).
 
     A checkpoint that cannot be read raises a :class:`~phasetune.errors.ConfigurationError` naming it and
     what to do.
@@ -164,7 +167,10 @@ def read_callback_state(checkpoint_path: Any, state_key: str, weights_only: bool
     except Exception as error:
         raise unreadable_checkpoint(checkpoint_path, weights_only, error) from error
     callbacks = ckpt.get("callbacks") if isinstance(ckpt, dict) else None
-    return (callbacks or {}).get(state_key)
+    state = (callbacks or {}).get(state_key)
+    if not with_position:
+        return state
+    return state, isinstance(ckpt, dict) and _compat.mid_epoch_position(ckpt) is not None
 
 
 def _torch_load(fs: Any, path: str, weights_only: bool | None, mmap: bool = False) -> Any:

@@ -63,7 +63,8 @@ class ValidationHistory(Callback):
 def summary_table(history: Sequence[PhaseRecord], monitor: str | None = None) -> str:
     """One row per phase: epochs, steps, trainable parameters (count and share), lr, best monitored
     value, wall time, peak memory, why the phase ended and the thaw audit's verdict; a total row; a note saying
-    what the memory column measured, and the audit line of each phase that failed it."""
+    what the memory column measured, the audit line of each phase that failed it and each cached phase's prefix-cache
+    line."""
     rows = []
     for r in history:
         share = 100.0 * r.trainable_params / max(r.total_params, 1)
@@ -99,6 +100,7 @@ def summary_table(history: Sequence[PhaseRecord], monitor: str | None = None) ->
     kinds = {r.peak_memory_kind for r in history if r.peak_memory_kind}
     notes = [f"peak memory: {KIND_LABELS.get(k, k)}" for k in sorted(kinds)]
     notes += [r.audit for r in history if r.audit and _short_audit(r.audit) == "FAILED"]
+    notes += [r.prefix_cache for r in history if getattr(r, "prefix_cache", None)]  # "phase 0: prefix cache up to ..."
     return "\n".join([table, *notes])
 
 

@@ -430,10 +430,13 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
+    # on CPU, torch 2.13's offload frees each gathered tensor before it is read (every saved exp_avg came out as
+    # exp_avg_sq): offload only what is not on the CPU already
+    offload = any(p.device.type != "cpu" for p in model.parameters())
     with FSDP.state_dict_type(
         model,
         StateDictType.FULL_STATE_DICT,
         FullStateDictConfig(rank0_only=True),
-        FullOptimStateDictConfig(offload_to_cpu=True, rank0_only=True),
+        FullOptimStateDictConfig(offload_to_cpu=offload, rank0_only=True),
     ):
         return FSDP.optim_state_dict(model, optimizer)
