@@ -109,7 +109,7 @@ def test_python_and_cli_examples_run(tmp_path, monkeypatch):
             with contextlib.redirect_stdout(out), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 exec(compile(code, "README.md", "exec"), {"__name__": "__main__"})
-            assert re.search(r"^1 +\d+ +\d+ +22\.7M \(100\.0%\)", out.getvalue(), re.M), out.getvalue()
+            assert re.search(r"^1 +\d+ +\d+ +10\.8M \(47\.5%\)", out.getvalue(), re.M), out.getvalue()
             ran += 1
         elif lang == "bash":
             cli_lines = [c for c in commands(code) if c.startswith("phasetune ")]
