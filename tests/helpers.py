@@ -151,3 +151,27 @@ def snapshot_params(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def set_threads() -> None:
     torch.set_num_threads(int(os.environ.get("PHASETUNE_TEST_THREADS", "1")))
+
+
+DISTRIBUTED_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def one_process_environment():
+    """Context for Hugging Face Trainers run in the test process: distributed variables an earlier in-process test
+    left in the environment (Lightning sets some) would make them start a process group that later tests inherit;
+    they are removed for the duration, and a process group started meanwhile is destroyed."""
+    import contextlib
+
+    import pytest
+
+    @contextlib.contextmanager
+    def context():
+        had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
+        with pytest.MonkeyPatch.context() as mp:
+            for name in DISTRIBUTED_VARIABLES:
+                mp.delenv(name, raising=False)
+            yield
+        if not had_group and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    return context()

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
 
-from helpers import ToyModule, trainer
+from helpers import ToyModule, one_process_environment, trainer
 from launch import launch
 from phasetune import AuditError, FinetuningScheduler
 from phasetune.lightning.summary import summary_table
@@ -31,6 +31,14 @@ SCHEDULE = {
     2: {"params": [r"model\.layers\.[01]\..*", "model.embed.*"], "lr": 0.02, "max_transition_epoch": 3},
 }
 LAYER3 = [f"model.layers.3.{n}" for n in ("norm.weight", "norm.bias", "lin.weight", "lin.bias")]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_process_trainer():
+    """Hugging Face Trainers here run as one plain process (see helpers.one_process_environment)."""
+    with one_process_environment():
+        yield
+
 
 
 class Refreeze(pl.Callback):

@@ -16,7 +16,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.utils import logging as hf_logging
 
 from distributed.hf_scenarios import DDP_SCHEDULE, Tokens, ddp_run, tiny_bert, training_args
-from helpers import ToyModule, dataset, trainer
+from helpers import ToyModule, dataset, one_process_environment, trainer
 from launch import launch
 from phasetune import ConfigurationError, FinetuningScheduler, FTSEarlyStopping, ScheduleError
 from phasetune.hf import STATE_FILE, PhasetuneTrainer, PhasetuneTrainerCallback
@@ -28,15 +28,10 @@ from phasetune.schedule import resolve_schedule
 
 @pytest.fixture(autouse=True, scope="module")
 def one_process_trainer():
-    """The Trainers of this module run as one plain process: distributed variables an earlier in-process test left
-    in the environment (Lightning sets some) would make them start a process group that later tests inherit."""
-    had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
-    with pytest.MonkeyPatch.context() as mp:
-        for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-            mp.delenv(name, raising=False)
+    """The Trainers of this module run as one plain process (see helpers.one_process_environment)."""
+    with one_process_environment():
         yield
-    if not had_group and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+
 
 hf_logging.set_verbosity_error()
 

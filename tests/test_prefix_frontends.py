@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from distributed.hf_scenarios import training_args
-from helpers import trainer
+from helpers import one_process_environment, trainer
 from phasetune import ConfigurationError, FinetuningScheduler
 from phasetune.hf import PhasetuneTrainer, PhasetuneTrainerCallback
 from phasetune.lightning.sharded import ShardedStrategyAdapter
@@ -27,6 +27,14 @@ from phasetune.run import PhaseRun, RunEnv
 SCHEDULE = {0: {"params": [r"head\..*"], "max_transition_epoch": 2},
             1: {"params": [r"body\..*"], "lr": 0.05, "max_transition_epoch": 4}}
 CACHED = {0: {**SCHEDULE[0], "prefix_cache": True}, 1: SCHEDULE[1]}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_process_trainer():
+    """Hugging Face Trainers here run as one plain process (see helpers.one_process_environment)."""
+    with one_process_environment():
+        yield
+
 
 
 class Net(nn.Module):
