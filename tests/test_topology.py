@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from helpers import one_process_environment
 from launch import launch
 from phasetune import ConfigurationError, FSDP2Strategy, ScheduledFinetuning
 from plain_models import SCHEDULE, TinyLM, data
@@ -100,13 +101,14 @@ def one_process(monkeypatch, tmp_path):
 def saved_on_one(tmp_path_factory):
     """A 1-process checkpoint in phase 1 and its state."""
     root = tmp_path_factory.mktemp("one")
-    strategy, model, ft = build()
-    try:
-        train_into_phase_1(strategy, model, ft)
-        strategy.save_ckpt(model, root / "ckpt", "phase1", finetuning=ft)
-        return root / "ckpt" / "phase1", json.loads(json.dumps(state_report(model, ft)))
-    finally:
-        strategy.teardown()
+    with one_process_environment():  # one process, whatever distributed variables earlier tests left
+        strategy, model, ft = build()
+        try:
+            train_into_phase_1(strategy, model, ft)
+            strategy.save_ckpt(model, root / "ckpt", "phase1", finetuning=ft)
+            return root / "ckpt" / "phase1", json.loads(json.dumps(state_report(model, ft)))
+        finally:
+            strategy.teardown()
 
 
 @pytest.fixture(scope="module")
