@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -175,3 +177,29 @@ def one_process_environment():
             torch.distributed.destroy_process_group()
 
     return context()
+
+
+class NoisyData(torch.utils.data.Dataset):
+    """``dataset(64, 0)`` with noise from Python's ``random.gauss`` (its cached second value) and NumPy's global
+    generator: a resume that did not give back both random states would not be bit-equal."""
+
+    def __init__(self) -> None:
+        self.data = dataset(64, 0)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        x, y = self.data[i]
+        return x + 0.01 * random.gauss(0, 1) + 0.01 * float(np.random.normal()), y
+
+
+def one_process_fixture(monkeypatch: Any, tmp_path: Any):
+    """Body of the ``one_process`` fixtures: no distributed variables, the test's own directory, and no process
+    group left after the test."""
+    for k in DISTRIBUTED_VARIABLES:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

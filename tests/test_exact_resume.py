@@ -18,13 +18,12 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 import phasetune.rng
-from helpers import SCHEDULE_3, ToyModule, dataset, trainer
+from helpers import SCHEDULE_3, NoisyData, ToyModule, dataset, one_process_fixture, trainer
 from launch import launch
 from phasetune import (
     ConfigurationError,
@@ -38,20 +37,6 @@ from plain_models import SCHEDULE as PLAIN_SCHEDULE
 from plain_models import TinyLM, data
 
 LOSSES = [1.0, 0.9, 0.95, 0.96, 0.8, 0.85, 0.86, 0.87, 0.5, 0.6, 0.7, 0.8]  # transitions at epochs 4 and 7; ends at 11
-
-
-class NoisyData(Dataset):
-    """Samples with noise from Python's ``random.gauss`` (its cached second value) and NumPy's generator."""
-
-    def __init__(self) -> None:
-        self.data = dataset(64, 0)
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i: int):
-        x, y = self.data[i]
-        return x + 0.01 * random.gauss(0, 1) + 0.01 * float(np.random.normal()), y
 
 
 class RandomModule(ToyModule):
@@ -355,12 +340,7 @@ def test_python_gauss_cache_and_numpy_state_come_back():
 # ---------------------------------------------------------------------------------------------- plain strategy
 @pytest.fixture
 def one_process(monkeypatch, tmp_path):
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.chdir(tmp_path)
-    yield tmp_path
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    yield from one_process_fixture(monkeypatch, tmp_path)
 
 
 def draws() -> tuple:

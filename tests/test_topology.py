@@ -17,10 +17,9 @@ from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from helpers import one_process_environment
+from helpers import one_process_environment, one_process_fixture
 from launch import launch
 from phasetune import ConfigurationError, FSDP2Strategy, ScheduledFinetuning
 from plain_models import SCHEDULE, TinyLM, data
@@ -89,12 +88,7 @@ def refusal(strategy: FSDP2Strategy, model: nn.Module, ft: ScheduledFinetuning, 
 # ---------------------------------------------------------------------------------------------- the test side
 @pytest.fixture
 def one_process(monkeypatch, tmp_path):
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.chdir(tmp_path)
-    yield tmp_path
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    yield from one_process_fixture(monkeypatch, tmp_path)
 
 
 @pytest.fixture(scope="module")

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import os
-import random
 import sys
 import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 
 from fts_reference.scenarios import scenario, thawed_per_epoch
-from helpers import ToyModule, dataset
+from helpers import NoisyData, ToyModule
 from launch import digest, write_report
 from phasetune import FinetuningScheduler, FTSCheckpoint, FTSEarlyStopping
 
@@ -99,18 +97,6 @@ report["unsynced"] = {
 
 # exact resume with randomness: Dropout, data noise from Python's random.gauss and NumPy, and a different
 # random stream on each rank (a resume that swapped or dropped ranks' states would not be bit-equal)
-class NoisyData(torch.utils.data.Dataset):
-    def __init__(self) -> None:
-        self.data = dataset(64, 0)
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i: int):
-        x, y = self.data[i]
-        return x + 0.01 * random.gauss(0, 1) + 0.01 * float(np.random.normal()), y
-
-
 class RandomModule(ToyModule):
     def __init__(self) -> None:
         super().__init__(val_losses=LOSSES, optimizer="adam", lr=0.01, scheduler="step", batch_size=8)
