@@ -4,7 +4,7 @@ bit-equal to the uninterrupted one, in Lightning (one device; DDP, FSDPStrategy 
 processes, one launch of tests/distributed/resume_scenarios.py) and in the plain loop; so is a resume from the
 middle of an epoch with torchdata's StatefulDataLoader (one device and the same 2-process launch); without the
 random state it is not. Kills mid-write are in tests/test_kill_harness.py, other numbers of processes in
-tests/test_topology.py (and the ModelParallel 2 -> 1 case here, from this launch's checkpoints)."""
+tests/test_topology.py (and ModelParallel 2 -> 1 and 1 -> 2 here, from this launch's checkpoints)."""
 
 from __future__ import annotations
 
@@ -51,13 +51,32 @@ class RandomModule(ToyModule):
         return DataLoader(NoisyData(), batch_size=16, shuffle=True)
 
 
-def fit(root: Path, ckpt_path=None, **fts_kwargs):
+class OwnGeneratorModule(RandomModule):
+    """A shuffling sampler with a generator of its own (seeded as the loader is built), advanced every epoch."""
+
+    def train_dataloader(self) -> DataLoader:
+        data = NoisyData()
+        sampler = torch.utils.data.RandomSampler(data, generator=torch.Generator().manual_seed(3))
+        return DataLoader(data, batch_size=16, sampler=sampler)
+
+
+class Losses(pl.Callback):
+    """Every optimizer step's loss, by step: the batches and dropout masks, also of epochs restore-best rolls back."""
+
+    def __init__(self) -> None:
+        self.losses: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, *args) -> None:
+        self.losses[trainer.global_step] = float(outputs["loss"])
+
+
+def fit(root: Path, ckpt_path=None, module_cls=RandomModule, losses: Losses | None = None, **fts_kwargs):
     pl.seed_everything(7)
-    module = RandomModule()
+    module = module_cls()
     fts = FinetuningScheduler(ft_schedule=SCHEDULE_3, **fts_kwargs)
     ck = FTSCheckpoint(monitor="val_loss", save_top_k=-1, dirpath=str(root / "ckpts"), filename="{epoch}")
-    t = trainer(root, [fts, FTSEarlyStopping(monitor="val_loss", patience=2), ck], max_epochs=30,
-                enable_checkpointing=True, num_sanity_val_steps=2)
+    t = trainer(root, [fts, FTSEarlyStopping(monitor="val_loss", patience=2), ck, *([losses] if losses else [])],
+                max_epochs=30, enable_checkpointing=True, num_sanity_val_steps=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t.fit(module, ckpt_path=ckpt_path)
@@ -153,7 +172,10 @@ MID_EPOCH = ("ddp", "fsdp1", "fsdp2")
 @pytest.fixture(scope="module")
 def sharded_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharded_resume")
-    return launch("resume_scenarios.py", out, "lightning"), out
+    # a ModelParallel checkpoint saved by one process, for the launch to continue on 2 (1 -> 2)
+    one = fit_on_one_process(out / "fsdp2_one_device", None, "exact")
+    assert one["phases"] == [[0, 2, True], [2, 4, True], [4, 5, False]]
+    return launch("resume_scenarios.py", out, "lightning", str(out / "fsdp2_one_device" / "fit" / "epoch=2.ckpt")), out
 
 
 @pytest.fixture(scope="module")
@@ -190,19 +212,28 @@ def test_a_2_process_mid_epoch_resume_with_stateful_dataloader_and_sampler_is_bi
         for point, fit in resumed_fits(rank, kind, "sds_step=").items():
             assert fit["phases"] == reference["phases"], point
             assert fit["final"] == reference["final"], point
+            step = int(point.removeprefix("sds_step="))
+            assert fit["losses"] == {k: v for k, v in reference["losses"].items() if int(k) > step}, point
             assert fit["warnings"] == [], point  # no "saved no position" warning, every snapshot and generator back
             assert fit["hidden_files"] == [] and fit["patches_left"] == [], point
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Lightning 2.6 creates a mid-epoch resume's train iterator in fit_loop.setup_data, before on_advance_start "
-    "calls set_epoch: a StatefulDataLoader over Lightning's (not stateful) DistributedSampler fast-forwards "
-    "through epoch 0's order; phasetune does not work around it yet"))
-def test_a_2_process_mid_epoch_resume_over_lightnings_distributed_sampler_is_bit_equal(sharded_ranks):
+# StatefulDataLoader(shuffle=True) under DDP: Lightning wraps torchdata's RandomSampler, which draws each epoch's
+# order from a generator of its own, in its DistributedSamplerWrapper (not stateful). A mid-epoch resume needs that
+# generator as the epoch started and the sampler's epoch before Lightning 2.6 creates the iterator (before
+# set_epoch), and the fast-forward, which starts the sampler twice, to draw the same order both times
+def test_a_2_process_resume_with_a_stateful_dataloader_over_lightnings_distributed_sampler_is_bit_equal(sharded_ranks):
     for rank in sharded_ranks:
-        reference, fit = rank["ddp"]["stateful_reference"], rank["ddp"]["step=6"]
-        assert fit["phases"] == reference["phases"]
-        assert fit["final"] == reference["final"]
+        reference = rank["ddp"]["stateful_reference"]
+        for point, first_step in (("step=6", 7), ("stateful_epoch=2", 13)):
+            fit = rank["ddp"][point]
+            assert fit["phases"] == reference["phases"], point
+            assert fit["final"] == reference["final"], point
+            # every step after the resume saw the same batch and dropout mask: the rest of epoch 1 too, which
+            # restore-best rolls back (the final parameters alone would not show it)
+            assert sorted(fit["losses"], key=int)[0] == str(first_step), point
+            assert fit["losses"] == {k: v for k, v in reference["losses"].items() if int(k) >= first_step}, point
+            assert fit["warnings"] == [] and fit["patches_left"] == [], point
 
 
 def test_a_sharded_resume_without_the_random_state_differs(sharded_ranks):
@@ -216,8 +247,9 @@ def test_a_sharded_checkpoint_holds_the_random_state_of_every_rank(sharded_ranks
                                                    "generators": ["numpy", "python", "torch"]}
 
 
-def _fit_on_one_process(out: str, ckpt: str, resume_rng: str) -> None:
-    """Child: the scenarios' ModelParallel fit on one device from ``ckpt``; what it saw (or raised) to out/result.json."""
+def _fit_on_one_process(out: str, ckpt: str | None, resume_rng: str) -> None:
+    """Child: the scenarios' ModelParallel fit on one device (from ``ckpt``, if given); what it saw (or raised) to
+    out/result.json."""
     import importlib.util
     import json
 
@@ -228,18 +260,19 @@ def _fit_on_one_process(out: str, ckpt: str, resume_rng: str) -> None:
     scenarios = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(scenarios)
     try:
-        result = scenarios.lightning_fit()("fsdp2", Path(out), "fit", Path(ckpt), devices=1, resume_rng=resume_rng)
+        result = scenarios.lightning_fit()("fsdp2", Path(out), "fit", Path(ckpt) if ckpt else None, devices=1,
+                                           resume_rng=resume_rng)
     except ConfigurationError as e:
         result = {"error": str(e)}
     Path(out, "result.json").write_text(json.dumps(result))
 
 
-def fit_on_one_process(out: Path, ckpt: Path, resume_rng: str) -> dict:
+def fit_on_one_process(out: Path, ckpt: Path | None, resume_rng: str) -> dict:
     import json
 
     from test_kill_harness import run_in_child
 
-    assert run_in_child(_fit_on_one_process, str(out), str(ckpt), resume_rng) == 0
+    assert run_in_child(_fit_on_one_process, str(out), str(ckpt) if ckpt else None, resume_rng) == 0
     return json.loads((out / "result.json").read_text())
 
 
@@ -255,6 +288,18 @@ def test_a_2_process_model_parallel_checkpoint_on_1_is_refused_then_continues_re
     said = " ".join(fit["warnings"])
     assert "re-seeded" in said  # the random state
     assert "restore-best snapshot was taken on 2 ranks, this run has 1" in said  # each rank's shards: dropped
+
+
+def test_a_1_process_model_parallel_checkpoint_continues_on_2_re_seeded(sharded_ranks):
+    for rank in sharded_ranks:
+        fit = rank["fsdp2"]["from_one_device"]
+        assert [p[:2] for p in fit["phases"]] == [[0, 2], [2, 4], [4, 5]]  # resharded by DCP, the phase state as saved
+        assert fit["hidden_files"] == [] and fit["patches_left"] == []
+    said = " ".join(sharded_ranks[0]["fsdp2"]["from_one_device"]["warnings"])
+    assert "re-seeded" in said
+    assert "restore-best snapshot was taken on 1 rank" in said
+    # both ranks trained the same model (DCP gathered from shards of one full state)
+    assert sharded_ranks[0]["fsdp2"]["from_one_device"]["final"] == sharded_ranks[1]["fsdp2"]["from_one_device"]["final"]
 
 
 # ---------------------------------------------------------------------------------------------- plain loop
@@ -321,6 +366,59 @@ def test_plain_loop_resume_without_the_random_state_differs(plain_reference, mon
     model, ft = plain_resume(saved[2])
     plain_epochs(model, ft, range(3, len(VALUES)))
     assert any(not torch.equal(p, expected[n]) for n, p in model.named_parameters())
+
+
+def test_a_sampler_generator_of_its_own_comes_back_with_the_checkpoint(tmp_path, monkeypatch):
+    expected = Losses()
+    fit(tmp_path / "ref", module_cls=OwnGeneratorModule, losses=expected)
+    ckpt = tmp_path / "ref" / "ckpts" / "epoch=5.ckpt"
+    saved = torch.load(ckpt, weights_only=True)["callbacks"]["FinetuningScheduler"]["rng"]["states"][0]
+    assert len(saved["data"]) == 1  # the sampler's generator, as it was after epoch 5's order was drawn
+    resumed = Losses()
+    fit(tmp_path / "resumed", ckpt, module_cls=OwnGeneratorModule, losses=resumed)
+    assert min(resumed.losses) == 25  # 4 steps an epoch: epoch 6 on
+    assert resumed.losses == {k: v for k, v in expected.losses.items() if k >= 25}
+    # the control: without it the resumed sampler starts from its seed and repeats epoch 0's order
+    monkeypatch.setattr(phasetune.rng, "loader_generators", lambda loaders: [])
+    control = Losses()
+    fit(tmp_path / "control", ckpt, module_cls=OwnGeneratorModule, losses=control)
+    assert control.losses[25] != expected.losses[25]
+
+
+def test_loader_generators_finds_the_samplers_own_through_wrappers_and_never_the_datasets():
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    class DataWithGenerator(torch.utils.data.TensorDataset):  # the user's augmentation generator: not the sampler's
+        generator = torch.Generator()
+
+    data = DataWithGenerator(torch.arange(8.0))
+    own = torch.Generator()
+    assert phasetune.rng.loader_generators(DataLoader(data, shuffle=True)) == []  # draws from torch's generator
+    assert phasetune.rng.loader_generators(DataLoader(data, shuffle=True, generator=own)) == [own]
+    stateful = StatefulDataLoader(data, shuffle=True)
+    inner = stateful.sampler.generator
+    assert phasetune.rng.loader_generators(stateful) == [inner]
+    # Lightning's wrapper around it in a batch sampler, the loaders in a dict (CombinedLoader's iterables)
+    batches = torch.utils.data.BatchSampler(DistributedSamplerWrapper(stateful.sampler, num_replicas=2, rank=0), 2, False)
+    wrapped = DataLoader(data, batch_sampler=batches, generator=own)
+    assert phasetune.rng.loader_generators({"a": wrapped, "b": wrapped}) == [own, inner]
+
+
+def test_saved_generator_states_come_back_and_a_different_count_is_said():
+    gens = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]
+    saved = phasetune.rng.checkpoint_state(rank=0, world_size=1, gather=False, epoch_start=phasetune.rng.capture(gens),
+                                           generators=gens)
+    expected = [torch.rand(2, generator=g) for g in gens]
+    assert phasetune.rng.rank_state(saved, "states", rank=0, world_size=2) is None  # another number of ranks
+    state = phasetune.rng.rank_state(saved, "epoch_start", rank=0, world_size=1)
+    said: list[str] = []
+    phasetune.rng.restore_generators(state, gens, said.append, " from x.ckpt")
+    assert all(torch.equal(torch.rand(2, generator=g), e) for g, e in zip(gens, expected)) and said == []
+    phasetune.rng.restore_generators(state, gens[:1], said.append, " from x.ckpt")
+    assert said == ["the training data loader's samplers keep 1 random generator(s) of their own and the checkpoint "
+                    "from x.ckpt saved 2: the data order after this resume differs from an uninterrupted run's; "
+                    "resume with the same data loader setup"]
 
 
 def test_python_gauss_cache_and_numpy_state_come_back():

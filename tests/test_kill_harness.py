@@ -3,7 +3,8 @@
 tests/crash_train.py trains (plain strategy, or Lightning) with Dropout, a shuffled DataLoader, restore-best
 snapshots on disk, a checkpoint and a full-weights export every epoch. Each run here is a child process (forked
 from a forkserver: no imports to repeat) that kills itself where ``PHASETUNE_TEST_KILL`` says: in the middle of a
-checkpoint write, a snapshot write, an export, right after a transition, mid-phase. After every kill the
+checkpoint write or while a checkpoint is moved to its name, a snapshot write, an export, right after a transition,
+mid-phase. After every kill the
 files a resume could pick up are checked (complete, loadable, nothing half-written visible); the next child
 resumes from them and is killed at the next point; the last one finishes. Its final parameters must equal,
 bit for bit, those of a run that was never killed.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import signal
 import tempfile
 from collections.abc import Callable
@@ -31,10 +33,23 @@ STEPS_PER_EPOCH = 4
 PLAIN_PHASES = [(0, 1, True), (1, 2, True), (2, 3, False)]
 
 
-def _child(out: str, front_end: str, kill: str | None, record: bool) -> None:
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-              "PHASETUNE_TEST_KILL", "PHASETUNE_TEST_RECORD"):
+# what the forkserver imports once for every child (what crash_train's front ends import, the 2-process ones too)
+PRELOAD = ["lightning.pytorch", "test_kill_harness", "phasetune.lightning", "torch.distributed.checkpoint",
+           "torch.distributed.fsdp", "lightning.pytorch.strategies", "fsdp_cpu", "helpers"]
+
+
+def _child(out: str, front_end: str, kill: str | None, record: bool, dist_env: dict[str, str] | None = None) -> None:
+    """Body of a child process: ``dist_env`` (the distributed variables of one rank of a 2-process job) is set,
+    and that rank's output goes to ``out/log<rank>.txt`` (the test shows it when the job fails)."""
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
+              "TORCHELASTIC_RUN_ID", "PHASETUNE_TEST_KILL", "PHASETUNE_TEST_RECORD"):
         os.environ.pop(k, None)
+    if dist_env:
+        os.environ.update(dist_env)
+        Path(out).mkdir(parents=True, exist_ok=True)
+        log = os.open(Path(out) / f"log{dist_env['RANK']}.txt", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
     if kill:
         os.environ["PHASETUNE_TEST_KILL"] = kill
     if record:
@@ -44,15 +59,20 @@ def _child(out: str, front_end: str, kill: str | None, record: bool) -> None:
     crash_train.main(out, front_end)
 
 
+def forkserver() -> Any:
+    """The multiprocessing context of the children (the first caller's preload list is the one that counts)."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
 def run_in_child(target: Callable[..., None], *args: Any) -> int:
     """Run ``target(*args)`` in a child process; its exit code (``-SIGKILL`` when it killed itself).
 
     Children are forked from a forkserver that imported Lightning and these tests once: each starts in
     a moment, and none inherits this process's threads (OpenMP's pool hangs in a child forked after use).
     """
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["lightning.pytorch", "test_kill_harness"])
-    proc = ctx.Process(target=target, args=args)
+    proc = forkserver().Process(target=target, args=args)
     proc.start()
     proc.join(timeout=300)
     if proc.exitcode is None:
@@ -202,6 +222,57 @@ def test_lightning_killed_at_each_point_resumes_bit_equal_with_sharded_checkpoin
     assert (out / "warnings.txt").read_text() == ""  # every snapshot and random state came back
     assert hidden(out / "ckpts") == [] and hidden(out / "phasetune_snapshots") == []  # killed writes' leftovers removed
     assert_export_usable(out / "export", load(ref / "final.pt"))
+
+
+# ---------------------------------------------------------------------------------------------- Lightning, full files
+# one device: Lightning's full checkpoint files, which phasetune writes under a hidden name next to their final one
+def full_file_usable(out: Path, reference: Path, exported: int) -> int:
+    """Check every checkpoint a resume could pick up (each loads whole); return the epoch of ``last.ckpt``."""
+    for ckpt in visible(out / "ckpts"):
+        assert ckpt.suffix == ".ckpt", ckpt
+        assert "FinetuningScheduler" in torch.load(ckpt, map_location="cpu", weights_only=False)["callbacks"]
+    for snap in visible(out / "phasetune_snapshots"):
+        torch.load(snap, weights_only=True)
+    assert_export_usable(out / "export", load(reference / f"params_epoch{exported}.pt"))
+    assert visible(out / "tmp") == []  # nothing written through the temporary directory, on another filesystem maybe
+    return torch.load(out / "ckpts" / "last.ckpt", map_location="cpu", weights_only=False)["epoch"]
+
+
+def test_lightning_full_checkpoint_killed_while_moved_into_place_or_written_never_shows_a_partial_file(tmp_path):
+    ref = tmp_path / "reference"
+    assert train(ref, "lightning", record=True) == 0
+    out = tmp_path / "run"
+
+    # 1. while epoch=1.ckpt is moved to its name (Lightning's own save: copied there from the temporary directory
+    #    when that is on another filesystem, and a kill mid-copy left it half written under its name)
+    assert train(out, "lightning", "move:epoch=1.ckpt:1") == KILLED
+    assert [p.name for p in visible(out / "ckpts")] == ["epoch=0.ckpt", "last.ckpt"]
+    [whole] = hidden(out / "ckpts")  # complete, never renamed: not picked up, removed by the next save
+    assert whole.startswith(".partial-epoch=1.ckpt-")
+    torch.load(out / "ckpts" / whole, map_location="cpu", weights_only=False)
+    assert full_file_usable(out, ref, exported=1) == 0
+
+    # 2. while writing last.ckpt again (epoch 1's, after epoch=1.ckpt): the previous one (epoch 0's) stays whole
+    assert train(out, "lightning", "write:last.ckpt:1") == KILLED
+    assert [p.name for p in visible(out / "ckpts")] == ["epoch=0.ckpt", "epoch=1.ckpt", "last.ckpt"]
+    [torn] = hidden(out / "ckpts")
+    assert torn.startswith(".partial-last.ckpt-")
+    with pytest.raises(Exception):  # noqa: B017 - torch reports a torn file in several ways
+        torch.load(out / "ckpts" / torn, map_location="cpu", weights_only=False)
+    assert full_file_usable(out, ref, exported=1) == 0
+
+    assert train(out, "lightning") == 0
+    assert_equal(load(out / "final.pt"), load(ref / "final.pt"))
+    assert (out / "phases.txt").read_text() == (ref / "phases.txt").read_text()
+    # resumed from epoch 0's checkpoint, whose restore-best snapshot epoch 1's new best had replaced before the
+    # kills: said, and the rerun epoch 1 takes it again
+    assert re.fullmatch(r"restore-best snapshot \S+rank0_phase0\.pt was overwritten after this checkpoint \(step 8, "
+                        r"checkpoint expects 4\); the phase restores the best state seen after resuming",
+                        (out / "warnings.txt").read_text())
+    # Lightning's names: epoch 1 saved again after epoch=1.ckpt of the second run; nothing else apart
+    assert [p.name for p in visible(out / "ckpts")] == sorted([p.name for p in visible(ref / "ckpts")] +
+                                                               ["epoch=1-v1.ckpt"])
+    assert hidden(out / "ckpts") == [] and visible(out / "tmp") == []
 
 
 def test_resuming_from_a_sharded_checkpoint_directory_without_metadata_is_refused_as_incomplete(tmp_path):

@@ -115,7 +115,8 @@ class PhaseRun:
         self.store = SnapshotStore(env, options.snapshot_storage)
         self._clock: float | None = None
         self._memory: PeakMemory | None = None
-        self._pending_rng: tuple[Mapping[str, Any], str] | None = None  # resume(defer_random_state=True)
+        # this rank's random state: saved with checkpoints, given back on resume (see rng.RandomState)
+        self.random = rng.RandomState(env, self.options.resume_rng)
         self._events = step_events.StepEvents()
         self._next_event = step_events.NEVER  # the first optimizer step at which step_end has work to do
         #: the thaw audit (None: ``options.audit="off"``); front ends run it through :meth:`audit_phase`
@@ -405,12 +406,13 @@ class PhaseRun:
         return f"restored the best state ({where})"
 
     # ------------------------------------------------------------------ checkpoint state
-    def state_dict(self, *, random_state: bool = False) -> dict[str, Any]:
+    def state_dict(self, *, random_state: bool = False, generators: Sequence[torch.Generator] = ()) -> dict[str, Any]:
         """Everything needed to continue the run exactly (with this rank's snapshot or a reference to it).
 
         ``random_state``: include the random state of this rank (``env.state_saved_per_rank``) or of every
         rank (gathered: a collective every rank calls), restored by :meth:`resume`; front ends whose
-        trainer saves it itself (Hugging Face) leave it out.
+        trainer saves it itself (Hugging Face) leave it out. ``generators``: the training loader's own
+        (:func:`phasetune.rng.loader_generators`), saved with it.
         """
         self._close_clock()
         state: dict[str, Any] = {
@@ -424,8 +426,7 @@ class PhaseRun:
         }
         state.update(self.store.state())
         if random_state:
-            state["rng"] = rng.checkpoint_state(rank=self.env.rank, world_size=self.env.world_size,
-                                                gather=not self.env.state_saved_per_rank)
+            state["rng"] = self.random.checkpoint_state(gather=not self.env.state_saved_per_rank, generators=generators)
         return state
 
     def check_state(self, state: Mapping[str, Any], where: Any = None) -> None:
@@ -437,13 +438,14 @@ class PhaseRun:
 
     def resume(
         self, state: Mapping[str, Any], optimizer: Optimizer, schedulers: Sequence[Any], where: Any = None,
-        *, defer_random_state: bool = False,
+        *, defer_random_state: bool = False, mid_epoch: bool = False,
     ) -> tuple[Optimizer, list[Any], dict[str, Any] | None]:
         """Continue a saved run: rebuild the saved phase (thawed set, groups, optimizer, scheduler) before
         the optimizer state is loaded, and restore the history, snapshot and random state.
 
-        ``defer_random_state``: keep the random state for :meth:`restore_random_state` (a mid-epoch resume
-        restores it after the data iterator, which the interrupted run had created before saving, exists).
+        ``defer_random_state``: the front end restores the random state around the creation of its first data
+        iterator (``self.random.before_data_iterator`` / ``after_data_iterator``): the loader may draw from the
+        generators as it is built, and a ``mid_epoch`` checkpoint's run had created its iterator before saving.
 
         Returns the optimizer, the lr schedulers and, when a phase replaced the scheduler, its config fields.
         """
@@ -479,19 +481,13 @@ class PhaseRun:
         self.best = None if best is None else (float(best[0]), int(best[1]), int(best[2]))
         self.store.load(state, depth)
         if state.get("rng") is not None:  # last: nothing after it in a resume may draw from the generators
-            self._pending_rng = (state["rng"], src)
-            if not defer_random_state:
-                self.restore_random_state()
+            self.random.resume(state["rng"], src, defer=defer_random_state, mid_epoch=mid_epoch)
         self.env.info(f"resumed in phase {depth} of {self.final_depth} ({len(self.thawed_params)} trainable tensors)")
         return optimizer, scheds, cfg
 
     def restore_random_state(self) -> None:
         """Restore the random state :meth:`resume` read (once; a no-op when there is none left)."""
-        if self._pending_rng is None:
-            return
-        (saved, src), self._pending_rng = self._pending_rng, None
-        rng.restore_checkpoint_state(saved, rank=self.env.rank, world_size=self.env.world_size,
-                                     mode=self.options.resume_rng, warn=self.env.warn, where=src)
+        self.random.restore()
 
     # ------------------------------------------------------------------ records and clocks
     def _apply_bn_mode(self) -> None:

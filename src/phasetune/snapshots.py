@@ -204,7 +204,8 @@ def load_snapshot_file(
     """This rank's snapshot from a :func:`save_snapshot_file` reference, or None and why it cannot be used."""
     saved_world = int(ref.get("world_size", world_size))
     if same_world_needed and saved_world != world_size:
-        return None, f"the restore-best snapshot was taken on {saved_world} ranks, this run has {world_size}"
+        ranks = "rank" if saved_world == 1 else "ranks"
+        return None, f"the restore-best snapshot was taken on {saved_world} {ranks}, this run has {world_size}"
     path = Path(str(ref["path"]).format(rank=rank))
     if not path.exists():
         return None, f"restore-best snapshot {path} is gone"

@@ -1,13 +1,15 @@
 """2-process resume scenarios (run under torchrun, gloo, CPU), one launch per mode.
 
-``resume_scenarios.py OUT lightning`` (tests/test_exact_resume.py): exact resume under Lightning's DDP,
+``resume_scenarios.py OUT lightning ONE_CKPT`` (tests/test_exact_resume.py): exact resume under Lightning's DDP,
 FSDPStrategy (FSDP1) and ModelParallelStrategy (FSDP2, sharded and full checkpoints). Every fit trains a 3-phase
 schedule with restore-best on, a shuffling distributed sampler, a Dropout layer and data that draws from Python's
 ``random`` (gauss cache) and NumPy in ``__getitem__``. Each strategy runs once uninterrupted with a ``DataLoader``
 (Lightning adds its DistributedSampler), saving a checkpoint after every epoch, and resumes from several of them;
 DDP, FSDP1 and sharded FSDP2 also run once with torchdata's ``StatefulDataLoader`` over its
 ``StatefulDistributedSampler``, saving a checkpoint every 3 optimizer steps, and resume from two in the middle of
-an epoch. Every rank reports the final parameters it holds.
+an epoch. DDP also resumes mid-epoch with a ``StatefulDataLoader`` over the DistributedSampler Lightning adds, and
+FSDP2 continues from ONE_CKPT, a ModelParallel checkpoint saved by one process. Every rank reports the final
+parameters it holds.
 
 ``resume_scenarios.py OUT topology ONE_CKPT`` (tests/test_topology.py): the plain strategy saves a checkpoint
 on 2 ranks, and loads ONE_CKPT (saved by 1 process): refused without ``resume_rng="reseed"``, re-seeded with it.
@@ -125,7 +127,13 @@ def lightning_fit() -> Callable[..., dict[str, Any]]:
         fts = FinetuningScheduler(ft_schedule=SCHEDULE, epoch_transitions_only=True, resume_rng=resume_rng,
                                   strategy_adapter_cfg=adapter_cfg(kind))
         ck = FTSCheckpoint(monitor="val_loss", save_top_k=-1, dirpath=str(root / name), filename="{epoch}")
-        callbacks: list[Any] = [fts, ck]
+        losses: dict[int, float] = {}
+
+        class Losses(pl.Callback):  # every step's loss: the batches and dropout masks, also of a rolled-back epoch
+            def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, *args: Any) -> None:
+                losses[trainer.global_step] = float(outputs["loss"])
+
+        callbacks: list[Any] = [fts, ck, Losses()]
         if step_checkpoints:
             callbacks.append(ModelCheckpoint(every_n_train_steps=EVERY_N_STEPS, save_top_k=-1, dirpath=str(root / name),
                                              filename="{step}"))
@@ -145,14 +153,16 @@ def lightning_fit() -> Callable[..., dict[str, Any]]:
             "warnings": [str(w.message) for w in caught
                          if any(s in str(w.message) for s in ("snapshot", "random", "StatefulDataLoader"))],
             "final": {n: v.double().flatten().tolist() for n, v in full.items()},
-            "patches_left": [k for k in ("load_checkpoint", "save_checkpoint") if k in vars(t.strategy)],
+            "losses": losses,
+            "patches_left": [k for k in ("load_checkpoint", "save_checkpoint", "process_dataloader")
+                             if k in vars(t.strategy)],
             "hidden_files": sorted(p.name for p in (root / name).iterdir() if p.name.startswith(".")),
         }
 
     return fit
 
 
-def lightning_scenarios(out: Path) -> dict[str, Any]:
+def lightning_scenarios(out: Path, one_device_ckpt: Path) -> dict[str, Any]:
     import phasetune.rng
     from phasetune.lightning.sharded import read_callback_state
 
@@ -180,11 +190,15 @@ def lightning_scenarios(out: Path) -> dict[str, Any]:
         report[kind]["saved_rng"] = {"world_size": saved["rng"]["world_size"], "ranks": sorted(saved["rng"]["states"]),
                                      "generators": sorted(saved["rng"]["states"][1])}
     # a StatefulDataLoader over the DistributedSampler Lightning adds: Lightning 2.6 re-creates the iterator of a
-    # run resumed mid-epoch before it gives the sampler the epoch, and torchdata skips the consumed samples of
-    # epoch 0's order (tests/test_exact_resume.py: a strict xfail until phasetune works around it)
+    # run resumed mid-epoch before it gives the sampler the epoch (phasetune gives it first), and torchdata skips
+    # the consumed samples of the sampler's order as it is then
     ref = out / "ddp_stateful_ref"
     report["ddp"]["stateful_reference"] = fit("ddp", out, ref.name, stateful=True, step_checkpoints=True)
     report["ddp"]["step=6"] = fit("ddp", out, "ddp_from_step6", ref / "step=6.ckpt", stateful=True)
+    # its epoch-end checkpoint: the sampler torchdata gives the loader keeps a generator, advanced every epoch
+    report["ddp"]["stateful_epoch=2"] = fit("ddp", out, "ddp_stateful_from2", ref / "epoch=2.ckpt", stateful=True)
+    # 1 -> 2: a ModelParallel checkpoint saved by one process goes on here, re-seeded (DCP reshards the state)
+    report["fsdp2"]["from_one_device"] = fit("fsdp2", out, "fsdp2_from_one", one_device_ckpt, resume_rng="reseed")
     # the control: a resume that leaves the generators where the new process has them
     restore = phasetune.rng.restore_checkpoint_state
     phasetune.rng.restore_checkpoint_state = lambda *a, **k: None
@@ -226,6 +240,7 @@ if __name__ == "__main__":
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
     OUT = Path(sys.argv[1])
-    result = lightning_scenarios(OUT) if sys.argv[2] == "lightning" else topology_scenarios(OUT, Path(sys.argv[3]))
+    run = lightning_scenarios if sys.argv[2] == "lightning" else topology_scenarios
+    result = run(OUT, Path(sys.argv[3]))
     write_report(str(OUT), torch.distributed.get_rank(), result)
     torch.distributed.destroy_process_group()

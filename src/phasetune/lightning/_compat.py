@@ -101,6 +101,61 @@ def replace_clip_grad_by_norm(precision_plugin: Any, wrapper: Callable[..., Any]
     return patch_method(precision_plugin, "clip_grad_by_norm", wrapper)
 
 
+def before_train_iterator(trainer: Any, prepare: Callable[[Any], None]) -> Undo:
+    """Patch ``trainer.strategy.process_dataloader`` so that each training loader's sampler gets the fit's
+    epoch (``set_epoch``) and ``prepare(loader)`` runs after Lightning built the loader and before it creates
+    the loader's iterator.
+
+    Why: Lightning 2.6's ``fit_loop.setup_data`` builds the loader (which may draw from the generators), loads
+    a stateful loader's saved position and creates its iterator before ``on_advance_start`` calls
+    ``set_epoch`` and before any callback hook of the run. A sampler that computes its order as its iterator is
+    made (torchdata's, and Lightning's ``DistributedSamplerWrapper``), or a fast-forward to a saved position,
+    then uses epoch 0's order in a resumed run. ``strategy.process_dataloader`` is the last call on the loader
+    before that, with no hook in between; the epoch is the one Lightning passes ``set_epoch`` right after (the
+    fit loop's ``epoch_progress``, restored from the checkpoint), given with its private
+    ``_set_sampler_epoch`` helper (the sampler, or the batch sampler's).
+    """
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+
+    fit_loop = trainer.fit_loop
+
+    def process_dataloader(original: Callable[..., Any], dataloader: Any) -> Any:
+        dataloader = original(dataloader)
+        if trainer.training:
+            _set_sampler_epoch(dataloader, fit_loop.epoch_progress.current.processed)
+            prepare(dataloader)
+        return dataloader
+
+    return patch_method(trainer.strategy, "process_dataloader", process_dataloader)
+
+
+def before_each_sampler_redraw(dataloader: Any, before: Callable[[], None]) -> Undo:
+    """Run ``before()`` each time a sampler that Lightning wrapped for distributed training (its
+    ``DistributedSamplerWrapper``) in ``dataloader`` redraws its order, until undone.
+
+    Why: the wrapper draws the wrapped sampler's whole order as each of its iterators starts (in the private
+    ``_DatasetSamplerWrapper.reset``), and torchdata's ``StatefulDataLoader``, loading a saved position, starts
+    the sampler's iterator twice (as the loader's iterator is built, then again to fast-forward): two draws where
+    the interrupted run made one, of which the second is used. ``before`` puts the generators back first.
+    """
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+
+    samplers = (getattr(dataloader, "sampler", None), getattr(getattr(dataloader, "batch_sampler", None), "sampler", None))
+    undos = []
+    for sampler in {id(s): s for s in samplers if isinstance(s, DistributedSamplerWrapper)}.values():
+        def reset(original: Callable[[], None]) -> None:
+            before()
+            original()
+
+        undos.append(patch_method(sampler.dataset, "reset", reset))
+
+    def undo() -> None:
+        for fn in undos:
+            fn()
+
+    return undo
+
+
 def set_fsdp_auto_wrap_policy(strategy: Any, policy: Any) -> Undo:
     """Make ``FSDPStrategy`` wrap with ``policy``; return the undo that gives it back the previous policy.
 

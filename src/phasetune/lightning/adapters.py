@@ -1,7 +1,8 @@
 """Strategy adapters: what the callback needs to know about how a strategy holds the model.
 
-The default adapter serves single-device training; :class:`DDPStrategyAdapter` adds the one thing DDP
-needs: ``DistributedDataParallel`` only synchronises gradients of parameters that required grad when it
+The default adapter serves single-device training and makes the full checkpoint files Lightning writes
+appear whole or not at all (:meth:`StrategyAdapter.route_file_saves`); :class:`DDPStrategyAdapter` adds the one
+thing DDP needs: ``DistributedDataParallel`` only synchronises gradients of parameters that required grad when it
 was built, so after each thaw the model is wrapped again (``DDPStrategy.configure_ddp``) or the newly
 thawed parameters would silently train differently on each rank.
 
@@ -11,15 +12,18 @@ Sharded strategies register their own adapters with :func:`register_adapter`.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from lightning.pytorch.plugins import TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy, StrategyRegistry
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch.nn.parallel import DistributedDataParallel
 
 from phasetune.errors import ConfigurationError
+from phasetune.io import atomic_torch_save, partial_path, remove_leftovers
 from phasetune.lightning import _compat
 
 if TYPE_CHECKING:
@@ -48,6 +52,36 @@ class StrategyAdapter:
 
     def connect(self, trainer: pl.Trainer) -> None:
         self.trainer = trainer
+        self.route_file_saves(trainer.strategy)
+
+    def route_file_saves(self, strategy: Strategy) -> None:
+        """Make the full checkpoint files the strategy's ``TorchCheckpointIO`` writes to local paths appear whole
+        or not at all (until :meth:`release`).
+
+        Lightning writes one into a temporary file in the system's temporary directory and moves it to its name;
+        where that directory is on another filesystem (a tmpfs ``/tmp``, checkpoints on disk) the move is a copy,
+        and a process killed during it leaves a partial checkpoint under the final name, which a resume with
+        ``ckpt_path="last"`` then fails to load. Here the file is written under a hidden name in its own directory
+        (:func:`phasetune.io.partial_path`), flushed to disk and renamed over its name; what saves killed before
+        left there is removed after the next one. A remote (fsspec URL) path, ``storage_options`` and a
+        CheckpointIO of the user's own keep Lightning's way.
+        """
+        io = strategy.checkpoint_io
+        base = getattr(io, "checkpoint_io", io)  # AsyncCheckpointIO saves through the one it wraps
+        if not isinstance(base, TorchCheckpointIO) or type(base).save_checkpoint is not TorchCheckpointIO.save_checkpoint:
+            return
+
+        def save_checkpoint(original: Any, checkpoint: Any, path: Any, *args: Any, **kwargs: Any) -> Any:
+            storage_options = kwargs.get("storage_options", args[0] if args else None)
+            if storage_options is not None or "://" in str(path):
+                return original(checkpoint, path, *args, **kwargs)
+            final = Path(path)
+            atomic_torch_save(checkpoint, final, tmp=partial_path(final))
+            remove_leftovers(final.parent)  # saves go one at a time: none other is under way here
+            return None
+
+        # why a patch: Lightning has no option to write its checkpoint files next to their final name
+        self.keep_undo(_compat.patch_method(base, "save_checkpoint", save_checkpoint))
 
     # -- names ------------------------------------------------------------------------------------
     def named_parameters(self, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
-from phasetune import generate, snapshots, transitions
+from phasetune import generate, rng, snapshots, transitions
 from phasetune.engine import PhaseEngine
 from phasetune.errors import ConfigurationError, ScheduleError, ScheduleGenerated
 from phasetune.generate import implicit_schedule
@@ -229,6 +229,11 @@ class FinetuningScheduler(Callback):
         self.adapter = select_adapter(trainer.strategy, self.strategy_adapter_cfg, custom=self._custom_adapters,
                                       allow_untested=self.allow_untested)
         self.adapter.connect(trainer)
+        # a resume: the random state (and a mid-epoch one's sampler epoch) set as the interrupted run had them
+        # when it created its data iterator, before Lightning creates (and fast-forwards) the resumed run's
+        self._train_loaders: list[Any] = []
+        self._redraw_undos: list[_compat.Undo] = []
+        self.adapter.keep_undo(_compat.before_train_iterator(trainer, self._before_data_iterator))
         if self._log_dir_arg is not None:  # log_dir=...: the same on every rank, so no collective is skipped
             self._log_dir = self._log_dir_arg
         else:
@@ -315,7 +320,16 @@ class FinetuningScheduler(Callback):
     # ------------------------------------------------------------------ resume and fit start
     def state_dict(self) -> dict[str, Any]:
         # every rank's random state is gathered here (Lightning calls this on every rank, writes rank 0's)
-        return self.run.state_dict(random_state=True) if self.run is not None else {}
+        if self.run is None:
+            return {}
+        trainer = self.adapter.trainer if self.adapter is not None else None
+        return self.run.state_dict(random_state=True, generators=self._data_generators(trainer))
+
+    @staticmethod
+    def _data_generators(trainer: pl.Trainer | None) -> list[torch.Generator]:
+        """The generators the training loader's samplers keep of their own (none before the loader exists)."""
+        loops = getattr(trainer, "fit_loop", None)
+        return rng.loader_generators(trainer.train_dataloader) if loops is not None else []
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         if trainer.state.fn == TrainerFn.FITTING:  # refuse what cannot resume before any state is loaded
@@ -383,7 +397,7 @@ class FinetuningScheduler(Callback):
         # mid-epoch, Lightning creates the data iterator (drawing from the generators) after this, the
         # interrupted run before its save: the random state then comes back in on_train_start, after it
         new_opt, scheds, cfg = self.run.resume(state, optimizer, schedulers, where=trainer.ckpt_path,
-                                               defer_random_state=self._resumed_mid_epoch)
+                                               defer_random_state=True, mid_epoch=self._resumed_mid_epoch)
         if new_opt is not optimizer:
             self.adapter.install_optimizer(trainer, new_opt)
         if cfg is not None:
@@ -392,6 +406,19 @@ class FinetuningScheduler(Callback):
             self.adapter.after_thaw(trainer)
         if self._fit_started:  # restored after on_fit_start (FSDP, ModelParallel): audit the rebuilt phase now
             self._audit(trainer, "resume")
+
+    def _before_data_iterator(self, dataloader: Any) -> None:
+        if self.run is None:
+            return
+        self._train_loaders.append(dataloader)
+        generators = rng.loader_generators(self._train_loaders)
+        random = self.run.random
+        random.before_data_iterator(generators)
+        if self._resumed_mid_epoch and generators:  # each redraw of a wrapped sampler's order starts where it did
+            undo = _compat.before_each_sampler_redraw(
+                dataloader, lambda: random.before_data_iterator(generators, generators_only=True))
+            self._redraw_undos.append(undo)
+            self.adapter.keep_undo(undo)
 
     def _optimizer_and_schedulers(self, trainer: pl.Trainer) -> tuple[torch.optim.Optimizer, list[Any]]:
         optimizers = trainer.optimizers
@@ -404,7 +431,11 @@ class FinetuningScheduler(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.run is not None
-        self.run.restore_random_state()  # a mid-epoch resume's, after Lightning created the data iterator
+        # a resume's random state (a mid-epoch one's as it was saved, after Lightning created the data iterator)
+        self.run.random.after_data_iterator(self._data_generators(trainer))
+        for undo in self._redraw_undos:
+            undo()
+        self._train_loaders, self._redraw_undos = [], []
         if self._caches is not None:  # the training set exists now: the phase's cache starts (or none)
             self._caches.enter(self.run.depth, dataset=getattr(trainer.train_dataloader, "dataset", None))
         es = self.early_stopping
@@ -431,6 +462,8 @@ class FinetuningScheduler(Callback):
     # ------------------------------------------------------------------ per epoch
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.run is not None
+        # the random state the epoch's data iterator will draw its order from (saved with mid-epoch checkpoints)
+        self.run.random.note_epoch_start(self._data_generators(trainer))
         self._validated_this_epoch = False
         es_done = bool(self.early_stopping and self.early_stopping.phase_done)
         decision = self.run.decide(trainer.current_epoch, es_done)

@@ -13,10 +13,7 @@
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import time
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +24,7 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.pytorch.trainer.states import TrainerFn
 
 from phasetune.errors import ConfigurationError
+from phasetune.io import partial_path, remove_leftovers, replace_path
 from phasetune.lightning import _compat
 from phasetune.lightning.adapters import StrategyAdapter
 from phasetune.sharding import optim_state
@@ -44,6 +42,10 @@ class ShardedStrategyAdapter(StrategyAdapter):
 
     def defer_init(self, pl_module: pl.LightningModule) -> bool:
         return True  # wrapping/sharding replaces every parameter after setup
+
+    def route_file_saves(self, strategy: Any) -> None:
+        """Nothing: :meth:`route_checkpoint_saves` puts every checkpoint, file or directory, in place itself (an FSDP1
+        full file reaches its hidden name through Lightning's temporary file; a partial one there is never loaded)."""
 
     def route_checkpoint_loads(self, strategy: Any) -> None:
         """Make ``strategy.load_checkpoint`` run inside :meth:`checkpoint_load` (until :meth:`release`)."""
@@ -67,7 +69,7 @@ class ShardedStrategyAdapter(StrategyAdapter):
             final = Path(filepath) if "://" not in str(filepath) else None
             if final is None:
                 return original(checkpoint, filepath, *args, **kwargs)
-            tmp = Path(strategy.broadcast(str(final.with_name(f"{PARTIAL_PREFIX}{final.name}-{time.time_ns()}"))))
+            tmp = Path(strategy.broadcast(str(partial_path(final))))
             with optim_state.placeholder_steps():
                 result = original(checkpoint, tmp, *args, **kwargs)
             strategy.barrier("phasetune_checkpoint_written")
@@ -121,30 +123,12 @@ class ShardedStrategyAdapter(StrategyAdapter):
         return True
 
 
-PARTIAL_PREFIX = ".partial-"
-TRASH_PREFIX = ".trash-"
-
-
 def _put_in_place(tmp: Path, final: Path) -> None:
-    """Rename the complete checkpoint ``tmp`` (a file or a directory) to ``final``, replacing what is there; remove
-    what killed saves left behind."""
-    if final.exists() or final.is_symlink():
-        old = final.with_name(f"{TRASH_PREFIX}{final.name}-{time.time_ns()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        _remove(old)
-    else:
-        os.replace(tmp, final)
-    for stale in final.parent.glob(f"{PARTIAL_PREFIX}*"):
-        if stale != tmp and re.fullmatch(rf"{re.escape(PARTIAL_PREFIX)}.+-\d+", stale.name):
-            _remove(stale)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
+    """Rename the complete checkpoint ``tmp`` (a file or a directory) to ``final``, replacing what is there, so that
+    ``final`` names a complete checkpoint at every moment (:func:`phasetune.io.replace_path`, which says where it
+    cannot); remove what killed saves left behind."""
+    replace_path(tmp, final)
+    remove_leftovers(final.parent)
 
 
 def read_callback_state(

@@ -9,18 +9,14 @@ by default only rank 0 receives them, on CPU), :func:`save_full_model` writes th
 from __future__ import annotations
 
 import os
-import shutil
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from phasetune._dist import initialized, rank
+from phasetune.io import PARTIAL_PREFIX, remove_leftovers, remove_path, replace_path
 from phasetune.sharding.names import logical_name
-
-PARTIAL_PREFIX = ".partial-"
-TRASH_PREFIX = ".trash-"
 
 
 def _prefix_of(module: nn.Module, submodule: nn.Module | None) -> str:
@@ -77,7 +73,7 @@ def save_full_model(
     written = None
     if rank() == 0:
         tmp = out.with_name(f"{PARTIAL_PREFIX}{out.name}")
-        shutil.rmtree(tmp, ignore_errors=True)  # left by an export that died
+        remove_path(tmp)  # left by an export that died
         tmp.mkdir(parents=True)
         if hasattr(target, "save_pretrained"):
             target.save_pretrained(str(tmp), state_dict=sd, safe_serialization=True)
@@ -93,19 +89,18 @@ def save_full_model(
 
 
 def _move_into(new: Path, out: Path) -> None:
-    """Move every file of the complete directory ``new`` into ``out`` by renames (each file appears whole;
-    other files in ``out`` stay), then remove ``new``."""
+    """Move every file and subdirectory of the complete directory ``new`` into ``out``, each in one rename
+    (:func:`phasetune.io.replace_path`: each appears whole, replacing the one of its name; other files in ``out``
+    stay), then remove ``new``."""
     out.mkdir(parents=True, exist_ok=True)
     for f in sorted(new.iterdir()):
-        if f.is_file():  # the data on disk before the rename makes it visible
-            with open(f, "rb") as fh:
+        is_dir = f.is_dir()
+        for written in sorted(g for g in f.rglob("*") if g.is_file()) if is_dir else [f]:
+            with open(written, "rb") as fh:  # the data on disk before the rename makes it visible
                 os.fsync(fh.fileno())
-        dest = out / f.name
-        if f.is_dir() and dest.exists():
-            trash = dest.with_name(f"{TRASH_PREFIX}{dest.name}-{time.time_ns()}")
-            os.replace(dest, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        os.replace(f, dest)
+        replace_path(f, out / f.name)
+        if is_dir:  # what an export killed while replacing this subdirectory left (replace_path's fallback)
+            remove_leftovers(out, f.name)
     new.rmdir()
 
 

@@ -23,7 +23,7 @@ import torch.distributed.checkpoint as dcp
 
 from phasetune import _dist
 from phasetune._dist import barrier, broadcast_object
-from phasetune.io import atomic_torch_save, atomic_write_text
+from phasetune.io import atomic_torch_save, atomic_write_text, replace_path
 
 log = logging.getLogger("phasetune")
 
@@ -160,9 +160,7 @@ def save(
         atomic_torch_save(shared_state, tmp / SHARED_FILE)
         atomic_write_text(tmp / META_FILE, json.dumps({**meta, "format": FORMAT, "seq": seq, "tag": tag,
                                                        "saved_at": time.time()}, indent=1))
-        if final.exists():  # the same tag saved again: the new one replaces it
-            _remove_dir(final)
-        os.replace(tmp, final)
+        replace_path(tmp, final)  # the same tag saved again: the new one replaces it, in one step where it can
         _fsync_dir(root)
         rotate(root, max_num, max_mem_gib)
     barrier()

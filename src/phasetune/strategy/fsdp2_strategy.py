@@ -17,8 +17,6 @@ import logging
 import math
 import os
 import random
-import shutil
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from torch.optim import Optimizer
 
 from phasetune._dist import barrier
 from phasetune.errors import ConfigurationError
+from phasetune.io import PARTIAL_PREFIX, remove_leftovers, remove_path, replace_path
 from phasetune.report import few
 from phasetune.sharding import clip_grad_norm_, grad_norm, save_full_model, split_groups
 from phasetune.sharding.names import root_name
@@ -375,19 +374,16 @@ class FSDP2Strategy:
         """Write the full weights on rank 0: ``save_pretrained`` (safetensors) for Hugging Face models, else
         ``model.safetensors``; plus ``tokenizer`` if given. ``output_dir`` appears complete or not at all."""
         out = Path(output_dir)
-        tmp = out.with_name(f".partial-{out.name}")
+        tmp = out.with_name(f"{PARTIAL_PREFIX}{out.name}")
         if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_path(tmp)  # left by an export that died
         barrier()
         save_full_model(model, tmp)
         if self.is_main:
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
-            if out.exists():
-                old = out.with_name(f".trash-{out.name}-{time.time_ns()}")
-                os.replace(out, old)
-                shutil.rmtree(old, ignore_errors=True)
-            os.replace(tmp, out)
+            replace_path(tmp, out)
+            remove_leftovers(out.parent, out.name)
         barrier()
         return out
 
