@@ -360,6 +360,53 @@ def test_plain_loop_resume_from_every_epoch_is_bit_equal_with_shuffling_and_drop
     assert_equal_params(dict(model.named_parameters()), expected)
 
 
+def test_plain_loop_resume_brings_back_the_loaders_own_generator(caplog):
+    ids, y = data(64, 0)
+
+    def build():
+        torch.manual_seed(0)
+        model = TinyLM(dropout=0.2)
+        loader = DataLoader(list(zip(ids, y)), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        return model, loader, ScheduledFinetuning(PLAIN_SCHEDULE, model, opt, patience=1, train_loader=loader)
+
+    def epochs(model, loader, ft, first, last):
+        for epoch in range(first, last):
+            model.train()
+            for xb, yb in loader:
+                ft.optimizer.zero_grad()
+                nn.functional.cross_entropy(model(xb), yb).backward()
+                ft.optimizer.step()
+            ft.step(epoch, metric=VALUES[epoch])
+
+    model, loader, ft = build()
+    epochs(model, loader, ft, 0, 2)
+    buf = io.BytesIO()
+    torch.save({"ft": ft.state_dict(), "model": model.state_dict(), "opt": ft.optimizer.state_dict()}, buf)
+    assert len(torch.load(io.BytesIO(buf.getvalue()), weights_only=True)["ft"]["rng"]["states"][0]["data"]) == 1
+    epochs(model, loader, ft, 2, 5)
+    expected = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def resumed(**kwargs):
+        state = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+        model, loader, ft = build()
+        if kwargs:
+            ft = ScheduledFinetuning(PLAIN_SCHEDULE, model, torch.optim.AdamW(model.parameters(), lr=1e-2), patience=1,
+                                     **kwargs)
+        ft.load_state_dict(state["ft"])
+        model.load_state_dict(state["model"])
+        ft.optimizer.load_state_dict(state["opt"])
+        epochs(model, loader, ft, 2, 5)
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    assert_equal_params(resumed(), expected)
+    # without train_loader its generator starts again from its seed (epoch 0's order), and a warning says so
+    with caplog.at_level("WARNING", logger="phasetune"):
+        control = resumed(train_loader=None)
+    assert any(not torch.equal(control[n], expected[n]) for n in expected)
+    assert "keep 0 random generator(s) of their own and the checkpoint saved 1" in caplog.text
+
+
 def test_plain_loop_resume_without_the_random_state_differs(plain_reference, monkeypatch):
     expected, saved = plain_reference
     monkeypatch.setattr(phasetune.rng, "restore_checkpoint_state", lambda *a, **k: None)

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from phasetune import generate, transitions
+from phasetune import generate, rng, transitions
 from phasetune.engine import Transition
 from phasetune.errors import ConfigurationError
 from phasetune.prefix_phases import PrefixCachePhases
@@ -73,6 +73,10 @@ class ScheduledFinetuning:
             see docs/prefix_cache.md). A phase that caches needs :meth:`before_batch` before each training forward
             and a training set built with ``IndexedDataset``.
         train_dataset: the training dataset, checked for random transforms when a phase caches.
+        train_loader: the training data loader (or a list / dict of them): the generators its samplers keep of
+            their own (``DataLoader(generator=g)``, as PyTorch's reproducibility notes suggest; a sampler's
+            ``generator``) are saved by :meth:`state_dict` and restored by :meth:`load_state_dict`, so that a
+            resumed run draws the epoch orders of the uninterrupted one. Build it before resuming.
         spill_dir: where cache entries beyond a phase's ``limit_mb`` go (default: the system temp dir).
 
     The other keyword arguments are the Lightning callback's, with the same meaning and default
@@ -119,6 +123,7 @@ class ScheduledFinetuning:
         prefix_cache: Mapping[int, Any] | None = None,
         train_dataset: Any = None,
         spill_dir: str | os.PathLike[str] | None = None,
+        train_loader: Any = None,
     ) -> None:
         if base_lr is not None:
             warnings.warn("ScheduledFinetuning(base_lr=...) is now base_max_lr=..., the Lightning callback's name; "
@@ -156,6 +161,7 @@ class ScheduledFinetuning:
         #: optimizer steps of the fit so far, as counted or given by :meth:`step_end` (None: never called)
         self.global_step: int | None = None
         self._epoch = 0  # the epoch being trained: one after the last one step() reported
+        self.train_loader = train_loader
 
         # names as written in the model, without the segments wrappers insert (activation checkpointing)
         params = {logical_name(n): p for n, p in model.named_parameters()}
@@ -320,7 +326,8 @@ class ScheduledFinetuning:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the schedule exactly (this rank's part of the snapshot and its random
         state included: call it where the run continues, e.g. after the epoch's validation)."""
-        state = self.run.state_dict(random_state=True)  # this rank's random state: each rank saves its own
+        # this rank's random state (each rank saves its own), with the loader's generators
+        state = self.run.state_dict(random_state=True, generators=rng.loader_generators(self.train_loader))
         state.update(tracker=self.tracker.state_dict(), done=self.done, global_step=self.global_step, epoch=self._epoch)
         return state
 
@@ -333,7 +340,8 @@ class ScheduledFinetuning:
         if self.run.depth != 0 or len(self.run.history) != 1 or self.run.history[0].end_epoch is not None:
             raise ConfigurationError("load_state_dict needs a ScheduledFinetuning that has not transitioned yet; "
                                      "build a new one (with a new optimizer) to resume")
-        self.optimizer, self.schedulers, _ = self.run.resume(state, self.optimizer, self.schedulers)
+        self.optimizer, self.schedulers, _ = self.run.resume(state, self.optimizer, self.schedulers,
+                                                             generators=rng.loader_generators(self.train_loader))
         self.tracker.load_state_dict(state["tracker"])
         self.done = bool(state["done"])
         self.global_step, self._epoch = state.get("global_step"), int(state.get("epoch", self.run.history[-1].start_epoch))

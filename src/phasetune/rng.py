@@ -209,14 +209,19 @@ class RandomState:
         return checkpoint_state(rank=self.env.rank, world_size=self.env.world_size, gather=gather,
                                 epoch_start=self._epoch_start, generators=generators)
 
-    def resume(self, saved: Mapping[str, Any], where: str, *, defer: bool, mid_epoch: bool) -> None:
-        """Take a checkpoint's random state: restored now, or (``defer``) by :meth:`before_data_iterator` and
-        :meth:`after_data_iterator` (``mid_epoch``: the checkpoint was saved inside a training epoch)."""
+    def resume(self, saved: Mapping[str, Any], where: str, *, defer: bool, mid_epoch: bool,
+               generators: Sequence[torch.Generator] = ()) -> None:
+        """Take a checkpoint's random state: restored now (with the loader's ``generators``), or (``defer``) by
+        :meth:`before_data_iterator` and :meth:`after_data_iterator` (``mid_epoch``: the checkpoint was saved
+        inside a training epoch)."""
         self._pending = (saved, where)
         if defer:
             self._pending_data = (saved, where, mid_epoch)
-        else:
-            self.restore()
+            return
+        self.restore()
+        state = rank_state(saved, "states", rank=self.env.rank, world_size=self.env.world_size)
+        if state is not None and (generators or state.get("data")):
+            restore_generators(state, generators, self.env.warn, where)
 
     def before_data_iterator(self, generators: Sequence[torch.Generator], *, generators_only: bool = False) -> None:
         """After a deferred :meth:`resume`, right before the run creates its first training data iterator (the

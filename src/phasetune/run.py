@@ -438,7 +438,7 @@ class PhaseRun:
 
     def resume(
         self, state: Mapping[str, Any], optimizer: Optimizer, schedulers: Sequence[Any], where: Any = None,
-        *, defer_random_state: bool = False, mid_epoch: bool = False,
+        *, defer_random_state: bool = False, mid_epoch: bool = False, generators: Sequence[torch.Generator] = (),
     ) -> tuple[Optimizer, list[Any], dict[str, Any] | None]:
         """Continue a saved run: rebuild the saved phase (thawed set, groups, optimizer, scheduler) before
         the optimizer state is loaded, and restore the history, snapshot and random state.
@@ -446,6 +446,7 @@ class PhaseRun:
         ``defer_random_state``: the front end restores the random state around the creation of its first data
         iterator (``self.random.before_data_iterator`` / ``after_data_iterator``): the loader may draw from the
         generators as it is built, and a ``mid_epoch`` checkpoint's run had created its iterator before saving.
+        ``generators``: the training loader's own, restored now with the rest (not deferred).
 
         Returns the optimizer, the lr schedulers and, when a phase replaced the scheduler, its config fields.
         """
@@ -481,7 +482,7 @@ class PhaseRun:
         self.best = None if best is None else (float(best[0]), int(best[1]), int(best[2]))
         self.store.load(state, depth)
         if state.get("rng") is not None:  # last: nothing after it in a resume may draw from the generators
-            self.random.resume(state["rng"], src, defer=defer_random_state, mid_epoch=mid_epoch)
+            self.random.resume(state["rng"], src, defer=defer_random_state, mid_epoch=mid_epoch, generators=generators)
         self.env.info(f"resumed in phase {depth} of {self.final_depth} ({len(self.thawed_params)} trainable tensors)")
         return optimizer, scheds, cfg
 

@@ -470,13 +470,16 @@ class FinetuningScheduler(Callback):
         if decision is not None and decision.transition:
             self._transition(trainer, decision.reason)
         # the phase in the progress bar and the loggers (shown from the end of the phase's first epoch)
+        # every rank logs the same values; synced (one small all-reduce each an epoch) under several processes,
+        # where Lightning otherwise warns that epoch-level values are not
+        sync = trainer.world_size > 1
         pl_module.log("ft_phase", float(self.run.depth), on_step=False, on_epoch=True, prog_bar=True,
-                      logger=bool(trainer.loggers), sync_dist=False, rank_zero_only=True)
+                      logger=bool(trainer.loggers), sync_dist=sync)
         # each group's lr as the epoch starts, by phase and block (lr/phase1/layers.2-3): once an epoch, like
         # LearningRateMonitor(logging_interval="epoch"), so ordinary steps do no work
         for name, lr in self.run.lrs(trainer.optimizers[0]).items():
             pl_module.log(f"lr/{name}", lr, on_step=False, on_epoch=True, logger=bool(trainer.loggers),
-                          sync_dist=False, rank_zero_only=True)
+                          sync_dist=sync)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or self.run is None or not trainer.training:
