@@ -146,6 +146,30 @@ def test_apply_plan_shards_in_order_then_the_root_and_keeps_logical_names(pg):
     assert all(p.grad is not None for p in m.parameters())
 
 
+class OnlyBlocks(nn.Module):
+    """Every parameter inside a ModuleList, which is never called itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_the_root_unit_is_a_module_that_is_called_not_a_bare_module_list(pg):
+    assert root_name(OnlyBlocks()) == ""
+    outer = nn.Sequential(OnlyBlocks())
+    assert root_name(outer) == "0"
+    m = OnlyBlocks()
+    report = apply_plan(m, {r"layers\.0": {}}, mesh=pg)
+    assert report.sharded == ["layers.0", ""]  # the model: FSDP2's root hooks run when it is called
+    m(torch.randn(4, 8)).sum().backward()
+    assert all(p.grad is not None for p in m.parameters())
+
+
 def test_apply_plan_skips_modules_already_sharded_with_a_note(pg):
     from torch.distributed.fsdp import fully_shard
 

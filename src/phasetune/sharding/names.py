@@ -45,7 +45,11 @@ def module_path(root: nn.Module, logical: str) -> str:
 
 
 def root_name(module: nn.Module) -> str:
-    """The innermost module of ``module`` that holds every parameter ('' when that is ``module``)."""
+    """The innermost module of ``module`` that holds every parameter and is called ('' when that is ``module``).
+
+    A container without a ``forward`` of its own (``ModuleList``, ``ModuleDict``) is never called, so FSDP2's
+    hooks on it would never gather its parameters: its parent is the root then.
+    """
     names = [logical_name(n).split(".")[:-1] for n, _ in module.named_parameters()]
     if not names:
         return ""
@@ -55,6 +59,9 @@ def root_name(module: nn.Module) -> str:
         while k < min(len(common), len(parts)) and common[k] == parts[k]:
             k += 1
         common = common[:k]
+    modules = logical_modules(module)
+    while common and type(modules[".".join(common)]).forward is nn.Module.forward:
+        common = common[:-1]
     return ".".join(common)
 
 
