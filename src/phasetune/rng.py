@@ -198,6 +198,11 @@ class RandomState:
         self._pending: tuple[Mapping[str, Any], str] | None = None  # not restored yet
         self._pending_data: tuple[Mapping[str, Any], str, bool] | None = None  # deferred: around the data iterator
 
+    @property
+    def awaiting_data_iterator(self) -> bool:
+        """A deferred :meth:`resume` waits for :meth:`before_data_iterator` / :meth:`after_data_iterator`."""
+        return self._pending_data is not None
+
     def note_epoch_start(self, generators: Sequence[torch.Generator] = ()) -> None:
         """Keep the state (and the training loader's ``generators``) as a training epoch starts, for checkpoints
         saved during the epoch: the epoch's data iterator draws its order from them when it starts, and

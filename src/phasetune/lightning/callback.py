@@ -408,7 +408,7 @@ class FinetuningScheduler(Callback):
             self._audit(trainer, "resume")
 
     def _before_data_iterator(self, dataloader: Any) -> None:
-        if self.run is None:
+        if self.run is None or not self.run.random.awaiting_data_iterator:  # not a resume, or done with it
             return
         self._train_loaders.append(dataloader)
         generators = rng.loader_generators(self._train_loaders)
