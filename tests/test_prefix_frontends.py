@@ -192,6 +192,24 @@ def test_loop_a_cached_phase_trains_as_the_uncached_phase_with_its_prefix_in_eva
     no_spill_folders(tmp_path)
 
 
+def test_loop_a_resume_says_nothing_of_the_unused_cache_its_constructor_started(tmp_path, caplog):
+    model = Net(None)
+    train = IndexedDataset(data())
+    ft = ScheduledFinetuning(SCHEDULE, model, torch.optim.SGD(model.parameters(), lr=0.1), restore_best=False,
+                             epoch_transitions_only=True, prefix_cache={0: True}, train_dataset=train, spill_dir=tmp_path)
+    state = ft.state_dict()
+    ft.close()
+    model = Net(None)
+    with caplog.at_level("INFO", logger="phasetune"):
+        resumed = ScheduledFinetuning(SCHEDULE, model, torch.optim.SGD(model.parameters(), lr=0.1), restore_best=False,
+                                      epoch_transitions_only=True, prefix_cache={0: True}, train_dataset=train,
+                                      spill_dir=tmp_path)
+        resumed.load_state_dict(state)
+    assert "0 samples" not in caplog.text and "batches served" not in caplog.text
+    assert resumed.caches.active  # phase 0's cache, started again by the resume
+    resumed.close()
+
+
 # ---------------------------------------------------------------------------------------------- Hugging Face
 class Items(torch.utils.data.Dataset):
     def __init__(self) -> None:

@@ -153,8 +153,10 @@ class PrefixCachePhases:
         if cache is None:
             return None
         line = f"phase {self.depth}: {cache.describe()}"
+        used = cache.batches_served + cache.batches_computed > 0
         cache.close()
-        self.info(line)
+        if used:  # not a cache replaced before any batch (a loop's constructor, then a resume)
+            self.info(line)
         return line
 
     def close(self) -> None:
