@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from phasetune.prefix_cache import IndexedDataset
 
 D_IN, D_MODEL, N_CLASSES = 8, 16, 2
 
@@ -203,3 +205,75 @@ def one_process_fixture(monkeypatch: Any, tmp_path: Any):
     yield tmp_path
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------- prefix cache
+class PrefixNet(nn.Module):
+    """A frozen-body/trainable-head network for the prefix cache (tests/test_prefix_frontends.py and the DDP
+    scenarios). ``eval_body``: called on each training forward, True puts the body in eval mode (what the cache
+    does in a cached phase), False back in training mode. ``dropout``: ``"body"`` puts Dropout(0.3) in the body,
+    ``"head"`` between body and head (in the suffix, which trains), None nowhere; the parameters are the same
+    tensors, initialised the same, in every case."""
+
+    def __init__(self, eval_body: Callable[[], bool] | None = None, dropout: str | None = "body") -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        body_drop = nn.Dropout(0.3) if dropout == "body" else nn.Identity()  # an Identity keeps body.3 the prefix end
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), body_drop, nn.Linear(16, 16), nn.ReLU())
+        self.drop = nn.Dropout(0.3) if dropout == "head" else nn.Identity()
+        self.head = nn.Linear(16, 2)
+        self.eval_body = eval_body
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
+        if self.training and self.eval_body is not None:
+            self.body.train(not self.eval_body())
+        logits = self.head(self.drop(self.body(x)))
+        return logits if labels is None else {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+def prefix_data(n: int = 48) -> TensorDataset:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 8, generator=g)
+    return TensorDataset(x, (x[:, 0] + x[:, 1] > 0).long())
+
+
+class PrefixModule(pl.LightningModule):
+    """:class:`PrefixNet` as a LightningModule over ``IndexedDataset(prefix_data())`` (shuffled batches)."""
+
+    def __init__(self, eval_body: Callable[[], bool] | None = None, dropout: str | None = "body",
+                 batch_size: int = 16) -> None:
+        super().__init__()
+        net = PrefixNet(eval_body, dropout)
+        self.body, self.drop, self.head, self.eval_body = net.body, net.drop, net.head, eval_body
+        self.batch_size = batch_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.eval_body is not None:
+            self.body.train(not self.eval_body())
+        return self.head(self.drop(self.body(x)))
+
+    def training_step(self, batch, batch_idx):
+        (x, y), _ = batch  # IndexedDataset items: ((x, y), index)
+        return nn.functional.cross_entropy(self(x), y)
+
+    def train_dataloader(self):
+        return DataLoader(IndexedDataset(prefix_data()), batch_size=self.batch_size, shuffle=True)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class PrefixSpills(pl.Callback):
+    """Spill every entry (tiny chunks; with ``limit_mb: 0``) and count this rank's spill files at the end of epoch
+    ``at_epoch`` (the cached phase's last)."""
+
+    def __init__(self, fts: Any, at_epoch: int = 1) -> None:
+        self.fts, self.at_epoch, self.files = fts, at_epoch, 0
+
+    def on_fit_start(self, trainer, pl_module):
+        assert "on_train_batch_start" in vars(self.fts)  # the per-batch hook exists in a fit that caches
+        self.fts._caches.chunk_bytes = 256
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == self.at_epoch:
+            self.files = len(self.fts._caches.cache.spill_files())

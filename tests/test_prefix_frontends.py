@@ -4,17 +4,19 @@ cannot work is refused before training."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from distributed.hf_scenarios import training_args
+from helpers import PrefixModule as Module
+from helpers import PrefixNet as Net
+from helpers import PrefixSpills as Spills
 from helpers import one_process_environment, trainer
+from helpers import prefix_data as data
 from phasetune import ConfigurationError, FinetuningScheduler
 from phasetune.hf import PhasetuneTrainer, PhasetuneTrainerCallback
 from phasetune.lightning.sharded import ShardedStrategyAdapter
@@ -37,30 +39,6 @@ def one_process_trainer():
 
 
 
-class Net(nn.Module):
-    """A frozen-body/trainable-head network with dropout in the body. ``eval_body``: called on each training forward,
-    True puts the body in eval mode (what the cache does in a cached phase), False back in training mode."""
-
-    def __init__(self, eval_body: Callable[[], bool] | None = None) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.body = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 16), nn.ReLU())
-        self.head = nn.Linear(16, 2)
-        self.eval_body = eval_body
-
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
-        if self.training and self.eval_body is not None:
-            self.body.train(not self.eval_body())
-        logits = self.head(self.body(x))
-        return logits if labels is None else {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
-
-
-def data(n: int = 48) -> TensorDataset:
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(n, 8, generator=g)
-    return TensorDataset(x, (x[:, 0] + x[:, 1] > 0).long())
-
-
 def params(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
@@ -76,43 +54,6 @@ def no_spill_folders(where: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- Lightning
-class Module(pl.LightningModule):
-    def __init__(self, eval_body: Callable[[], bool] | None = None) -> None:
-        super().__init__()
-        net = Net(eval_body)
-        self.body, self.head, self.eval_body = net.body, net.head, eval_body
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and self.eval_body is not None:
-            self.body.train(not self.eval_body())
-        return self.head(self.body(x))
-
-    def training_step(self, batch, batch_idx):
-        (x, y), _ = batch  # IndexedDataset items: ((x, y), index)
-        return nn.functional.cross_entropy(self(x), y)
-
-    def train_dataloader(self):
-        return DataLoader(IndexedDataset(data()), batch_size=16, shuffle=True)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
-class Spills(pl.Callback):
-    """Spill every entry (tiny chunks) and count the spill files at the end of phase 0's last epoch."""
-
-    def __init__(self, fts: FinetuningScheduler) -> None:
-        self.fts, self.files = fts, 0
-
-    def on_fit_start(self, trainer, pl_module):
-        assert "on_train_batch_start" in vars(self.fts)  # the per-batch hook exists in a fit that caches
-        self.fts._caches.chunk_bytes = 256
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        if trainer.current_epoch == 1:
-            self.files = len(self.fts._caches.cache.spill_files())
-
-
 def lightning_run(tmp_path: Path, cached: bool) -> tuple[Module, FinetuningScheduler, Spills | None]:
     fts = FinetuningScheduler(CACHED if cached else SCHEDULE, restore_best=False, epoch_transitions_only=True,
                               prefix_cache={0: {"limit_mb": 0}} if cached else None)
