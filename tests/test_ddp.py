@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from launch import launch
 
@@ -86,3 +87,45 @@ def test_ddp_resume_with_dropout_and_random_data_is_bit_equal_on_every_rank(rank
         for epoch in (3, 8):
             assert rank[f"random_resumed_{epoch}"]["params"] == ref["params"], (epoch, "differs")
 
+
+
+def replay_prefix_cache(epochs: list[list[list[int]]]) -> tuple[int, int, int]:
+    """What a rank's cache does with its batches (sample indices by epoch): (batches served, computed, samples).
+    A batch is served when all its samples are stored and a stored sample has been checked against a fresh
+    computation, which the first batch bringing one back does."""
+    stored: set[int] = set()
+    verified, served, computed = False, 0, 0
+    for batch in (b for epoch in epochs for b in epoch):
+        if verified and stored.issuperset(batch):
+            served += 1
+            continue
+        computed += 1
+        verified = verified or not stored.isdisjoint(batch)
+        stored.update(batch)
+    return served, computed, len(stored)
+
+
+def test_prefix_cache_under_ddp_serves_each_ranks_reshuffled_samples_and_trains_as_without_it(ranks):
+    seen = [rank["prefix_cached"]["seen"] for rank in ranks]
+    for epoch in range(6):  # DistributedSampler: the ranks split the data each epoch, and reshuffle it
+        halves = [sorted(i for batch in s[epoch] for i in batch) for s in seen]
+        assert sorted(halves[0] + halves[1]) == list(range(48)), epoch
+    assert all({i for b in s[0] for i in b} != {i for b in s[1] for i in b} for s in seen)
+    for rank, s in zip(ranks, seen):
+        cached, plain = rank["prefix_cached"], rank["prefix_plain"]
+        assert plain["seen"] == s  # both fits drew the same batches
+        assert cached["phases"] == plain["phases"] == [[0, 4], [4, 6]]
+        served, computed, samples = replay_prefix_cache(s[:4])
+        line = cached["cache_lines"][0]
+        assert line.startswith("phase 0: prefix cache up to body.3 (prefix in eval mode"), line
+        assert f"{samples} samples" in line and f"{served} batches served from it, {computed} computed" in line, line
+        assert served > 0
+        assert cached["cache_lines"][1] is None and plain["cache_lines"] == [None, None]
+        assert cached["spill_files"] > 0 and cached["spill_folders_left"] == 0
+        assert not cached["hooks_left"] and cached["all_in_train_mode"]
+        # the tolerance of the one-process comparisons (tests/test_prefix_frontends.py)
+        for name, values in cached["params"].items():
+            torch.testing.assert_close(torch.tensor(values), torch.tensor(plain["params"][name]), rtol=1e-5,
+                                       atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+    for run in ("prefix_cached", "prefix_plain"):  # DDP: every rank ends with the same parameters
+        assert ranks[0][run]["params"] == ranks[1][run]["params"], run

@@ -41,7 +41,7 @@ from phasetune.engine import Transition
 from phasetune.errors import ConfigurationError
 from phasetune.prefix_phases import PrefixCachePhases
 from phasetune.run import PhaseRecord, PhaseRun, RunEnv, RunOptions
-from phasetune.schedule import Schedule
+from phasetune.run_view import RunView
 from phasetune.sharding.groups import split_groups
 from phasetune.sharding.names import logical_name, logical_view
 
@@ -50,7 +50,7 @@ PhaseSummary = PhaseRecord
 NON_FINITE = "the monitored value is not finite"
 
 
-class ScheduledFinetuning:
+class ScheduledFinetuning(RunView):
     """Run a fine-tuning schedule over ``model`` and ``optimizer`` in a plain PyTorch loop.
 
     Args:
@@ -193,41 +193,9 @@ class ScheduledFinetuning:
 
     # ------------------------------------------------------------------ read-only state
     @property
-    def engine(self) -> Any:
-        return self.run.engine
-
-    @property
-    def schedule(self) -> Schedule:
-        return self.run.schedule
-
-    @property
-    def depth(self) -> int:
-        """Index of the phase being trained."""
-        return self.run.depth
-
-    @property
-    def final_depth(self) -> int:
-        return self.run.final_depth
-
-    @property
-    def history(self) -> list[PhaseRecord]:
-        """One record per phase started."""
-        return self.run.history
-
-    @property
-    def snapshot(self) -> Any:
-        """The restore-best snapshot of the current phase, if any."""
-        return self.run.snapshot
-
-    @property
     def lr_scheduler(self) -> Any:
         """The (first) lr scheduler; a phase with ``new_lr_scheduler`` replaces it."""
         return self.schedulers[0] if self.schedulers else None
-
-    @property
-    def thawed_params(self) -> list[str]:
-        """Names of the parameters trained in the current phase (phases 0..depth)."""
-        return self.run.thawed_params
 
     def lrs(self) -> dict[str, float]:
         """Each optimizer group's lr by a readable name, its phase and blocks (``phase1/layers.2-3``): log them as

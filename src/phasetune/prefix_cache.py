@@ -221,6 +221,7 @@ class PrefixCache:
         self._prefix_params: list[tuple[str, torch.Tensor]] = []
         self._verified = self._nan_checked = False
         self._root: str | None = None  # the module whose forward is the training step in flight
+        self._reentries = 0  # calls of that module made inside its own call, still running
         self._mode = "off"  # per forward: off (pass through), fill (run the prefix, store), serve (from cache)
         self._served: Any = None
         self._pending: tuple[list[int], Any] | None = None
@@ -259,7 +260,7 @@ class PrefixCache:
         self.prefix, self._templates, self._boundary = [], {}, None
         self._prefix_modules, self._prefix_params = [], []
         self._verified = self._nan_checked = False
-        self._mode, self._served, self._pending, self._root = "off", None, None, None
+        self._mode, self._served, self._pending, self._root, self._reentries = "off", None, None, None, 0
 
     def __enter__(self) -> PrefixCache:
         return self.activate()
@@ -272,7 +273,7 @@ class PrefixCache:
         does not receive the batch itself); reads the indices and, for dict batches, ``mask_key``."""
         mask = batch.get(self.mask_key) if isinstance(batch, Mapping) and self.mask_key else None
         self._pending = (batch_indices(batch).tolist(), mask)
-        self._root = None
+        self._root, self._reentries = None, 0
 
     def describe(self) -> str:
         """One line for the phase log: where the prefix ends, that it runs in eval mode, what the cache holds."""
@@ -294,11 +295,16 @@ class PrefixCache:
     def _before(self, name: str, root: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         # The step's root is the outermost module around prefix_end whose forward runs: the model itself, or an
         # inner one when a training_step calls self.model(**batch) without going through the model's forward.
-        if self._root is not None and name.count(".") + bool(name) > self._root.count(".") + bool(self._root):
+        # The root may be called again inside its own call: Lightning's DDP and DeepSpeed strategies call the
+        # LightningModule with its forward redirected to training_step, which then calls self(x). That inner call
+        # belongs to the step in flight; taken for a new step, it would find the batch's indices already used.
+        if self._root is not None and (name == self._root or
+                                       name.count(".") + bool(name) > self._root.count(".") + bool(self._root)):
+            self._reentries += name == self._root
             if INDEX_KEY in kwargs:  # an inner module of a step in flight: only the index is taken out
                 kwargs = {k: v for k, v in kwargs.items() if k != INDEX_KEY}
             return args, kwargs
-        self._root = name
+        self._root, self._reentries = name, 0
         pending, self._pending = self._pending, None
         found = None
         if INDEX_KEY in kwargs:  # model(..., sample_index=idx): taken out before the model sees it
@@ -336,6 +342,9 @@ class PrefixCache:
 
     def _after(self, name: str, root: nn.Module, output: Any) -> None:
         if name != self._root:
+            return
+        if self._reentries:  # the end of an inner call of the root: the step goes on
+            self._reentries -= 1
             return
         self._root = None
         if self._record:

@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import torch
 
 from fts_reference.scenarios import scenario, thawed_per_epoch
-from helpers import NoisyData, ToyModule
+from helpers import NoisyData, PrefixModule, PrefixSpills, ToyModule
 from launch import digest, write_report
 from phasetune import FinetuningScheduler, FTSCheckpoint, FTSEarlyStopping
 
@@ -126,5 +126,56 @@ def random_fit(name: str, ckpt=None):
 report["random_run"] = random_fit("random_run")
 for epoch in (3, 8):  # just before the restore-best transition of phase 0; the final phase
     report[f"random_resumed_{epoch}"] = random_fit(f"random_resumed_{epoch}", OUT / "random_run" / f"epoch={epoch}.ckpt")
+
+
+# The frozen-prefix cache under DDP, set by the schedule key and run by the callback's controller. Phase 0
+# (epochs 0-3) trains the head, with a Dropout above the boundary, on a frozen body; Lightning's DistributedSampler
+# gives each rank another half of the data every epoch, so each rank's cache, keyed by dataset index, fills in over
+# the epochs and serves a batch once the rank has seen all its samples. The reference is the same fit without the
+# cache whose body is in eval mode in phase 0, as the cache puts it.
+PREFIX_SCHEDULE = {0: {"params": [r"head\..*"], "max_transition_epoch": 4},
+                   1: {"params": [r"body\..*"], "lr": 0.05, "max_transition_epoch": 6}}
+
+
+class SeenModule(PrefixModule):
+    """Records each training batch's sample indices by epoch: the test replays the cache's decisions from them."""
+
+    def __init__(self, eval_body) -> None:
+        super().__init__(eval_body, dropout="head", batch_size=4)  # 6 batches a rank an epoch, some all seen before
+        self.seen: list[list[list[int]]] = []
+
+    def training_step(self, batch, batch_idx):
+        while len(self.seen) <= self.current_epoch:
+            self.seen.append([])
+        self.seen[self.current_epoch].append(batch[1].tolist())
+        return super().training_step(batch, batch_idx)
+
+
+def prefix_fit(name: str, cached: bool) -> dict:
+    pl.seed_everything(3)
+    # limit_mb 0 and PrefixSpills' tiny chunks send the entries to spill files, which must not outlive the phase
+    schedule = {0: {**PREFIX_SCHEDULE[0], "prefix_cache": {"limit_mb": 0}}, 1: PREFIX_SCHEDULE[1]} if cached \
+        else PREFIX_SCHEDULE
+    fts = FinetuningScheduler(ft_schedule=schedule, restore_best=False, epoch_transitions_only=True)
+    module = SeenModule(None if cached else lambda: fts.curr_depth == 0)
+    spills = PrefixSpills(fts, at_epoch=3) if cached else None
+    t = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=6, callbacks=[fts, spills] if spills else [fts],
+                   logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                   num_sanity_val_steps=0, deterministic=True, default_root_dir=str(OUT / name))
+    t.fit(module)
+    return {
+        "params": digest(module),
+        "seen": module.seen,
+        "phases": [[r.start_epoch, r.end_epoch] for r in fts.history],
+        "cache_lines": [r.prefix_cache for r in fts.history],
+        "spill_files": spills.files if spills else None,
+        "spill_folders_left": len(list((OUT / name).rglob(f"prefix-cache-rank{t.global_rank}-*"))),
+        "hooks_left": fts._caches is not None or "on_train_batch_start" in vars(fts),
+        "all_in_train_mode": all(m.training for m in module.modules()),
+    }
+
+
+report["prefix_plain"] = prefix_fit("prefix_plain", cached=False)
+report["prefix_cached"] = prefix_fit("prefix_cached", cached=True)
 
 write_report(str(OUT), rank, report)

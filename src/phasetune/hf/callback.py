@@ -34,8 +34,8 @@ from phasetune.errors import ConfigurationError
 from phasetune.hf import settings
 from phasetune.prefix_cache import PrefixCacheError
 from phasetune.prefix_phases import PrefixCachePhases
-from phasetune.run import PhaseRecord, PhaseRun, RunEnv, RunOptions
-from phasetune.schedule import Schedule
+from phasetune.run import PhaseRun, RunEnv, RunOptions
+from phasetune.run_view import RunView
 from phasetune.sharding.names import logical_name
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ NON_FINITE = "the monitored value is not finite"
 TRAINER_STOPPED = "trainer stopped (num_train_epochs, max_steps or should_training_stop)"
 
 
-class PhasetuneTrainerCallback(TrainerCallback):
+class PhasetuneTrainerCallback(RunView, TrainerCallback):
     """Run a multi-phase fine-tuning schedule (gradual unfreezing) in a ``transformers.Trainer``.
 
     Pass it in ``callbacks=`` of a :class:`~phasetune.hf.PhasetuneTrainer` (or of a Trainer class that mixes
@@ -131,30 +131,6 @@ class PhasetuneTrainerCallback(TrainerCallback):
         self._prepared = False  # after_prepare ran for the current run
 
     # ------------------------------------------------------------------ read-only state
-    @property
-    def schedule(self) -> Schedule | None:
-        """The resolved schedule (exact parameter names per phase)."""
-        return self.run.schedule if self.run else None
-
-    @property
-    def depth(self) -> int | None:
-        """Index of the phase being trained."""
-        return self.run.depth if self.run else None
-
-    @property
-    def final_depth(self) -> int | None:
-        return self.run.final_depth if self.run else None
-
-    @property
-    def history(self) -> list[PhaseRecord]:
-        """One record per phase started in the current (or last) ``train()``."""
-        return self.run.history if self.run else []
-
-    @property
-    def thawed_params(self) -> list[str]:
-        """Names of the parameters trained in the current phase (phases 0..depth)."""
-        return self.run.thawed_params if self.run else []
-
     @property
     def monitor(self) -> str | None:
         """The evaluation metric phases end by (``metric_for_best_model`` as the metrics dict names it)."""

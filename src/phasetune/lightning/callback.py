@@ -27,8 +27,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
-from phasetune import generate, rng, snapshots, transitions
-from phasetune.engine import PhaseEngine
+from phasetune import generate, rng, transitions
 from phasetune.errors import ConfigurationError, ScheduleError, ScheduleGenerated
 from phasetune.generate import implicit_schedule
 from phasetune.lightning import _compat, fts_compat, resume_checks
@@ -40,7 +39,8 @@ from phasetune.lightning.sharded import ShardedStrategyAdapter
 from phasetune.prefix_cache import PrefixCacheError
 from phasetune.prefix_phases import PrefixCachePhases
 from phasetune.run import STATE_FORMAT, PhaseRecord, PhaseRun, RunEnv, RunOptions
-from phasetune.schedule import Schedule, resolve_schedule
+from phasetune.run_view import RunView
+from phasetune.schedule import resolve_schedule
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -53,7 +53,7 @@ def _option(name: str) -> property:
     return property(lambda self: getattr(self.options, name), lambda self, value: setattr(self.options, name, value))
 
 
-class FinetuningScheduler(Callback):
+class FinetuningScheduler(RunView, Callback):
     """Run a multi-phase fine-tuning schedule (gradual unfreezing) in a Lightning ``Trainer``.
 
     Args:
@@ -175,27 +175,9 @@ class FinetuningScheduler(Callback):
 
     # ------------------------------------------------------------------ public read-only state
     @property
-    def engine(self) -> PhaseEngine | None:
-        return self.run.engine if self.run else None
-
-    @property
-    def history(self) -> list[PhaseRecord]:
-        """One record per phase started in the current (or last) fit."""
-        return self.run.history if self.run else []
-
-    @property
-    def schedule(self) -> Schedule | None:
-        """The resolved schedule (exact parameter names per phase)."""
-        return self.run.schedule if self.run else None
-
-    @property
     def curr_depth(self) -> int | None:
-        """Index of the phase being trained."""
-        return self.run.depth if self.run else None
-
-    @property
-    def final_depth(self) -> int | None:
-        return self.run.final_depth if self.run else None
+        """Index of the phase being trained (``depth``, by the name ``FinetuningScheduler`` users know)."""
+        return self.depth
 
     @property
     def depth_remaining(self) -> int | None:
@@ -205,16 +187,6 @@ class FinetuningScheduler(Callback):
     @property
     def is_final_phase(self) -> bool:
         return self.run is not None and self.run.is_final
-
-    @property
-    def thawed_params(self) -> list[str]:
-        """Names of the parameters trained in the current phase (phases 0..curr_depth)."""
-        return self.run.thawed_params if self.run else []
-
-    @property
-    def snapshot(self) -> snapshots.Snapshot | None:
-        """The best-state snapshot of the current phase (restore-best), if any."""
-        return self.run.snapshot if self.run else None
 
     @property
     def log_dir(self) -> str | None:
