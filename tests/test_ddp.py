@@ -88,7 +88,6 @@ def test_ddp_resume_with_dropout_and_random_data_is_bit_equal_on_every_rank(rank
             assert rank[f"random_resumed_{epoch}"]["params"] == ref["params"], (epoch, "differs")
 
 
-
 def replay_prefix_cache(epochs: list[list[list[int]]]) -> tuple[int, int, int]:
     """What a rank's cache does with its batches (sample indices by epoch): (batches served, computed, samples).
     A batch is served when all its samples are stored and a stored sample has been checked against a fresh

@@ -106,6 +106,28 @@ def test_a_cached_phase_ends_with_the_parameters_of_the_uncached_phase_with_the_
     assert model.stem.training and model.blocks[0].training  # close() gives the prefix back the model's mode
 
 
+def test_a_model_called_with_its_forward_redirected_to_a_step_that_calls_it_again_is_one_step():
+    """Lightning's DDP and DeepSpeed strategies call the LightningModule with ``forward`` swapped for
+    ``training_step``, which calls ``self(x)``: two calls of the step's root, one inside the other."""
+    model = Stack()
+    freeze_below(model, 1)
+    original = model.forward
+
+    def redirected(x: torch.Tensor) -> torch.Tensor:  # as Lightning's forward redirection: the real forward back
+        model.forward = original
+        try:
+            return model(x)  # the training_step's self(x)
+        finally:
+            model.forward = redirected
+
+    model.forward = redirected
+    with PrefixCache(model, "blocks.1") as cache:
+        train(model, loader(data()), 3, cache)
+        assert cache.batches_served == 9 and cache.batches_computed == 6
+    model.forward = original
+    assert_same_params(model, reference())
+
+
 def test_spilling_past_the_ram_limit_gives_the_same_parameters_and_close_deletes_the_files(tmp_path):
     model = Stack()
     freeze_below(model, 1)
