@@ -210,6 +210,21 @@ def test_schedule_show_is_a_table_of_phases(tmp_path, capsys):
     assert rows[2].split()[:5] == ["2", "752", "(10)", "100.0%", "0.02"] and "early stopping: run ends" in rows[2]
 
 
+def test_schedule_show_uses_the_callbacks_custom_strategy_adapters(tmp_path, capsys, monkeypatch):
+    from phasetune.lightning import adapters
+
+    monkeypatch.setattr(adapters, "_REGISTRY", [])  # no built-in adapter knows SingleDeviceStrategy now
+    cfg = write_config(tmp_path)
+    assert run("schedule", "show", "--config", cfg) == 1
+    assert "allow_untested=True" in capsys.readouterr().err
+    config = yaml.safe_load(cfg.read_text())
+    config["trainer"]["callbacks"][0]["init_args"]["custom_strategy_adapters"] = {
+        "single_device": "phasetune.lightning.adapters.StrategyAdapter"}
+    cfg.write_text(yaml.safe_dump(config, sort_keys=False))
+    assert run("schedule", "show", "--config", cfg) == 0
+    assert "model.head" in capsys.readouterr().out
+
+
 def test_schedule_generate_writes_a_schedule_that_checks(tmp_path, capsys):
     cfg = write_config(tmp_path)
     out_file = tmp_path / "generated.yaml"

@@ -133,7 +133,9 @@ def _load_target(config: str, overrides: Sequence[str]) -> _Target:
             model.configure_model()
     found = [c for c in cli.trainer.callbacks if isinstance(c, FinetuningScheduler)]
     fts = found[0] if found else FinetuningScheduler()
-    adapter = select_adapter(cli.trainer.strategy, fts.strategy_adapter_cfg)
+    # the adapter a fit of this config would use: the callback's own custom adapters and allow_untested count
+    adapter = select_adapter(cli.trainer.strategy, fts.strategy_adapter_cfg, custom=fts._custom_adapters,
+                             allow_untested=fts.allow_untested)
     return _Target(adapter.named_parameters(model), adapter.structure_module(model), fts, type(model).__name__)
 
 
