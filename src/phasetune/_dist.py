@@ -31,6 +31,15 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     return box[0]
 
 
+def all_gather_object(obj: object) -> list[object]:
+    """Every rank's ``obj``, in rank order (a collective: every rank calls it; ``[obj]`` on one process)."""
+    if world_size() == 1:
+        return [obj]
+    box: list[object] = [None] * world_size()
+    dist.all_gather_object(box, obj)
+    return box
+
+
 def barrier() -> None:
     """Wait for every rank (a no-op on one process)."""
     if world_size() > 1:

@@ -25,7 +25,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 from torch.optim import Optimizer
 
@@ -135,7 +134,7 @@ class PhaseAudit:
         engine = self.engine
         trainable = list(engine.trainable())
         local = self._structure(optimizer, trainable, first_step=False)
-        gathered = _gather({"local": local})
+        gathered = _dist.all_gather_object({"local": local})  # the audit's one collective
         result = AuditResult(engine.depth, stage, checked=len(trainable), groups=_n_groups(optimizer))
         result.findings = _merge_local([g["local"] for g in gathered])
         self._conclude(result, quiet=True)
@@ -224,7 +223,7 @@ class PhaseAudit:
             "grads": grads,
             "moved": moved,
         }
-        gathered = _gather(payload)
+        gathered = _dist.all_gather_object(payload)  # the audit's one collective
         result = AuditResult(armed.depth, FIRST_STEP if armed.stage != RESUME else "first step after the resume",
                              checked=len(trainable), groups=_n_groups(optimizer), newly_thawed=len(armed.check),
                              frozen_checked=len(armed.frozen), notes=notes)
@@ -397,15 +396,6 @@ def _rank_zero(level: int) -> Callable[[str], None]:
 
 def _n_groups(optimizer: Optimizer) -> int:
     return sum(1 for g in optimizer.param_groups if g["params"])
-
-
-def _gather(payload: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every rank's ``payload`` (the audit's one collective; none on one process)."""
-    if _dist.world_size() == 1:
-        return [payload]
-    out: list[Any] = [None] * _dist.world_size()
-    torch.distributed.all_gather_object(out, payload)
-    return out
 
 
 def _merge_local(per_rank: list[dict[str, list[str]]]) -> list[Finding]:

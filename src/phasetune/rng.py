@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from phasetune import _dist
 from phasetune.errors import ConfigurationError
 
 #: what a resume does with the saved random state: restore each rank's exactly, or (when the number of
@@ -129,14 +129,6 @@ def reseed(saved: Mapping[str, Any], rank: int) -> int:
     return seed
 
 
-def _all_gather(obj: Any) -> list[Any]:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [obj]
-    box: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(box, obj)
-    return box
-
-
 def checkpoint_state(
     *, rank: int, world_size: int, gather: bool, epoch_start: Mapping[str, Any] | None = None,
     generators: Sequence[torch.Generator] = (),
@@ -149,7 +141,7 @@ def checkpoint_state(
     ``generators``: the training loader's (:func:`loader_generators`), saved with the process's.
     """
     own = (capture(generators), epoch_start)
-    pairs = dict(enumerate(_all_gather(own))) if gather else {rank: own}
+    pairs = dict(enumerate(_dist.all_gather_object(own))) if gather else {rank: own}
     state: dict[str, Any] = {"world_size": world_size, "states": {r: p[0] for r, p in pairs.items()}}
     if epoch_start is not None:
         state["epoch_start"] = {r: p[1] for r, p in pairs.items() if p[1] is not None}

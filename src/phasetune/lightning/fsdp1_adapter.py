@@ -31,6 +31,7 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
+from phasetune import _dist
 from phasetune.errors import ConfigurationError
 from phasetune.lightning import _compat
 from phasetune.lightning.adapters import register_adapter
@@ -217,11 +218,7 @@ class FSDPStrategyAdapter(ShardedStrategyAdapter):
         return problems
 
     def _report_phase0_shards(self, index: fsdp1.ParamIndex, phase0: Any, trainer: pl.Trainer) -> None:
-        local = fsdp1.local_numel(index, phase0)
-        counts = [local]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            counts = [0] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(counts, local)
+        counts = _dist.all_gather_object(fsdp1.local_numel(index, phase0))
         self.empty_phase0_ranks = [r for r, c in enumerate(counts) if c == 0]
         if self.empty_phase0_ranks and trainer.is_global_zero:
             log.debug(
