@@ -402,6 +402,13 @@ def test_a_step_capped_phase_needs_no_metric_and_max_steps_below_a_cap_is_named(
     assert epochs_note(args, schedule, 1) == (
         "TrainingArguments.max_steps=20 ends training before phase 1's max_transition_step (30); raise max_steps to "
         "at least 30 so that every phase runs")
+    epochs = resolve_schedule({0: {"params": ["classifier.*"], "max_transition_epoch": 2},
+                               1: {"params": [r"bert\.encoder\..*"], "max_transition_epoch": 4}}, names)
+    args = SimpleNamespace(max_steps=-1, num_train_epochs=2.5)  # an epoch begun counts
+    assert epochs_note(args, epochs, 1) == (
+        "TrainingArguments.num_train_epochs=3 ends training before phase 1's max_transition_epoch (4); raise "
+        "num_train_epochs to at least 4 so that every phase runs")
+    assert epochs_note(SimpleNamespace(max_steps=-1, num_train_epochs=4), epochs, 1) is None
 
 
 def test_a_new_scheduler_sized_in_epochs_is_flagged_because_the_trainer_steps_it_every_step(tmp_path, caplog):

@@ -121,20 +121,16 @@ def epochs_note(args: Any, schedule: Schedule, final_depth: int) -> str | None:
     (which raises ``max_epochs``) this only warns.
     """
     max_steps = getattr(args, "max_steps", -1)
-    if max_steps > 0:
-        late = [p for p in schedule.phases[: final_depth + 1] if p.max_transition_step > max_steps]
-        if not late:
-            return None
-        return (f"TrainingArguments.max_steps={max_steps} ends training before phase {late[0].index}'s "
-                f"max_transition_step ({late[0].max_transition_step}); raise max_steps to at least "
-                f"{max(p.max_transition_step for p in late)} so that every phase runs")
-    epochs = math.ceil(getattr(args, "num_train_epochs", 0))
-    late = [p for p in schedule.phases[: final_depth + 1] if p.max_transition_epoch > epochs]
+    if max_steps > 0:  # the Trainer's step count, when given, wins over its epochs
+        arg, limit, cap = "max_steps", max_steps, "max_transition_step"
+    else:
+        arg, limit, cap = "num_train_epochs", math.ceil(getattr(args, "num_train_epochs", 0)), "max_transition_epoch"
+    late = [p for p in schedule.phases[: final_depth + 1] if getattr(p, cap) > limit]
     if not late:
         return None
-    return (f"TrainingArguments.num_train_epochs={epochs} ends training before phase {late[0].index}'s "
-            f"max_transition_epoch ({late[0].max_transition_epoch}); raise num_train_epochs to at least "
-            f"{max(p.max_transition_epoch for p in late)} so that every phase runs")
+    return (f"TrainingArguments.{arg}={limit} ends training before phase {late[0].index}'s {cap} "
+            f"({getattr(late[0], cap)}); raise {arg} to at least {max(getattr(p, cap) for p in late)} so that every "
+            "phase runs")
 
 
 def prefix_cache_problems(args: Any, phases: list[int]) -> list[str]:
