@@ -259,7 +259,7 @@ class ScheduledFinetuning(RunView):
         return self._transition(self._epoch, step, decision.reason)
 
     def _transition(self, epoch: int, step: int | None, reason: str) -> Transition:
-        self._leave_cache()  # before the next phase thaws any of the prefix
+        self.caches.leave(self.run.history)  # before the next phase thaws any of the prefix
         t = self.run.transition(epoch=epoch, step=step, reason=reason, optimizer=self.optimizer,
                                 schedulers=self.schedulers)
         self.optimizer = t.optimizer
@@ -273,18 +273,13 @@ class ScheduledFinetuning(RunView):
     def close(self) -> None:
         """End a run that stopped before its schedule ended (``done`` not set): drop the prefix cache, its hooks and
         spill files, and give back what the run holds (the audit's hooks). Ending with ``done`` does this itself."""
-        self._leave_cache()
+        self.caches.leave(self.run.history)
         self.caches.close()
         self.run.release()
 
-    def _leave_cache(self) -> None:
-        line = self.caches.leave()
-        if line is not None:
-            self.run.history[-1].prefix_cache = line
-
     def _finish(self, epoch: int, global_step: int | None, reason: str) -> None:
         self.done = True
-        self._leave_cache()
+        self.caches.leave(self.run.history)
         self.caches.close()
         self.run.finish(epoch=epoch + 1, step=global_step, reason=reason)
         self.run.env.info(f"final phase {self.depth} ended after epoch {epoch} ({reason})" if self.run.is_final

@@ -146,9 +146,10 @@ class PrefixCachePhases:
             return batch
         return strip_indices(batch)
 
-    def leave(self) -> str | None:
+    def leave(self, history: list[Any] | None = None) -> str | None:
         """End the current phase's cache (before a transition thaws any of the prefix, and at the end): remove
-        its hooks, free its entries, delete its spill files. Returns its one-line description for the history."""
+        its hooks, free its entries, delete its spill files. Returns its one-line description, also put into the
+        current phase's record (the last of ``history``, a run's :class:`~phasetune.run.PhaseRecord` list)."""
         cache, self.cache = self.cache, None
         if cache is None:
             return None
@@ -157,6 +158,8 @@ class PrefixCachePhases:
         cache.close()
         if used:  # not a cache replaced before any batch (a loop's constructor, then a resume)
             self.info(line)
+        if history:
+            history[-1].prefix_cache = line
         return line
 
     def close(self) -> None:

@@ -337,11 +337,8 @@ class PhasetuneTrainerCallback(RunView, TrainerCallback):
 
     def _leave_cache(self) -> None:
         """Drop the phase's prefix cache (and its spill files); its line goes into the phase's record."""
-        if self.caches is None or self.run is None:
-            return
-        line = self.caches.leave()
-        if line is not None and self.run.history:
-            self.run.history[-1].prefix_cache = line
+        if self.caches is not None and self.run is not None:
+            self.caches.leave(self.run.history)
 
     def _close_caches(self) -> None:
         if self.caches is not None:

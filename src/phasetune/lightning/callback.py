@@ -535,11 +535,8 @@ class FinetuningScheduler(RunView, Callback):
 
     def _leave_cache(self) -> None:
         """Drop the phase's prefix cache (and its spill files); its line goes into the phase's record."""
-        if self._caches is None or self.run is None:
-            return
-        line = self._caches.leave()
-        if line is not None and self.run.history:
-            self.run.history[-1].prefix_cache = line
+        if self._caches is not None and self.run is not None:
+            self._caches.leave(self.run.history)
 
     def _audit(self, trainer: pl.Trainer, stage: str, thawed: list[str] | None = None) -> None:
         """Audit the phase as installed (a collective): the current optimizer and schedulers, the model as trained."""
