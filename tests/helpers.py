@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import random
+import re
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -277,3 +281,14 @@ class PrefixSpills(pl.Callback):
     def on_train_epoch_end(self, trainer, pl_module):
         if trainer.current_epoch == self.at_epoch:
             self.files = len(self.fts._caches.cache.spill_files())
+
+
+def run_doc_example(doc: str, test_file: str) -> list[str]:
+    """Run the Python block of ``docs/<doc>`` that a ``<!-- tested: tests/<test_file> ... -->`` comment marks; the
+    lines it printed."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / doc).read_text()
+    code = re.search(rf"<!-- tested: tests/{re.escape(test_file)} .*? -->\s*```python\n(.*?)```", text, re.S).group(1)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(code, f"docs/{doc}", "exec"), {})
+    return printed.getvalue().splitlines()

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import io
 import os
-import re
 from pathlib import Path
 
 import pytest
@@ -14,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from helpers import run_doc_example
 from launch import launch
 from phasetune.prefix_cache import (
     INDEX_KEY,
@@ -189,12 +187,7 @@ def test_indexed_datasets_carry_indices_through_default_and_custom_collation():
 
 
 def test_the_example_in_docs_prefix_cache_md_runs_and_serves_later_epochs_from_the_cache():
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "prefix_cache.md").read_text()
-    code = re.search(r"<!-- tested: tests/test_prefix_cache.py .*? -->\s*```python\n(.*?)```", doc, re.S).group(1)
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        exec(compile(code, "docs/prefix_cache.md", "exec"), {})
-    lines = printed.getvalue().splitlines()
+    lines = run_doc_example("prefix_cache.md", "test_prefix_cache.py")
     assert len(lines) == 3 and "256 samples" in lines[-1]
     assert lines[-1].endswith("15 batches served from it, 9 computed")  # 8 filling, 1 checking a stored sample
 

@@ -3,17 +3,13 @@ driven around a real PhaseRun, and exactness against the same run with the prefi
 
 from __future__ import annotations
 
-import contextlib
-import io
-import re
-from pathlib import Path
-
 import pytest
 import torch
 import yaml
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from helpers import run_doc_example
 from phasetune.errors import ScheduleError
 from phasetune.prefix_cache import INDEX_KEY, IndexedDataset, PrefixCacheError
 from phasetune.prefix_phases import PrefixCachePhases
@@ -251,12 +247,7 @@ def test_without_a_cached_phase_the_controller_leaves_batches_alone():
 
 
 def test_the_controller_example_in_docs_prefix_cache_md_runs_and_caches_phase_0_only():
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "prefix_cache.md").read_text()
-    code = re.search(r"<!-- tested: tests/test_prefix_phases.py .*? -->\s*```python\n(.*?)```", doc, re.S).group(1)
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        exec(compile(code, "docs/prefix_cache.md", "exec"), {})
-    lines = printed.getvalue().splitlines()
+    lines = run_doc_example("prefix_cache.md", "test_prefix_phases.py")
     assert len(lines) == 2 and lines[0].startswith("phase 0: prefix cache up to 2 (prefix in eval mode")
     assert lines[1].startswith("phase 0: prefix cache up to 2") and "256 samples" in lines[1]
     assert lines[1].endswith("7 batches served from it, 9 computed")  # 8 filling, 1 checking a stored sample
