@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,15 +22,21 @@ import torch.distributed.checkpoint as dcp
 
 from phasetune import _dist
 from phasetune._dist import barrier, broadcast_object
-from phasetune.io import atomic_torch_save, atomic_write_text, replace_path
+from phasetune.io import (
+    TRASH_PREFIX,
+    atomic_torch_save,
+    atomic_write_text,
+    partial_path,
+    remove_leftovers,
+    remove_path,
+    replace_path,
+)
 
 log = logging.getLogger("phasetune")
 
 META_FILE = "phasetune.json"
 SHARED_FILE = "shared.pt"
 FORMAT = 1
-PARTIAL_PREFIX = ".partial-"
-TRASH_PREFIX = ".trash-"
 GIB = 1024**3
 
 
@@ -106,7 +111,7 @@ def _remove_dir(path: Path) -> None:
     """Hide a directory by renaming it (atomic), then delete it."""
     trash = path.with_name(f"{TRASH_PREFIX}{path.name}-{time.time_ns()}")
     os.replace(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
+    remove_path(trash)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -144,10 +149,9 @@ def save(
     plan = None
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(f"{PARTIAL_PREFIX}*"):  # left by a save that died; never visible to loading
-            shutil.rmtree(stale, ignore_errors=True)
+        remove_leftovers(root)  # what saves and removals that died left; never visible to loading
         seq = max((c.seq for c in list_checkpoints(root)), default=-1) + 1
-        tmp = root / f"{PARTIAL_PREFIX}{tag}-{time.time_ns()}"
+        tmp = partial_path(root / tag)
         tmp.mkdir()
         plan = (str(tmp), seq)
     tmp_name, seq = broadcast_object(plan)  # type: ignore[misc]
