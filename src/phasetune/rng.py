@@ -83,16 +83,17 @@ def capture(generators: Sequence[torch.Generator] = ()) -> dict[str, Any]:
 
 def restore_generators(
     state: Mapping[str, Any], generators: Sequence[torch.Generator], warn: Callable[[str], None] | None = None,
-    where: str = "", expected: int | None = None,
+    where: str = "", *, apply: bool = True,
 ) -> None:
-    """Put ``generators`` back to the ``"data"`` states in ``state``; when their number (or ``expected``) differs
-    from the saved one (another loader), set as many as match and say (``warn``) that the data order differs."""
+    """Put ``generators`` back to the ``"data"`` states in ``state`` (``apply=False``: restored already, only
+    checked); when their number differs from the saved one (another loader), set as many as match and say
+    (``warn``) that the data order differs."""
     saved = list(state.get("data") or [])
-    for gen, gen_state in zip(generators, saved):
-        gen.set_state(gen_state)
-    found = len(generators) if expected is None else expected
-    if len(saved) != found and warn is not None:
-        warn(f"the training data loader's samplers keep {found} random generator(s) of their own and the "
+    if apply:
+        for gen, gen_state in zip(generators, saved):
+            gen.set_state(gen_state)
+    if len(saved) != len(generators) and warn is not None:
+        warn(f"the training data loader's samplers keep {len(generators)} random generator(s) of their own and the "
              f"checkpoint{where} saved {len(saved)}: the data order after this resume differs from an uninterrupted "
              "run's; resume with the same data loader setup")
 
@@ -253,8 +254,7 @@ class RandomState:
         self.restore()
         state = rank_state(saved, "states", rank=self.env.rank, world_size=self.env.world_size)
         if state is not None:
-            restore_generators(state, generators if restore_now else [], self.env.warn, where,
-                               expected=len(generators))
+            restore_generators(state, generators, self.env.warn, where, apply=restore_now)
 
     def restore(self) -> None:
         """Restore the process's generators from the resumed state (once; a no-op when there is none left)."""
