@@ -294,14 +294,13 @@ class FinetuningScheduler(RunView, Callback):
         # every rank's random state is gathered here (Lightning calls this on every rank, writes rank 0's)
         if self.run is None:
             return {}
-        trainer = self.adapter.trainer if self.adapter is not None else None
-        return self.run.state_dict(random_state=True, generators=self._data_generators(trainer))
+        assert self.adapter is not None and self.adapter.trainer is not None  # set in setup, before the run
+        return self.run.state_dict(random_state=True, generators=self._data_generators(self.adapter.trainer))
 
     @staticmethod
-    def _data_generators(trainer: pl.Trainer | None) -> list[torch.Generator]:
+    def _data_generators(trainer: pl.Trainer) -> list[torch.Generator]:
         """The generators the training loader's samplers keep of their own (none before the loader exists)."""
-        loops = getattr(trainer, "fit_loop", None)
-        return rng.loader_generators(trainer.train_dataloader) if loops is not None else []
+        return rng.loader_generators(trainer.train_dataloader)
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         if trainer.state.fn == TrainerFn.FITTING:  # refuse what cannot resume before any state is loaded
