@@ -40,7 +40,6 @@ def one_process_trainer():
         yield
 
 
-
 class Refreeze(pl.Callback):
     """The issue's example: old BaseFinetuning-style code, listed after FinetuningScheduler, that freezes
     ``model.layers.3`` again at every epoch start."""

@@ -38,7 +38,6 @@ def one_process_trainer():
         yield
 
 
-
 def params(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 

@@ -399,7 +399,6 @@ def _parse_new_lr_scheduler(raw: Any, where: str, idx: int, problems: list[str])
     return specs.LRSchedulerSpec(init, dict(pl_cfg), init_pg_lrs, bool(use_current))
 
 
-
 def parse_prefix_cache(raw: Any, where: str, names: list[str], trained: set[str],
                        problems: list[str]) -> dict[str, Any] | None:
     """A phase's ``prefix_cache`` (``true``, ``false`` or a mapping of :data:`PREFIX_CACHE_KEYS`) as ``None``

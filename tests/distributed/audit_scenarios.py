@@ -110,7 +110,6 @@ def fsdp2(refreeze: str | None = None, resume: bool = False) -> dict:
     return (resumed if resume else run)(net, engine, PhaseAudit(engine, model=net), refreeze)
 
 
-
 def audit_scenarios() -> dict:
     report: dict = {}
 

@@ -362,7 +362,6 @@ def apply_plan(
     return report
 
 
-
 __all__ = [
     "ACT_CKPT_MODES",
     "ActCkpt",
