@@ -177,6 +177,31 @@ def parse_plan(plan: Mapping[str, Any] | None, default_kwargs: Mapping[str, Any]
     return entries
 
 
+def strategy_defaults(
+    default_kwargs: Mapping[str, Any] | None,
+    *,
+    param_dtype: torch.dtype | None = None,
+    reshard_after_forward: bool | None = None,
+    cpu_offload: bool = False,
+) -> dict[str, Any]:
+    """``fsdp_default_kwargs`` with a strategy's own switches filled in where the user set nothing.
+
+    ``param_dtype``: gather parameters in that dtype and reduce gradients in float32 (``mp_policy``);
+    ``reshard_after_forward``: FSDP2's flag (None: its default); ``cpu_offload``: ``CPUOffloadPolicy()``. The
+    plain strategy and the memory plan both build their defaults here, so a plan shards like the run.
+    """
+    defaults = dict(default_kwargs or {})
+    if reshard_after_forward is not None:
+        defaults.setdefault("reshard_after_forward", reshard_after_forward)
+    if param_dtype is not None:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        defaults.setdefault("mp_policy", MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32))
+    if cpu_offload and "offload_policy" not in defaults:
+        defaults.setdefault("cpu_offload_policy", {})
+    return defaults
+
+
 def default_shard_kwargs(default_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
     """``fully_shard`` kwargs of the root: ``fsdp_default_kwargs`` without activation checkpointing."""
     problems: list[str] = []
@@ -373,4 +398,5 @@ __all__ = [
     "match_plan",
     "parse_plan",
     "reshard_all",
+    "strategy_defaults",
 ]

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
+from torch.distributed.fsdp import FSDPModule
 from torch.optim import Optimizer
 
 from phasetune._dist import barrier
@@ -34,7 +34,7 @@ from phasetune.io import PARTIAL_PREFIX, remove_leftovers, remove_path, replace_
 from phasetune.report import few
 from phasetune.sharding import clip_grad_norm_, grad_norm, save_full_model, split_groups
 from phasetune.sharding.names import root_name
-from phasetune.sharding.plan import apply_plan, match_plan, parse_plan
+from phasetune.sharding.plan import apply_plan, match_plan, parse_plan, strategy_defaults
 from phasetune.strategy import checkpoint_io, optim_offload
 from phasetune.strategy.distributed import DistEnv, init_distributed
 from phasetune.strategy.materialize import has_meta_params, materialize, materialize_problems, params_on_meta
@@ -179,11 +179,8 @@ class FSDP2Strategy:
         ``_no_split_modules``. A meta-initialized model is then materialized from the full ``state_dict``
         (only rank 0's is read with ``broadcast_from_rank0``); a real one loads it if given.
         """
-        defaults = dict(fsdp_default_kwargs or {})
-        if self.reshard_after_forward is not None:
-            defaults.setdefault("reshard_after_forward", self.reshard_after_forward)
-        if self.bf16:
-            defaults.setdefault("mp_policy", MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+        defaults = strategy_defaults(fsdp_default_kwargs, param_dtype=torch.bfloat16 if self.bf16 else None,
+                                     reshard_after_forward=self.reshard_after_forward)
         if fsdp_plan is not None and block_classes is not None:
             raise ConfigurationError("give prepare_model either fsdp_plan or block_classes, not both")
         if fsdp_plan is None:
