@@ -1,18 +1,20 @@
 """Record the reference trajectories of every scenario under finetuning-scheduler (FTS) 2.14.1.
 
 Writes ``tests/fts_reference/fts_2.14.1.json``: per scenario its settings, the per-epoch rows and final
-parameter sums of :class:`~.scenarios.TrajectoryRecorder`, and FTS's info messages and warnings; plus the FTS,
-torch, Lightning and Python versions. FTS is not a dependency of phasetune: run this in a scratch environment,
-never in the project's ``.venv``::
+parameter sums (and sums of magnitudes) of :class:`~.scenarios.TrajectoryRecorder`, and FTS's info messages and
+warnings; plus the FTS, torch, Lightning and Python versions and the CPU kernel level torch ran. FTS is not a
+dependency of phasetune: never install it into the project's ``.venv``. Install it alone into a scratch folder
+outside the repository and put that folder on ``PYTHONPATH``, so that it runs beside the project's own torch and
+Lightning; from the repository root::
 
-    python3 -m venv /tmp/ftsvenv
-    /tmp/ftsvenv/bin/pip install torch==2.13.0        # pinned: an open torch pulls GBs of CUDA packages
-    /tmp/ftsvenv/bin/pip install lightning==2.6.6 pyyaml   # the Lightning of the project's .venv
-    /tmp/ftsvenv/bin/pip install --no-deps finetuning-scheduler==2.14.1
-    cd /work/main && nice -n 10 /tmp/ftsvenv/bin/python -m tests.fts_reference.record [--only NAME ...] [--out PATH]
+    .venv/bin/python -m pip install --no-deps --target ../fts-pkg finetuning-scheduler==2.14.1
+    ATEN_CPU_CAPABILITY=default PYTHONPATH=../fts-pkg nice -n 10 .venv/bin/python -m tests.fts_reference.record
 
-It takes about 15 s on 2 CPU cores. The output is deterministic: two runs give byte-identical JSON
-(``--out`` to a second path and ``cmp`` them).
+(``[--only NAME ...] [--out PATH]``). The committed file was recorded with ``ATEN_CPU_CAPABILITY=default``. It
+takes about 15 s on 2 CPU cores. The output is deterministic on one machine and kernel level: two runs give
+byte-identical JSON (``--out`` to a second path and ``cmp`` them). Another CPU, or another kernel level, moves the
+weight sums in their last digits (tests/fts_reference/compare.py compares them within a derived tolerance); the
+trajectories stay the same.
 
 ``--checkpoint`` instead writes ``fts_2.14.1_phase1.ckpt``: the ``last.ckpt`` FTS saves after epoch 4 of the
 ``es_restore_best`` scenario (in phase 1), with the run's temporary directory in its paths replaced by
@@ -52,6 +54,7 @@ def record(names: list[str] | None = None) -> dict[str, Any]:
             "torch": torch.__version__,
             "lightning": lightning.__version__,
             "python": platform.python_version(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         },
         "scenarios": {},
     }

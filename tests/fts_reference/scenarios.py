@@ -232,15 +232,23 @@ def _param_sum(module: nn.Module) -> float:
     return float(sum(p.detach().double().sum() for p in module.parameters()))
 
 
+def _param_abs_sum(module: nn.Module) -> float:
+    """The sum of the weights' magnitudes: the scale of the rounding error of :func:`_param_sum` (whose signed
+    terms can cancel to near zero)."""
+    return float(sum(p.detach().double().abs().sum() for p in module.parameters()))
+
+
 class TrajectoryRecorder(Callback):
     """Records one row per trained epoch and the final weights; put it right after the scheduler callback.
 
     Row keys: ``epoch``, ``depth`` (the scheduler's ``curr_depth``), ``thawed`` (names with ``requires_grad``,
     registration order), ``groups`` (the parameter names of each optimizer param group), ``lrs`` (each group's
     lr), ``sched_last_lr`` (``get_last_lr()`` of the first lr scheduler, or None), ``global_step``,
-    ``param_sum_start`` (all weights, at the epoch's first batch: shows a restore-best), then at epoch end
-    ``val_loss``, ``depth_end`` and ``param_sum_end``. ``final`` (at fit end): ``epoch``, ``global_step``,
-    ``depth``, ``epochs_trained``, ``thawed`` and ``param_sums`` (per parameter).
+    ``param_sum_start`` (all weights, at the epoch's first batch: shows a restore-best) and
+    ``param_abs_sum_start`` (their magnitudes: the scale the sum is compared at), then at epoch end ``val_loss``,
+    ``depth_end``, ``param_sum_end`` and ``param_abs_sum_end``. ``final`` (at fit end): ``epoch``,
+    ``global_step``, ``depth``, ``epochs_trained``, ``thawed``, ``param_sums`` and ``param_abs_sums`` (per
+    parameter).
     """
 
     def __init__(self, scheduler: Any) -> None:
@@ -267,6 +275,7 @@ class TrajectoryRecorder(Callback):
             "sched_last_lr": [float(v) for v in configs[0].scheduler.get_last_lr()] if configs else None,
             "global_step": trainer.global_step,
             "param_sum_start": _param_sum(pl_module),
+            "param_abs_sum_start": _param_abs_sum(pl_module),
         })
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -277,6 +286,7 @@ class TrajectoryRecorder(Callback):
             val_loss=None if value is None else float(value),
             depth_end=self._depth(),
             param_sum_end=_param_sum(pl_module),
+            param_abs_sum_end=_param_abs_sum(pl_module),
         )
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -287,6 +297,7 @@ class TrajectoryRecorder(Callback):
             "epochs_trained": len(self.epochs),
             "thawed": [n for n, p in pl_module.named_parameters() if p.requires_grad],
             "param_sums": {n: float(p.detach().double().sum()) for n, p in pl_module.named_parameters()},
+            "param_abs_sums": {n: float(p.detach().double().abs().sum()) for n, p in pl_module.named_parameters()},
         }
 
 
