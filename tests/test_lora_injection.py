@@ -150,11 +150,19 @@ def test_a_peft_model_gets_the_adapters_a_phase_asks_for_through_its_inner_model
     modules, problems = adapter_targets(model, spec, phases)
     assert problems == []
     assert modules == ["base_model.model.bert.encoder.layer.0.attention.self.value"]
+    ids = torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(0))
+    before = model(input_ids=ids).logits
     record = inject_lora(model, spec, modules)
+    assert torch.equal(model(input_ids=ids).logits, before)  # exact: the new adapter's B = 0 adds exactly zero
+    with torch.no_grad():
+        model.get_submodule(modules[0]).lora_B["default"].weight.fill_(0.5)
+    assert not torch.equal(model(input_ids=ids).logits, before)  # and it is active in the PeftModel's forward
     prefix = "base_model.model.bert.encoder.layer.0.attention.self.value"
     assert record.renames == {f"{prefix}.weight": f"{prefix}.base_layer.weight",
                               f"{prefix}.bias": f"{prefix}.base_layer.bias"}
     assert bool((query_b == 0.5).all())  # the adapter the user built is untouched
+    assert model.base_model.model.peft_config is model.peft_config  # and so are its configs
+    assert model.peft_config["default"].target_modules == {"query"}
     assert query_b.requires_grad  # and still trains, as get_peft_model left it
 
 

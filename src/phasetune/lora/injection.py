@@ -85,10 +85,15 @@ def inject_lora(model: nn.Module, spec: LoraSpec, modules: Sequence[str],
             r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, bias="none", init_lora_weights=True,
             target_modules="|".join(f"(?:{re.escape(n)})" for n in inner_names),
         )
+        # peft would write this injection's config into a PeftModel's own configs (found through the inner
+        # model's peft_config attribute), replacing the user's: hide them during the injection
+        previous = root.__dict__.pop("peft_config", None)
         with warnings.catch_warnings():
             # peft warns about the model's config or missing modules_to_save; none of it applies here
             warnings.simplefilter("ignore", UserWarning)
             peft.inject_adapter_in_model(config, root, adapter_name=spec.adapter_name)
+        if previous is not None:
+            root.peft_config = previous
     adapter = spec.adapter_name
     for name in modules:
         layer = model.get_submodule(name)

@@ -112,7 +112,8 @@ def _by_target(entry: str, modules: dict[str, nn.Module], candidates: list[str],
     where = "peft section, key 'target_modules'"
     pattern = re.compile(entry)
     hits = [n for n in modules if n and pattern.fullmatch(n) and not inside_lora_layer(n, all_layers)]
-    supported = [n for n in hits if n in set(candidates) or n in have]
+    allowed = set(candidates) | have
+    supported = [n for n in hits if n in allowed]
     if supported:
         return {n for n in supported if n not in have}
     if hits:
