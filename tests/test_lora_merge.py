@@ -221,3 +221,33 @@ def test_a_record_that_disagrees_with_the_schedule_is_flagged():
         "phase 2, key 'merge_lora': the checkpoint is past this merge (phase 2) but phasetune's state records none; "
         "it was written under another schedule: resume with that schedule or start over",
     ]
+
+
+@pytest.mark.numerical
+def test_a_peft_lora_bias_is_folded_into_the_base_bias():
+    torch.manual_seed(0)
+    model = Plain()
+    peft.inject_adapter_in_model(peft.LoraConfig(r=2, target_modules=["enc.0"], lora_bias=True), model)
+    with torch.no_grad():
+        model.enc[0].lora_B["default"].weight.normal_(0, 0.1)
+        model.enc[0].lora_B["default"].bias.normal_(0, 0.1)
+    before = model(inputs())
+    result = merge_lora(model, ["enc.0"])
+    assert result.frozen[-1] == "enc.0.lora_B.default.bias"
+    assert not model.enc[0].lora_B["default"].bias.any()
+    # numerical: one matmul reassociation in fp32, outputs below 1
+    assert (model(inputs()) - before).abs().max() <= 1e-6
+
+
+@pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False:UserWarning")  # peft on Conv1D
+def test_a_transposed_conv1d_layer_is_refused_before_anything_changes():
+    conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), conv1d(4, 4))
+    peft.inject_adapter_in_model(peft.LoraConfig(r=2, target_modules=["0", "1"]), model)
+    with torch.no_grad():
+        model[0].lora_B["default"].weight.fill_(0.5)  # a merge of layer 0 would change its weight
+    w0 = model[0].base_layer.weight.clone()
+    with pytest.raises(ConfigurationError, match=r"^merge_lora: module '1' stores its weight transposed"):
+        merge_lora(model, ["0", "1"])
+    assert torch.equal(model[0].base_layer.weight, w0)  # exact: the checks come before any merge

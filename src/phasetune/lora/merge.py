@@ -74,13 +74,14 @@ def merge_lora(model: nn.Module, modules: Sequence[str], adapter: str = "default
     if missing:
         raise ConfigurationError([f"merge_lora: module '{m}' holds no LoRA adapter {adapter!r}; name a LoRA layer "
                                   f"(e.g. {next(iter(layers), 'none in this model')!r})" for m in missing])
+    for name in modules:  # all checked before any weight changes
+        _check_plain_lora(layers[name], name, adapter)
     _reshard(model)
     frozen: list[str] = []
     params: list[nn.Parameter] = []
     with torch.no_grad():
         for name in modules:
             layer = layers[name]
-            _check_plain_lora(layer, name, adapter)
             _fold(layer, adapter)
             lora_b = layer.lora_B[adapter]
             lora_b.weight.zero_()
@@ -107,6 +108,9 @@ def _check_plain_lora(layer: nn.Module, name: str, adapter: str) -> None:
     if getattr(layer, "fan_in_fan_out", False):
         raise ConfigurationError(f"merge_lora: module '{name}' stores its weight transposed (fan_in_fan_out, "
                                  "a Conv1D); phasetune merges nn.Linear LoRA layers only")
+    if layer.lora_B[adapter].bias is not None and getattr(base_module(layer), "bias", None) is None:
+        raise ConfigurationError(f"merge_lora: module '{name}' has a LoRA bias (lora_bias) but its base layer has "
+                                 "none to fold it into; merge adapters without lora_bias only")
     if adapter in getattr(layer, "lora_variant", {}):
         raise ConfigurationError(f"merge_lora: module '{name}' uses a LoRA variant "
                                  f"({type(layer.lora_variant[adapter]).__name__}, e.g. DoRA); phasetune merges plain "
@@ -127,7 +131,7 @@ def _fold(layer: nn.Module, adapter: str) -> None:
     local = _local(w)
     local.copy_((local.float() + delta.to(local.device)).to(local.dtype))
     bias = layer.lora_B[adapter].bias
-    if bias is not None and getattr(base, "bias", None) is not None:
+    if bias is not None:  # lora_bias: checked that the base layer has a bias
         local_bias = _local(base.bias)
         delta_bias = _rows_like(base.bias, scaling * whole(bias).float())
         local_bias.copy_((local_bias.float() + delta_bias).to(local_bias.dtype))

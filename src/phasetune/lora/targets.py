@@ -91,7 +91,8 @@ def adapter_targets(model: nn.Module, spec: LoraSpec | None,
     if spec is None and chosen:
         missing = [n for n in candidates if n in chosen]
         phases = sorted({wanted_by_phase[n] for n in missing if n in wanted_by_phase})
-        problems.append(f"phase {', '.join(map(str, phases))} names LoRA adapters of {few(missing)}, which have "
+        where = f"phase {phases[0]}" if len(phases) == 1 else f"phases {', '.join(map(str, phases))}"
+        problems.append(f"{where} {'names' if len(phases) == 1 else 'name'} LoRA adapters of {few(missing)}, which have "
                         f"no adapter {adapter!r}; add a peft section (peft: {{method: lora, r: 8, alpha: 16}}) "
                         "so phasetune injects them, or name only the adapters the model has")
         chosen = set()
