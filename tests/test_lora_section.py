@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+import phasetune.lora
 from phasetune.errors import ConfigurationError, ScheduleError
 from phasetune.lora import LoraSpec, MergeSpec, parse_merge_lora, parse_peft_section, peft_spec
 
@@ -14,7 +15,8 @@ from phasetune.lora import LoraSpec, MergeSpec, parse_merge_lora, parse_peft_sec
 def test_phasetune_lora_imports_without_peft_and_asks_for_it_when_needed(monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` now raises ImportError
     for name in [m for m in sys.modules if m.startswith("phasetune.lora")]:
-        monkeypatch.delitem(sys.modules, name)
+        monkeypatch.delitem(sys.modules, name)  # imported afresh below, the originals put back after the test
+    monkeypatch.setattr(phasetune, "lora", phasetune.lora)
     lora = importlib.import_module("phasetune.lora")
     with pytest.raises(ConfigurationError, match=r"needs the peft package: pip install peft$"):
         lora.require_peft()
