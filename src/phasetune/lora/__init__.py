@@ -11,7 +11,8 @@ The order a run follows:
 4. :func:`unit_dtype_problems`: one dtype among each FSDP2 unit's trainable parameters, in every phase.
 5. At a transition with ``merge_lora``: :func:`merge_targets`, :func:`merge_lora`,
    :func:`remove_from_optimizer`, :meth:`MergeRecord.add`.
-6. On resume: :meth:`MergeRecord.from_state`, :func:`check_merge_record`, :meth:`MergeRecord.frozen_names`.
+6. On resume: :meth:`MergeRecord.from_state`, :func:`check_merge_record`, then at each replayed transition
+   :func:`replay_merge` (no weight changes) and :func:`remove_from_optimizer`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from phasetune.lora.fsdp_checks import (
 from phasetune.lora.injection import InjectionRecord, inject_lora, require_peft
 from phasetune.lora.layers import AdapterParams, adapter_params, is_lora_layer, lora_layers
 from phasetune.lora.merge import MergeResult, merge_lora, merge_targets
-from phasetune.lora.merge_record import MergeEntry, MergeRecord, check_merge_record
+from phasetune.lora.merge_record import MergeEntry, MergeRecord, check_merge_record, replay_merge
 from phasetune.lora.names import pre_injection_name_problems
 from phasetune.lora.optimizer import remove_from_optimizer
 from phasetune.lora.recipes import LORA_RECIPES, lora_then_full, progressive_lora
@@ -62,6 +63,7 @@ __all__ = [
     "pre_injection_name_problems",
     "progressive_lora",
     "remove_from_optimizer",
+    "replay_merge",
     "require_peft",
     "sharded_modules",
     "trainable_by_phase",

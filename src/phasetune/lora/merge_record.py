@@ -1,8 +1,9 @@
 """The merges a run has made, kept in phasetune's checkpoint state as plain data.
 
 A resume never merges again: the checkpoint's weights already hold the folded deltas (and ``B = 0``). The
-record says which adapters must stay frozen, and :func:`check_merge_record` checks that the checkpoint,
-the schedule and the record agree before training goes on.
+record says which adapters must stay frozen, :func:`replay_merge` redoes a merge's bookkeeping (frozen
+adapters out of the optimizer) without touching a weight, and :func:`check_merge_record` checks that the
+checkpoint, the schedule and the record agree before training goes on.
 """
 
 from __future__ import annotations
@@ -62,6 +63,25 @@ class MergeRecord:
         restart them. A resume must not thaw them again, though an earlier phase names them."""
         return {n for (m, adapter), e in self.last_merges().items() if not e.reinit
                 for n in adapter_params(model, m, adapter).adapter_names()}
+
+
+def replay_merge(model: nn.Module, entry: MergeEntry) -> MergeResult:
+    """A recorded merge replayed on resume without touching a weight (the checkpoint holds the merged ones): its
+    adapters are frozen and returned, so the caller takes them out of the optimizer the replay rebuilt (and,
+    for a restart, gives them the new phase's group again), as at the original transition."""
+    layers = lora_layers(model, entry.adapter)
+    frozen: list[str] = []
+    params: list[nn.Parameter] = []
+    for module in entry.modules:
+        if module not in layers:
+            continue  # check_merge_record names it
+        for name in adapter_params(model, module, entry.adapter).adapter_names():
+            p = model.get_parameter(name)
+            p.requires_grad_(False)
+            p.grad = None
+            frozen.append(name)
+            params.append(p)
+    return MergeResult(entry.adapter, entry.modules, tuple(frozen), tuple(params), entry.reinit)
 
 
 def check_merge_record(model: nn.Module, record: MergeRecord, planned: Mapping[int, Sequence[str]],
