@@ -239,18 +239,13 @@ def train_lightning(kill_step: int | None, sharded: bool = False) -> None:
     import lightning.pytorch as pl
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    from helpers import SCHEDULE_3, ToyModule, dataset, trainer
+    from helpers import SCHEDULE_3, DropoutToyModule, dataset, trainer
     from phasetune import FinetuningScheduler, FTSCheckpoint, FTSEarlyStopping, export_full_model
 
-    class Module(ToyModule):
+    class Module(DropoutToyModule):
         def __init__(self) -> None:
             # phase 0 improves at epochs 0 and 1 (two snapshots), phase 1 at 4 and 5; transitions at 4 and 7
-            super().__init__(val_losses=[1.0, 0.9, 0.95, 0.96, 0.8, 0.75, 0.86, 0.87, 0.5, 0.6, 0.7, 0.8],
-                             optimizer="adam", lr=0.01, scheduler="step")
-            self.drop = nn.Dropout(0.2)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.model(self.drop(x))
+            super().__init__(val_losses=[1.0, 0.9, 0.95, 0.96, 0.8, 0.75, 0.86, 0.87, 0.5, 0.6, 0.7, 0.8])
 
         def train_dataloader(self) -> DataLoader:
             return DataLoader(dataset(64, 0), batch_size=16, shuffle=True)
@@ -304,19 +299,8 @@ def train_distributed(kind: str, kill_step: int | None) -> None:
     from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
     from fsdp_cpu import CPUFSDPStrategy
-    from helpers import Block, NoisyData, ToyModule
+    from helpers import Block, DropoutToyModule
     from phasetune import FinetuningScheduler, FTSCheckpoint
-
-    class Module(ToyModule):
-        def __init__(self) -> None:
-            super().__init__(val_losses=DIST_LOSSES, optimizer="adam", lr=0.01, scheduler="step", batch_size=8)
-            self.drop = nn.Dropout(0.2)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.model(self.drop(x))
-
-        def train_dataloader(self) -> DataLoader:
-            return DataLoader(NoisyData(), batch_size=self.batch_size, shuffle=True)  # Lightning's DistributedSampler
 
     class KillAtStep(pl.Callback):
         def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
@@ -344,7 +328,7 @@ def train_distributed(kind: str, kill_step: int | None) -> None:
         strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, timeout=timeout)
         cfg = {"fsdp_plan": {r"model\.layers\.\d+": {}, "model.head": {}}}
     pl.seed_everything(7)
-    module = Module()
+    module = DropoutToyModule(val_losses=DIST_LOSSES, batch_size=8)  # under Lightning's DistributedSampler
     fts = FinetuningScheduler(ft_schedule=DIST_SCHEDULE, epoch_transitions_only=True, snapshot_storage="disk",
                               strategy_adapter_cfg=cfg)
     ck = FTSCheckpoint(monitor="val_loss", save_top_k=-1, save_last=True, dirpath=str(OUT / "ckpts"),

@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
-import os
 import random
-import re
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -153,36 +148,30 @@ def trainer(tmp_path: Any, callbacks: list, **kwargs: Any) -> pl.Trainer:
     return pl.Trainer(callbacks=callbacks, **defaults)
 
 
-def snapshot_params(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in module.named_parameters()}
+FLOAT32_UNIT_ROUNDOFF = 2.0**-24
 
 
-def set_threads() -> None:
-    torch.set_num_threads(int(os.environ.get("PHASETUNE_TEST_THREADS", "1")))
+def float32_drift(steps: int, dot: int, scale: float = 1.0) -> float:
+    """The tolerance of a numerical comparison of float32 weights: two runs that sum in another order (other
+    kernels, batch compositions, reductions) may round a sum of ``dot`` terms differently by up to ``dot`` unit
+    roundoffs of its terms' magnitudes; over ``steps`` optimizer steps, at weights of magnitude ``scale``."""
+    return steps * dot * FLOAT32_UNIT_ROUNDOFF * scale
 
 
-DISTRIBUTED_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def one_process_environment():
-    """Context for Hugging Face Trainers run in the test process: distributed variables an earlier in-process test
-    left in the environment (Lightning sets some) would make them start a process group that later tests inherit;
-    they are removed for the duration, and a process group started meanwhile is destroyed."""
-    import contextlib
-
+def lr_approx(expected: Any) -> Any:
+    """Numerical: learning rates computed in float64 (a scheduler's products and quotients, each rounding by up to
+    2**-53 of its value) against decimal literals: equal within 1e-12, relative."""
     import pytest
 
-    @contextlib.contextmanager
-    def context():
-        had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
-        with pytest.MonkeyPatch.context() as mp:
-            for name in DISTRIBUTED_VARIABLES:
-                mp.delenv(name, raising=False)
-            yield
-        if not had_group and torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    return pytest.approx(expected, rel=1e-12)
 
-    return context()
+
+def assert_bit_equal(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> None:
+    """Exact: every tensor of ``a`` bit-equal to ``b``'s of the same name (a resume against the uninterrupted run,
+    on the same machine, the same operations and batches)."""
+    assert a.keys() == b.keys()
+    for n in a:
+        assert torch.equal(a[n], b[n]), n
 
 
 class NoisyData(torch.utils.data.Dataset):
@@ -200,15 +189,24 @@ class NoisyData(torch.utils.data.Dataset):
         return x + 0.01 * random.gauss(0, 1) + 0.01 * float(np.random.normal()), y
 
 
-def one_process_fixture(monkeypatch: Any, tmp_path: Any):
-    """Body of the ``one_process`` fixtures: no distributed variables, the test's own directory, and no process
-    group left after the test."""
-    for k in DISTRIBUTED_VARIABLES:
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.chdir(tmp_path)
-    yield tmp_path
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+#: the scripted val_loss of the resume tests: with patience 2, transitions at epochs 4 and 7, the run ends at 11
+RESUME_LOSSES = [1.0, 0.9, 0.95, 0.96, 0.8, 0.85, 0.86, 0.87, 0.5, 0.6, 0.7, 0.8]
+
+
+class DropoutToyModule(ToyModule):
+    """:class:`ToyModule` (Adam at 0.01, StepLR) with Dropout(0.2) on its input and a shuffled loader over
+    :class:`NoisyData`: every random generator an exact resume must bring back is drawn from (torch's for the
+    order and the masks, Python's and NumPy's for the noise). Lightning puts its DistributedSampler under it."""
+
+    def __init__(self, val_losses: Sequence[float] = RESUME_LOSSES, batch_size: int = 16) -> None:
+        super().__init__(val_losses=val_losses, optimizer="adam", lr=0.01, scheduler="step", batch_size=batch_size)
+        self.drop = nn.Dropout(0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(self.drop(x))
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(NoisyData(), batch_size=self.batch_size, shuffle=True)
 
 
 # ---------------------------------------------------------------------------------------------- prefix cache
@@ -281,14 +279,3 @@ class PrefixSpills(pl.Callback):
     def on_train_epoch_end(self, trainer, pl_module):
         if trainer.current_epoch == self.at_epoch:
             self.files = len(self.fts._caches.cache.spill_files())
-
-
-def run_doc_example(doc: str, test_file: str) -> list[str]:
-    """Run the Python block of ``docs/<doc>`` that a ``<!-- tested: tests/<test_file> ... -->`` comment marks; the
-    lines it printed."""
-    text = (Path(__file__).resolve().parents[1] / "docs" / doc).read_text()
-    code = re.search(rf"<!-- tested: tests/{re.escape(test_file)} .*? -->\s*```python\n(.*?)```", text, re.S).group(1)
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        exec(compile(code, f"docs/{doc}", "exec"), {})
-    return printed.getvalue().splitlines()

@@ -6,14 +6,10 @@ FSDP1 and FSDP2 on 2 processes (one torchrun launch shared by the tests at the e
 
 from __future__ import annotations
 
-import functools
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from launch import launch
 from phasetune import PhaseEngine, resolve_schedule
 from phasetune.audit import AuditError, AuditOptions, PhaseAudit, group_names
 from phasetune.loop import ScheduledFinetuning
@@ -329,15 +325,9 @@ def test_a_layer_refrozen_after_a_resume_is_named():
 # ------------------------------------------------------------------------------------------------ 2 processes
 
 
-@functools.cache
-def two_process_reports(out: Path) -> list[dict]:
-    """The one torchrun launch of tests/distributed/audit_scenarios.py (test_compile.py reads it too)."""
-    return launch("audit_scenarios.py", out)
-
-
 @pytest.fixture(scope="module")
-def distributed(tmp_path_factory) -> list[dict]:
-    return two_process_reports(tmp_path_factory.getbasetemp() / "audit_scenarios")
+def distributed(audit_ranks) -> list[dict]:
+    return audit_ranks  # the one launch of tests/distributed/audit_scenarios.py (conftest.py; test_compile.py reads it too)
 
 
 def test_ddp_built_before_the_thaw_is_detected_as_not_in_the_reducer(distributed):

@@ -16,12 +16,12 @@ import torch._dynamo
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import float32_drift
 from phasetune import PhaseEngine, resolve_schedule
 from phasetune.audit import PhaseAudit
 from phasetune.compile_support import RecompileCounter, is_compiled, reserve_recompiles
 from phasetune.loop import ScheduledFinetuning
 from plain_models import SCHEDULE, TinyLM, data
-from test_audit import two_process_reports
 
 
 @pytest.fixture(autouse=True)
@@ -84,11 +84,14 @@ def eager_run() -> dict:
 
 
 def assert_same(a: dict, b: dict) -> None:
+    """Numerical: a compiled graph may fuse and order the eager run's operations otherwise; 3 epochs of 2 steps,
+    sums of 16 terms (TinyLM's width and batch), weights below 1."""
     assert a.keys() == b.keys()
     for n in a:
-        torch.testing.assert_close(a[n], b[n], rtol=1e-5, atol=1e-6, msg=f"{n} differs")
+        torch.testing.assert_close(a[n], b[n], rtol=0, atol=float32_drift(6, 16), msg=f"{n} differs")
 
 
+@pytest.mark.numerical
 def test_a_compiled_model_thaws_and_trains_like_the_eager_one():
     eager = eager_run()
     compiled, results, _ = fit("aot_eager")
@@ -98,6 +101,7 @@ def test_a_compiled_model_thaws_and_trains_like_the_eager_one():
     assert [r.recompiles for r in results] == [1, 1, 1]
 
 
+@pytest.mark.numerical
 def test_a_compiled_run_resumes_like_the_uninterrupted_eager_run():
     eager = eager_run()
     _, _, state = fit("aot_eager", range(1))
@@ -160,6 +164,7 @@ def test_reserve_recompiles_keeps_every_phase_compiled_and_gives_the_limit_back(
 
 @pytest.mark.skipif(os.environ.get("PHASETUNE_TEST_INDUCTOR") != "1", reason="inductor compiles for about a minute "
                     "on 2 cores; set PHASETUNE_TEST_INDUCTOR=1")
+@pytest.mark.numerical
 def test_the_default_backend_trains_like_eager():
     eager = eager_run()
     compiled, results, _ = fit("inductor")
@@ -168,14 +173,15 @@ def test_the_default_backend_trains_like_eager():
 
 
 @pytest.fixture(scope="module")
-def ddp_runs(tmp_path_factory) -> list[dict]:
-    return two_process_reports(tmp_path_factory.getbasetemp() / "audit_scenarios")  # shared with test_audit.py
+def ddp_runs(audit_ranks) -> list[dict]:
+    return audit_ranks  # the one launch of tests/distributed/audit_scenarios.py (conftest.py), shared with test_audit.py
 
 
+@pytest.mark.numerical
 def test_a_compiled_ddp_model_thaws_and_trains_like_the_eager_one(ddp_runs):
     for rank in ddp_runs:
         assert rank["compiled_passed"] == [True, True, True]
-        assert rank["max_diff"] < 1e-6
+        assert rank["max_diff"] <= float32_drift(6, 8)  # numerical: compiled vs eager; 6 steps, sums of 8 (width)
         assert rank["recompiles"] == [1, 1, 1]
 
 

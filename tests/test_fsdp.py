@@ -11,13 +11,12 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-import torch.distributed as dist
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy, size_based_auto_wrap_policy
 
-from helpers import Block, Net, ToyModule
+from helpers import Block, Net, ToyModule, float32_drift
 from launch import launch
 from phasetune import (
     ConfigurationError,
@@ -57,17 +56,6 @@ def test_engine_thaws_groups_and_snapshots_a_tensor_shared_by_several_names_once
 # ------------------------------------------------------------------------------------------------ in-process FSDP
 
 
-@pytest.fixture(scope="module")
-def one_rank(tmp_path_factory):
-    """A 1-rank gloo process group: FSDP1 wraps and flattens on CPU exactly as with more ranks."""
-    if dist.is_initialized():
-        pytest.skip("a process group already exists in this process")
-    store = tmp_path_factory.mktemp("pg") / "store"
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def wrapped(orig: bool, policy=None, **kw) -> tuple[Net, FSDP]:
     torch.manual_seed(0)
     net = Net(n_layers=8)
@@ -77,7 +65,7 @@ def wrapped(orig: bool, policy=None, **kw) -> tuple[Net, FSDP]:
 
 
 @pytest.mark.parametrize("orig", [False, True], ids=["flat", "orig_params"])
-def test_param_index_gives_logical_names_shapes_and_order_of_the_unwrapped_model(one_rank, orig):
+def test_param_index_gives_logical_names_shapes_and_order_of_the_unwrapped_model(gloo_one_rank, orig):
     plain, model = wrapped(orig)
     index = fsdp1.ParamIndex.build(model)
     assert list(index.tensors) == [n for n, _ in plain.named_parameters()]
@@ -86,7 +74,7 @@ def test_param_index_gives_logical_names_shapes_and_order_of_the_unwrapped_model
     assert index.use_orig_params is orig
 
 
-def test_param_index_translates_flat_parameters_to_logical_names_and_back(one_rank):
+def test_param_index_translates_flat_parameters_to_logical_names_and_back(gloo_one_rank):
     _, model = wrapped(False)
     index = fsdp1.ParamIndex.build(model)
     flat_names = [n for n, _ in model.named_parameters()]
@@ -98,7 +86,7 @@ def test_param_index_translates_flat_parameters_to_logical_names_and_back(one_ra
     assert index.tensors["layers.3.lin.weight"] is index.tensors["layers.3.norm.bias"]  # one FlatParameter
 
 
-def test_param_index_keeps_one_original_tensor_per_name_with_use_orig_params(one_rank):
+def test_param_index_keeps_one_original_tensor_per_name_with_use_orig_params(gloo_one_rank):
     _, model = wrapped(True)
     index = fsdp1.ParamIndex.build(model)
     assert len({id(t) for t in index.tensors.values()}) == 36
@@ -111,13 +99,13 @@ def phase_of(schedule_dict, names):
     return {n: k for k, p in enumerate(schedule.phases) for n in p.params}
 
 
-def test_aligned_units_pass_the_check(one_rank):
+def test_aligned_units_pass_the_check(gloo_one_rank):
     _, model = wrapped(False)
     index = fsdp1.ParamIndex.build(model)
     assert fsdp1.alignment_problems(index, phase_of(SCHEDULE, list(index.tensors))) == []
 
 
-def test_a_root_unit_mixing_phases_lists_its_parameters_with_the_root_hint_and_a_fix(one_rank):
+def test_a_root_unit_mixing_phases_lists_its_parameters_with_the_root_hint_and_a_fix(gloo_one_rank):
     _, model = wrapped(False, policy=ModuleWrapPolicy({Block}))  # head stays in the root unit with embed
     index = fsdp1.ParamIndex.build(model)
     [problem] = fsdp1.alignment_problems(index, phase_of(SCHEDULE, list(index.tensors)))
@@ -130,13 +118,13 @@ def test_a_root_unit_mixing_phases_lists_its_parameters_with_the_root_hint_and_a
     assert "use_orig_params=True" in problem
 
 
-def test_use_orig_params_allows_mixed_units(one_rank):
+def test_use_orig_params_allows_mixed_units(gloo_one_rank):
     _, model = wrapped(True, policy=ModuleWrapPolicy({Block}))
     index = fsdp1.ParamIndex.build(model)
     assert fsdp1.alignment_problems(index, phase_of(SCHEDULE, list(index.tensors))) == []
 
 
-def test_unscheduled_parameters_sharing_a_unit_with_scheduled_ones_are_flagged(one_rank):
+def test_unscheduled_parameters_sharing_a_unit_with_scheduled_ones_are_flagged(gloo_one_rank):
     _, model = wrapped(False)
     index = fsdp1.ParamIndex.build(model)
     partial = {0: {"params": ["head.*"]}, 1: {"params": [r"layers\.7\.lin\..*"]}}
@@ -169,7 +157,7 @@ def test_min_num_params_combines_with_a_policy_object_and_overrides():
     assert plan.wrapped == expected
 
 
-def test_the_aligned_policy_wraps_exactly_its_plan(one_rank):
+def test_the_aligned_policy_wraps_exactly_its_plan(gloo_one_rank):
     policy = fsdp1.AlignedWrapPolicy(None, [r"layers\.[0-3]", "head"], min_num_params=None)
     _, model = wrapped(False, policy=policy)
     units = sorted(n for n, m in model.named_modules() if isinstance(m, FSDP))
@@ -177,7 +165,7 @@ def test_the_aligned_policy_wraps_exactly_its_plan(one_rank):
     assert policy.plan is not None and policy.plan.unmatched == []
 
 
-def test_the_logical_skeleton_generates_the_same_implicit_schedule_as_the_unwrapped_model(one_rank):
+def test_the_logical_skeleton_generates_the_same_implicit_schedule_as_the_unwrapped_model(gloo_one_rank):
     plain, model = wrapped(False)
     skeleton = fsdp1.logical_skeleton(model, fsdp1.ParamIndex.build(model))
     for style in ("blocks", "pairs"):
@@ -188,7 +176,7 @@ def test_the_logical_skeleton_generates_the_same_implicit_schedule_as_the_unwrap
 
 
 def test_resuming_from_a_checkpoint_without_phasetune_state_is_refused_before_the_strategy_loads_it(
-    one_rank, tmp_path
+    gloo_one_rank, tmp_path
 ):
     import lightning.pytorch as pl
 
@@ -230,7 +218,7 @@ def fsdp1_fit(one_rank_dir: Path, strategy: FSDPStrategy, max_epochs: int, **fit
 
 
 @pytest.fixture(scope="module")
-def path_hparams_fit(one_rank, tmp_path_factory):
+def path_hparams_fit(gloo_one_rank, tmp_path_factory):
     """One in-process FSDP1 fit into phase 1 whose checkpoint's hparams hold a Path."""
     from fsdp_cpu import CPUFSDPStrategy
 
@@ -331,15 +319,22 @@ def test_three_phases_thaw_and_train_exactly_the_scheduled_parameters_per_epoch(
     assert [g[2] for g in run["groups"]] == [0, 1, 2]
 
 
+@pytest.mark.numerical
 def test_both_modes_train_the_same_model(ranks):
-    assert ranks[0]["flat_run"]["params"] == ranks[0]["orig_run"]["params"]
+    flat, orig = ranks[0]["flat_run"]["params"], ranks[0]["orig_run"]["params"]
+    assert flat.keys() == orig.keys()
+    for name, values in flat.items():
+        # numerical: flat parameters and original ones go through the optimizer as other tensors (other vectorised
+        # loops and their tails); 6 epochs of 4 steps, sums of 16 terms (width 16), weights below 1
+        torch.testing.assert_close(torch.tensor(orig[name]), torch.tensor(values), rtol=0, atol=float32_drift(24, 16),
+                                   msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("mode", ["flat", "orig"])
 def test_resume_from_a_phase_1_checkpoint_matches_the_uninterrupted_run_exactly(ranks, mode):
     ref, resumed = ranks[0][f"{mode}_run"], ranks[0][f"{mode}_resumed"]
     assert resumed["epochs"][0]["epoch"] == 4
-    assert resumed["params"] == ref["params"]
+    assert resumed["params"] == ref["params"]  # exact: resume against the uninterrupted run
     assert resumed["groups"] == ref["groups"]
     assert ranks[1][f"{mode}_resumed"]["groups"] == ranks[1][f"{mode}_run"]["groups"]
 
@@ -369,7 +364,7 @@ def test_restore_best_with_early_stopping_and_its_resume_match_across_processes(
         [4, 7, "early stopping", True],
         [7, 11, "early stopping", False],
     ]
-    # resumed in phase 1 with the phase's best-state snapshot (each rank's shards) from the checkpoint
+    # resumed in phase 1 with the phase's best-state snapshot (each rank's shards) from the checkpoint; exact
     assert ranks[0]["es_resumed"]["params"] == run["params"]
 
 

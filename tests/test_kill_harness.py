@@ -2,113 +2,34 @@
 
 tests/crash_train.py trains (plain strategy, or Lightning) with Dropout, a shuffled DataLoader, restore-best
 snapshots on disk, a checkpoint and a full-weights export every epoch. Each run here is a child process (forked
-from a forkserver: no imports to repeat) that kills itself where ``PHASETUNE_TEST_KILL`` says: in the middle of a
-checkpoint write or while a checkpoint is moved to its name, a snapshot write, an export, right after a transition,
-mid-phase. After every kill the
-files a resume could pick up are checked (complete, loadable, nothing half-written visible); the next child
-resumes from them and is killed at the next point; the last one finishes. Its final parameters must equal,
-bit for bit, those of a run that was never killed.
+from the forkserver of tests/kill_harness.py: no imports to repeat) that kills itself where ``PHASETUNE_TEST_KILL``
+says: in the middle of a checkpoint write or while a checkpoint is moved to its name, a snapshot write, an export,
+right after a transition, mid-phase. After every kill the files a resume could pick up are checked (complete,
+loadable, nothing half-written visible); the next child resumes from them and is killed at the next point; the
+last one finishes. Its final parameters must equal, bit for bit, those of a run that was never killed.
 """
 
 from __future__ import annotations
 
-import multiprocessing
-import os
 import re
-import signal
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
-import crash_train
+from kill_harness import KILLED, assert_equal, hidden, load, train, visible
 from phasetune.strategy import list_checkpoints
 from phasetune.strategy.checkpoint_dirs import is_checkpoint
 
-KILLED = -signal.SIGKILL
 STEPS_PER_EPOCH = 4
 PLAIN_PHASES = [(0, 1, True), (1, 2, True), (2, 3, False)]
-
-
-# what the forkserver imports once for every child (what crash_train's front ends import, the 2-process ones too)
-PRELOAD = ["lightning.pytorch", "test_kill_harness", "phasetune.lightning", "torch.distributed.checkpoint",
-           "torch.distributed.fsdp", "lightning.pytorch.strategies", "fsdp_cpu", "helpers"]
-
-
-def _child(out: str, front_end: str, kill: str | None, record: bool, dist_env: dict[str, str] | None = None) -> None:
-    """Body of a child process: ``dist_env`` (the distributed variables of one rank of a 2-process job) is set,
-    and that rank's output goes to ``out/log<rank>.txt`` (the test shows it when the job fails)."""
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
-              "TORCHELASTIC_RUN_ID", "PHASETUNE_TEST_KILL", "PHASETUNE_TEST_RECORD"):
-        os.environ.pop(k, None)
-    if dist_env:
-        os.environ.update(dist_env)
-        Path(out).mkdir(parents=True, exist_ok=True)
-        log = os.open(Path(out) / f"log{dist_env['RANK']}.txt", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-        os.dup2(log, 1)
-        os.dup2(log, 2)
-    if kill:
-        os.environ["PHASETUNE_TEST_KILL"] = kill
-    if record:
-        os.environ["PHASETUNE_TEST_RECORD"] = "1"
-    tempfile.tempdir = str(Path(out) / "tmp")  # Lightning's checkpoint writes go through temporary files
-    (Path(out) / "tmp").mkdir(parents=True, exist_ok=True)
-    crash_train.main(out, front_end)
-
-
-def forkserver() -> Any:
-    """The multiprocessing context of the children (the first caller's preload list is the one that counts)."""
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)
-    return ctx
-
-
-def run_in_child(target: Callable[..., None], *args: Any) -> int:
-    """Run ``target(*args)`` in a child process; its exit code (``-SIGKILL`` when it killed itself).
-
-    Children are forked from a forkserver that imported Lightning and these tests once: each starts in
-    a moment, and none inherits this process's threads (OpenMP's pool hangs in a child forked after use).
-    """
-    proc = forkserver().Process(target=target, args=args)
-    proc.start()
-    proc.join(timeout=300)
-    if proc.exitcode is None:
-        proc.kill()
-        proc.join()
-    return proc.exitcode
-
-
-def train(out: Path, front_end: str, kill: str | None = None, record: bool = False) -> int:
-    """Run crash_train in a child process; its exit code (``-SIGKILL`` when it killed itself)."""
-    return run_in_child(_child, str(out), front_end, kill, record)
-
-
-def load(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, weights_only=True)
-
-
-def assert_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for n in a:
-        assert torch.equal(a[n], b[n]), n
-
-
-def visible(path: Path) -> list[Path]:
-    return sorted(p for p in path.iterdir() if not p.name.startswith(".")) if path.is_dir() else []
-
-
-def hidden(path: Path) -> list[str]:
-    return sorted(p.name for p in path.iterdir() if p.name.startswith(".")) if path.is_dir() else []
 
 
 def assert_export_usable(export: Path, expected: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import load_file
 
     assert [p.name for p in visible(export)] == ["model.safetensors"]
-    assert_equal(load_file(str(export / "model.safetensors")), expected)
+    assert_equal(load_file(str(export / "model.safetensors")), expected)  # exact: the export holds the bits
 
 
 # ---------------------------------------------------------------------------------------------- plain strategy
@@ -159,7 +80,7 @@ def test_plain_strategy_killed_at_each_point_resumes_bit_equal(tmp_path, plain_r
     assert plain_usable(out, ref, exported=2) == 2
 
     assert train(out, "plain") == 0
-    assert_equal(load(out / "final.pt"), load(ref / "final.pt"))
+    assert_equal(load(out / "final.pt"), load(ref / "final.pt"))  # exact: the killed run against the uninterrupted
     assert (out / "phases.txt").read_text() == (ref / "phases.txt").read_text()
     assert [p.name for p in visible(out / "checkpoints")] == ["epoch3", "epoch4"]
     assert hidden(out / "checkpoints") == [] and hidden(out) == []  # what the killed writes left is removed
@@ -217,7 +138,7 @@ def test_lightning_killed_at_each_point_resumes_bit_equal_with_sharded_checkpoin
     assert lightning_usable(out, ref, exported=7) == 7
 
     assert train(out, "modelparallel") == 0
-    assert_equal(load(out / "final.pt"), load(ref / "final.pt"))
+    assert_equal(load(out / "final.pt"), load(ref / "final.pt"))  # exact: the killed run against the uninterrupted
     assert (out / "phases.txt").read_text() == (ref / "phases.txt").read_text()
     assert (out / "warnings.txt").read_text() == ""  # every snapshot and random state came back
     assert hidden(out / "ckpts") == [] and hidden(out / "phasetune_snapshots") == []  # killed writes' leftovers removed
@@ -262,7 +183,7 @@ def test_lightning_full_checkpoint_killed_while_moved_into_place_or_written_neve
     assert full_file_usable(out, ref, exported=1) == 0
 
     assert train(out, "lightning") == 0
-    assert_equal(load(out / "final.pt"), load(ref / "final.pt"))
+    assert_equal(load(out / "final.pt"), load(ref / "final.pt"))  # exact: the killed run against the uninterrupted
     assert (out / "phases.txt").read_text() == (ref / "phases.txt").read_text()
     # resumed from epoch 0's checkpoint, whose restore-best snapshot epoch 1's new best had replaced before the
     # kills: said, and the rerun epoch 1 takes it again

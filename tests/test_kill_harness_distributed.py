@@ -4,8 +4,8 @@ worst moments, then resumed, ends bit-equal on both ranks.
 tests/crash_train.py's 2-process front ends train a 3-phase schedule with Dropout, a shuffled DataLoader (Lightning's
 DistributedSampler) over data drawing from Python's and NumPy's generators, restore-best snapshots on disk (a file
 per rank) and a checkpoint after every epoch (and ``last.ckpt``), resuming from ``last.ckpt``. torchrun tears a
-job down its own way, so :func:`run_job` is the launcher: 2 ranks forked from the forkserver tests/test_kill_harness.py
-uses (no imports to repeat), with the variables torchrun sets; when one rank kills itself (``PHASETUNE_TEST_KILL``
+job down its own way, so :func:`run_job` is the launcher: 2 ranks forked from the forkserver of tests/kill_harness.py
+(no imports to repeat), with the variables torchrun sets; when one rank kills itself (``PHASETUNE_TEST_KILL``
 of that rank: in the middle of a checkpoint or snapshot write) the launcher SIGKILLs the other at once, as a node
 crash or the job scheduler does. After every kill the files a resume could pick up are checked (complete, nothing
 half-written visible; the interrupted write's leftovers hidden, or, for FSDP1's full files, in the temporary directory
@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import torch
 
-from test_kill_harness import KILLED, _child, assert_equal, forkserver, hidden, load, visible
+from kill_harness import KILLED, _child, assert_equal, forkserver, hidden, load, visible
 
 WORLD = 2
 JOB_TIMEOUT_S = 150  # one job (gloo's own timeout, set shorter by crash_train, ends a hung collective before this)
@@ -153,7 +153,7 @@ def reference(tmp_path: Path) -> Any:
 def assert_finished_like(out: Path, ref: Path) -> None:
     """The resumed job ended where the uninterrupted one did, and tidied up what the killed writes left."""
     for rank in range(WORLD):
-        assert_equal(load(out / f"final{rank}.pt"), load(ref / f"final{rank}.pt"))
+        assert_equal(load(out / f"final{rank}.pt"), load(ref / f"final{rank}.pt"))  # exact: killed vs never killed
         assert (out / f"phases{rank}.txt").read_text() == (ref / f"phases{rank}.txt").read_text()
         # no warning in any job: every resume found last.ckpt, and every snapshot and random state came back
         assert not (out / f"warnings{rank}.txt").exists(), (out / f"warnings{rank}.txt").read_text()

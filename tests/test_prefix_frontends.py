@@ -1,6 +1,6 @@
-"""The frozen-prefix cache (``prefix_cache``) through the three front ends: a cached phase trains exactly as the same
-phase without the cache with its prefix in eval mode, its line lands in the history, its spill files go, and what
-cannot work is refused before training."""
+"""The frozen-prefix cache (``prefix_cache``) through the three front ends: a cached phase trains as the same phase
+without the cache with its prefix in eval mode (to the rounding of rows computed in other batches), its line lands
+in the history, its spill files go, and what cannot work is refused before training."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from distributed.hf_scenarios import training_args
 from helpers import PrefixModule as Module
 from helpers import PrefixNet as Net
 from helpers import PrefixSpills as Spills
-from helpers import one_process_environment, trainer
+from helpers import float32_drift, trainer
 from helpers import prefix_data as data
 from phasetune import ConfigurationError, FinetuningScheduler
 from phasetune.hf import PhasetuneTrainer, PhasetuneTrainerCallback
@@ -25,17 +25,12 @@ from phasetune.loop import ScheduledFinetuning
 from phasetune.prefix_cache import IndexedDataset, strip_indices
 from phasetune.run import PhaseRun, RunEnv
 
+pytestmark = pytest.mark.usefixtures("plain_process")  # Hugging Face Trainers here run as one plain process
+
 # phase 0 trains the head on a frozen body (epochs 0-1, the second served from the cache); phase 1 thaws the body
 SCHEDULE = {0: {"params": [r"head\..*"], "max_transition_epoch": 2},
             1: {"params": [r"body\..*"], "lr": 0.05, "max_transition_epoch": 4}}
 CACHED = {0: {**SCHEDULE[0], "prefix_cache": True}, 1: SCHEDULE[1]}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_process_trainer():
-    """Hugging Face Trainers here run as one plain process (see helpers.one_process_environment)."""
-    with one_process_environment():
-        yield
 
 
 def params(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -43,9 +38,11 @@ def params(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """Numerical: a cached prefix output was computed in another batch than the uncached one, and a kernel may round
+    a row differently in another batch; 4 epochs of 3 steps, sums of 16 terms (width and batch), weights below 1."""
     assert a.keys() == b.keys()
     for n in a:
-        torch.testing.assert_close(a[n], b[n], rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+        torch.testing.assert_close(a[n], b[n], rtol=0, atol=float32_drift(12, 16), msg=lambda m, n=n: f"{n}: {m}")
 
 
 def no_spill_folders(where: Path) -> None:
@@ -64,6 +61,7 @@ def lightning_run(tmp_path: Path, cached: bool) -> tuple[Module, FinetuningSched
     return module, fts, spills
 
 
+@pytest.mark.numerical
 def test_lightning_a_cached_phase_trains_as_the_uncached_phase_with_its_prefix_in_eval_mode(tmp_path):
     cached, fts, spills = lightning_run(tmp_path / "cached", True)
     plain, plain_fts, _ = lightning_run(tmp_path / "plain", False)
@@ -123,6 +121,7 @@ def loop_run(cached: bool, tmp_path: Path) -> tuple[Net, ScheduledFinetuning]:
     return model, ft
 
 
+@pytest.mark.numerical
 def test_loop_a_cached_phase_trains_as_the_uncached_phase_with_its_prefix_in_eval_mode(tmp_path):
     cached, ft = loop_run(True, tmp_path)
     plain, _ = loop_run(False, tmp_path)
@@ -174,6 +173,7 @@ def hf_run(tmp_path: Path, cached: bool, **overrides) -> tuple[Net, PhasetuneTra
     return model, ft
 
 
+@pytest.mark.numerical
 def test_hf_a_cached_phase_trains_as_the_uncached_phase_with_its_prefix_in_eval_mode(tmp_path):
     cached, ft = hf_run(tmp_path / "cached", True)
     plain, _ = hf_run(tmp_path / "plain", False)

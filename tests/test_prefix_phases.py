@@ -1,5 +1,6 @@
 """The prefix cache as a per-phase schedule option (phasetune.prefix_phases): the key's checks, the controller
-driven around a real PhaseRun, and exactness against the same run with the prefix in eval mode and no cache."""
+driven around a real PhaseRun, and agreement with the same run with the prefix in eval mode and no cache
+(numerical: a cached row was computed in another batch)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import run_doc_example
+from helpers import float32_drift
 from phasetune.errors import ScheduleError
 from phasetune.prefix_cache import INDEX_KEY, IndexedDataset, PrefixCacheError
 from phasetune.prefix_phases import PrefixCachePhases
@@ -183,11 +184,12 @@ def run_two_phases(tmp_path, cached: bool) -> tuple[dict[str, torch.Tensor], lis
     return {n: p.detach().clone() for n, p in model.state_dict().items()}, lines
 
 
+@pytest.mark.numerical
 def test_a_cached_two_phase_run_ends_where_the_eval_prefix_run_does_and_drops_its_spill_files(tmp_path):
     cached, lines = run_two_phases(tmp_path, cached=True)
     plain, _ = run_two_phases(tmp_path, cached=False)
-    for name, value in plain.items():
-        torch.testing.assert_close(cached[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    for name, value in plain.items():  # numerical: cached rows from other batches; 5 epochs of 5 steps, sums of 8
+        torch.testing.assert_close(cached[name], value, rtol=0, atol=float32_drift(25, 8), msg=name)
     assert lines[0].startswith("phase 0: prefix cache up to blocks.1 (prefix in eval mode: dropout off, BatchNorm "
                                "statistics frozen); up to 0 B in RAM")
     left = [line for tag, line in (x for x in lines if isinstance(x, tuple))]
@@ -246,7 +248,7 @@ def test_without_a_cached_phase_the_controller_leaves_batches_alone():
     caches.close()
 
 
-def test_the_controller_example_in_docs_prefix_cache_md_runs_and_caches_phase_0_only():
+def test_the_controller_example_in_docs_prefix_cache_md_runs_and_caches_phase_0_only(run_doc_example):
     lines = run_doc_example("prefix_cache.md", "test_prefix_phases.py")
     assert len(lines) == 2 and lines[0].startswith("phase 0: prefix cache up to 2 (prefix in eval mode")
     assert lines[1].startswith("phase 0: prefix cache up to 2") and "256 samples" in lines[1]

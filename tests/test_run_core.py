@@ -11,22 +11,24 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-from torch import nn
 
-from helpers import SCHEDULE_3, ToyModule, dataset, trainer
+from helpers import SCHEDULE_3, ToyModule, float32_drift, trainer
+from loop_runs import (
+    MIXED,
+    MIXED_VAL_LOSSES,
+    STEP_VAL_LOSSES,
+    STEPS,
+    epoch_loop_run,
+    step_loop_run,
+    trajectory_point,
+)
 from phasetune import ConfigurationError, FinetuningScheduler, FTSCheckpoint, FTSEarlyStopping
 from phasetune.loop import ScheduledFinetuning
-from phasetune.param_groups import PHASE_KEY
-
-VAL_LOSSES = [1.0, 0.9, 0.95, 0.96, 0.8, 0.85, 0.86, 0.5, 0.6, 0.7]
-MIXED = {  # phase 0 ends by early stopping, phase 1 by its max_transition_epoch, phase 2 by early stopping
-    0: {"params": ["model.head.*"]},
-    1: {"params": [r"model\.layers\.3\..*", r"model\.layers\.2\..*"], "lr": 0.05, "max_transition_epoch": 6},
-    2: {"params": [r"model\.layers\.[01]\..*", "model.embed.*"], "lr": 0.02},
-}
-
 
 EPOCH_SCHEDULE = {k: v | {"max_transition_epoch": k + 1} for k, v in SCHEDULE_3.items()}
+# FRONT_ENDS: the callback's and the loop's weights are compared numerically: the same losses and steps through
+# other code (Lightning's closure and loops) that may order a sum otherwise; sums of 16 terms (the toy network's
+# width, the batch), weights below 1, over the runs' optimizer steps (float32_drift)
 
 
 class Record(pl.Callback):
@@ -39,15 +41,9 @@ class Record(pl.Callback):
         self.epochs.append(trajectory_point(pl_module, trainer.optimizers[0]))
 
 
-def trajectory_point(module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple:
-    thawed = tuple(sorted(n for n, p in module.named_parameters() if p.requires_grad))
-    groups = tuple((g.get(PHASE_KEY, 0), len(g["params"]), round(g["lr"], 12)) for g in optimizer.param_groups)
-    return thawed, groups
-
-
 def lightning_run(tmp_path, **fts_kwargs):
     torch.manual_seed(0)
-    module = ToyModule(val_losses=VAL_LOSSES, lr=0.1)
+    module = ToyModule(val_losses=MIXED_VAL_LOSSES, lr=0.1)
     rec = Record()
     fts = FinetuningScheduler(ft_schedule=MIXED, **fts_kwargs)
     t = trainer(tmp_path, [fts, FTSEarlyStopping(monitor="val_loss", patience=2), rec], max_epochs=12,
@@ -56,38 +52,19 @@ def lightning_run(tmp_path, **fts_kwargs):
     return module, fts, rec.epochs
 
 
-def loop_run(**ft_kwargs):
-    torch.manual_seed(0)
-    module = ToyModule(val_losses=VAL_LOSSES, lr=0.1)  # used as a plain nn.Module: same init, same names
-    opt = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9)
-    ft = ScheduledFinetuning(MIXED, module, opt, patience=2, **ft_kwargs)
-    x, y = dataset(64, 0).tensors
-    epochs = []
-    for epoch in range(12):
-        epochs.append(trajectory_point(module, ft.optimizer))
-        module.train()
-        for i in range(0, 64, 16):
-            ft.optimizer.zero_grad()
-            nn.functional.cross_entropy(module(x[i:i + 16]), y[i:i + 16]).backward()
-            ft.optimizer.step()
-        ft.step(epoch, metric=VAL_LOSSES[min(epoch, len(VAL_LOSSES) - 1)])
-        if ft.done:
-            break
-    return module, ft, epochs
-
-
+@pytest.mark.numerical
 @pytest.mark.parametrize("restore_best", [True, False])
 def test_the_callback_and_the_loop_run_the_same_trajectory(tmp_path, restore_best):
     lit_module, fts, lit_epochs = lightning_run(tmp_path, restore_best=restore_best)
-    loop_module, ft, loop_epochs = loop_run(restore_best=restore_best)
+    loop_module, ft, loop_epochs = epoch_loop_run(restore_best=restore_best)
     assert lit_epochs == loop_epochs
     assert len({e[0] for e in lit_epochs}) == 3  # all three phases ran
     for a, b in zip(fts.history, ft.history):
         assert (a.depth, a.start_epoch, a.end_epoch, a.end_reason, a.best_epoch, a.restored_best) == (
             b.depth, b.start_epoch, b.end_epoch, b.end_reason, b.best_epoch, b.restored_best)
     lit = dict(lit_module.named_parameters())
-    for n, p in loop_module.named_parameters():
-        torch.testing.assert_close(p, lit[n], rtol=0, atol=1e-6, msg=n)
+    for n, p in loop_module.named_parameters():  # numerical: FRONT_ENDS, up to 12 epochs of 4 steps
+        torch.testing.assert_close(p, lit[n], rtol=0, atol=float32_drift(48, 16), msg=n)
 
 
 def test_both_front_ends_have_the_same_defaults():
@@ -156,7 +133,7 @@ def test_every_callback_order_sets_up_every_callback(tmp_path, order, epoch_tran
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t = trainer(tmp_path, callbacks, max_epochs=3, enable_progress_bar=True)
-        t.fit(ToyModule(val_losses=VAL_LOSSES))
+        t.fit(ToyModule(val_losses=MIXED_VAL_LOSSES))
     fts = next(c for c in t.callbacks if isinstance(c, FinetuningScheduler))
     assert fts.curr_depth == 2
     assert t.progress_bar_callback is not None and t.progress_bar_callback._trainer is t
@@ -209,12 +186,12 @@ def test_resuming_with_another_monitor_is_refused(tmp_path):
     ckpt = FTSCheckpoint(dirpath=str(tmp_path / "ckpt"), monitor="val_loss", save_last=True)
     t = trainer(tmp_path, [FinetuningScheduler(ft_schedule=SCHEDULE_3), FTSEarlyStopping(monitor="val_loss", patience=1),
                            ckpt], max_epochs=2)
-    t.fit(ToyModule(val_losses=VAL_LOSSES))
+    t.fit(ToyModule(val_losses=MIXED_VAL_LOSSES))
     t2 = trainer(tmp_path, [FinetuningScheduler(ft_schedule=SCHEDULE_3),
                             FTSEarlyStopping(monitor="val_real_loss", patience=1),
                             FTSCheckpoint(dirpath=str(tmp_path / "ckpt2"), monitor="val_real_loss")], max_epochs=4)
     with pytest.raises(ConfigurationError, match=r"monitoring 'val_loss', this run monitors 'val_real_loss'"):
-        t2.fit(ToyModule(val_losses=VAL_LOSSES), ckpt_path=ckpt.last_model_path)
+        t2.fit(ToyModule(val_losses=MIXED_VAL_LOSSES), ckpt_path=ckpt.last_model_path)
 
 
 class RecordSteps(pl.Callback):
@@ -227,18 +204,16 @@ class RecordSteps(pl.Callback):
         self.steps.append(trajectory_point(pl_module, trainer.optimizers[0]))
 
 
+@pytest.mark.numerical
 def test_the_callback_and_the_loop_run_a_step_capped_schedule_alike_step_by_step(tmp_path):
-    from test_steps import STEPS, loop_run
-    from test_steps import VAL_LOSSES as SCRIPTED
-
     torch.manual_seed(0)
-    module = ToyModule(val_losses=SCRIPTED, lr=0.1)
+    module = ToyModule(val_losses=STEP_VAL_LOSSES, lr=0.1)
     rec = RecordSteps()
     t = trainer(tmp_path, [FinetuningScheduler(ft_schedule=STEPS), FTSEarlyStopping(monitor="val_loss", patience=2),
                            rec], max_epochs=4, enable_checkpointing=False)
     t.fit(module)
-    loop_module, _, loop_steps, _ = loop_run(record=trajectory_point)
+    loop_module, _, loop_steps, _ = step_loop_run()
     assert len(rec.steps) == 16 and rec.steps == loop_steps  # thawed set, groups and lrs before every step
     reference = dict(loop_module.named_parameters())
-    for n, p in module.named_parameters():
-        torch.testing.assert_close(p, reference[n], rtol=0, atol=1e-6, msg=n)
+    for n, p in module.named_parameters():  # numerical: FRONT_ENDS, 16 steps
+        torch.testing.assert_close(p, reference[n], rtol=0, atol=float32_drift(16, 16), msg=n)

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from helpers import float32_drift
 from launch import launch
 from phasetune import ConfigurationError, FSDP2Strategy, ScheduledFinetuning
 from phasetune.strategy import block_plan, list_checkpoints
@@ -47,19 +48,23 @@ def both(ranks, key, *fields):
 
 
 # ------------------------------------------------------------------------------------------ numerics
+# numerical, each against one process on the whole batches: ranks and micro-steps sum gradients in another order;
+# sums of 16 terms (TinyLM's width, the batches), weights below 1, over each comparison's optimizer steps
+@pytest.mark.numerical
 def test_a_three_phase_loop_on_two_ranks_matches_one_process_on_the_full_batches(train):
     r = both(train[1], "agreement")
     assert r["depths"] == r["ref_depths"] == [[0, 0], [1, 1], [2, 2]]
     assert r["steps"] == 16 and r["clipped_steps"] > 0  # clipping was active in some steps
-    assert r["max_diff"] < 2e-6
+    assert r["max_diff"] <= float32_drift(16, 16)
     assert r["groups_homogeneous"]
 
 
+@pytest.mark.numerical
 def test_gradient_accumulation_equals_one_large_batch_step(train):
     r = both(train[1], "accumulation")
     assert r["accumulation_steps"] == 4
     assert r["stepped"] == [False, False, False, True]
-    assert r["max_diff"] < 1e-6
+    assert r["max_diff"] <= float32_drift(1, 16)
 
 
 def test_gradients_are_not_synchronised_before_the_last_micro_step(train):
@@ -67,17 +72,19 @@ def test_gradients_are_not_synchronised_before_the_last_micro_step(train):
     assert both(train[1], "accumulation")["no_sharded_grads_after_backward"] == [True, True, True, False]
 
 
+@pytest.mark.numerical
 def test_clipping_uses_one_norm_over_all_meshes_like_clip_grad_norm_on_the_unsharded_model(train):
     r = both(train[1], "clipping")
     assert len(r["meshes"]) == 2 and r["torch_clip_fails"]  # torch's own norm refuses two meshes
-    assert r["norm"] == pytest.approx(r["ref_norm"], rel=1e-6) and r["norm"] > 0.05  # so it clipped
-    assert r["max_diff"] < 1e-6
+    # numerical: shards' sums of squares against one sum over TinyLM's 1762 parameters (n terms: n roundings)
+    assert r["norm"] == pytest.approx(r["ref_norm"], rel=float32_drift(1, 1762)) and r["norm"] > 0.05  # so it clipped
+    assert r["max_diff"] <= float32_drift(1, 16)
 
 
 def test_a_non_finite_gradient_norm_skips_the_step_and_drops_the_gradients(train):
     r = both(train[1], "nonfinite")
     assert r["nan_stepped"] is False and r["nan_skipped"] == 1
-    assert r["unchanged"] and r["grads_dropped"]
+    assert r["unchanged"] and r["grads_dropped"]  # exact: the skipped step wrote nothing
 
 
 def test_bf16_computes_in_bfloat16_and_keeps_float32_master_weights(train):
@@ -88,7 +95,7 @@ def test_bf16_computes_in_bfloat16_and_keeps_float32_master_weights(train):
 
 def test_offload_round_trips_optimizer_state_exactly(train):
     r = both(train[1], "offload")
-    assert r["moved"] and r["round_trip_exact"] and r["next_step_matches_twin"]
+    assert r["moved"] and r["round_trip_exact"] and r["next_step_matches_twin"]  # exact: copies, the same step
     assert r["state_types"] == ["DTensor", "Tensor"]  # sharded moments stay DTensors, step counts stay plain
 
 
@@ -107,25 +114,28 @@ def test_a_run_killed_right_after_a_transition_resumes_bit_exactly_from_the_late
         full, resumed = rank["full"], rank["from_latest"]
         assert resumed["history"] == full["history"] == [[0, 0, 3, True], [1, 3, 4, True], [2, 4, None, False]]
         assert resumed["groups"] == full["groups"]
-        assert resumed["params"] == full["params"]
+        assert resumed["params"] == full["params"]  # exact: resume against the uninterrupted run
 
 
 def test_resuming_mid_phase_brings_back_the_restore_best_snapshot(resume):
-    for rank in resume:  # epoch 1's snapshot is restored at the transition after epoch 2
+    for rank in resume:  # epoch 1's snapshot is restored at the transition after epoch 2; exact
         assert rank["from_mid_phase"]["params"] == rank["full"]["params"]
 
 
 def test_saving_changes_nothing_and_a_save_right_after_the_second_transition_resumes_exactly(resume):
-    for rank in resume:
+    for rank in resume:  # exact: a run that saved, and a resume, against the uninterrupted run
         assert rank["saving"]["params"] == rank["full"]["params"]
         assert rank["from_second_transition"]["params"] == rank["full"]["params"]
 
 
 # ------------------------------------------------------------------------------------------ export and init
-def test_save_model_output_reloads_with_from_pretrained_and_gives_identical_logits(resume):
+@pytest.mark.numerical
+def test_save_model_output_reloads_with_from_pretrained_and_gives_the_same_logits(resume):
     r = resume[0]["minilm"]
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(r["files"])
-    assert r["reload_equal"], r["reload_diff"]
+    # numerical: the sharded model's forward against the reloaded one's in one process (other tensors, other
+    # kernels' blocking); MiniLM's 6 layers, sums of up to 1536 terms, logits below 1
+    assert r["reload_diff"] <= float32_drift(6, 1536), r["reload_diff"]
 
 
 def test_hugging_face_blocks_from_no_split_modules_become_fsdp_units(resume):
@@ -135,11 +145,11 @@ def test_hugging_face_blocks_from_no_split_modules_become_fsdp_units(resume):
 
 def test_a_meta_initialized_model_is_materialized_from_a_full_state_dict(resume):
     r = both(resume, "minilm", "meta_params_before", "meta_equal")
-    assert r["meta_params_before"] == 105 and r["meta_equal"]
+    assert r["meta_params_before"] == 105 and r["meta_equal"]  # exact: the same sharded model's logits
 
 
 def test_models_without_save_pretrained_are_exported_as_plain_safetensors(resume):
-    assert both(resume, "minilm", "plain_export_exact")["plain_export_exact"]
+    assert both(resume, "minilm", "plain_export_exact")["plain_export_exact"]  # exact: the export holds the bits
 
 
 def test_the_documented_loop_runs_under_torchrun(resume):
@@ -148,19 +158,6 @@ def test_the_documented_loop_runs_under_torchrun(resume):
 
 
 # ------------------------------------------------------------------------------------------ one process
-@pytest.fixture
-def one_process(monkeypatch, tmp_path):
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.chdir(tmp_path)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: more threads only contend on the shared CPU cores
-    yield tmp_path
-    torch.set_num_threads(threads)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def sharded(**kw):
     st = FSDP2Strategy(**{"seed": 0, "micro_batch_size": 4, "global_batch_size": 4, **kw})
     with st.init_model_context():
@@ -318,7 +315,7 @@ def test_an_fsdp_plan_with_activation_checkpointing_keeps_the_schedules_names(on
     ft.step(1)
     before = {n: p.detach().full_tensor().clone() for n, p in model.named_parameters()}
     assert [train_step(st, model, ft.optimizer) for _ in range(2)] == [False, True]
-    assert all(not torch.equal(p.detach().full_tensor(), before[n]) for n, p in model.named_parameters())
+    assert all(not torch.equal(p.detach().full_tensor(), before[n]) for n, p in model.named_parameters())  # exact
 
 
 def test_a_skipped_non_finite_step_is_reported(one_process, caplog):

@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import torch
 
 from fts_reference.scenarios import scenario, thawed_per_epoch
-from helpers import NoisyData, PrefixModule, PrefixSpills, ToyModule
+from helpers import DropoutToyModule, PrefixModule, PrefixSpills, ToyModule
 from launch import digest, write_report
 from phasetune import FinetuningScheduler, FTSCheckpoint, FTSEarlyStopping
 
@@ -97,21 +97,9 @@ report["unsynced"] = {
 
 # exact resume with randomness: Dropout, data noise from Python's random.gauss and NumPy, and a different
 # random stream on each rank (a resume that swapped or dropped ranks' states would not be bit-equal)
-class RandomModule(ToyModule):
-    def __init__(self) -> None:
-        super().__init__(val_losses=LOSSES, optimizer="adam", lr=0.01, scheduler="step", batch_size=8)
-        self.drop = torch.nn.Dropout(0.2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(self.drop(x))
-
-    def train_dataloader(self) -> torch.utils.data.DataLoader:
-        return torch.utils.data.DataLoader(NoisyData(), batch_size=8, shuffle=True)
-
-
 def random_fit(name: str, ckpt=None):
     pl.seed_everything(3)
-    module = RandomModule()
+    module = DropoutToyModule(val_losses=LOSSES, batch_size=8)
     pl.seed_everything(100 + int(os.environ["RANK"]))  # the same weights, each rank's own random stream
     fts = FinetuningScheduler(ft_schedule=es_schedule)
     ck = FTSCheckpoint(monitor="val_loss", save_top_k=-1, dirpath=str(OUT / name), filename="{epoch}")

@@ -1,6 +1,6 @@
-"""PhasetuneTrainer under 2-process DDP (torchrun, gloo, CPU), run by tests/test_hf.py in one launch.
+"""PhasetuneTrainer under 2-process DDP (torchrun, gloo, CPU), run by tests/test_hf_ddp.py in one launch.
 
-Also the tiny BERT, data and Trainer settings the single-process tests in tests/test_hf.py share, so both
+Also the tiny BERT, data and Trainer settings the single-process tests in tests/test_hf_*.py share, so both
 sides build exactly the same runs.
 """
 

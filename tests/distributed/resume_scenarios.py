@@ -1,6 +1,6 @@
 """2-process resume scenarios (run under torchrun, gloo, CPU), one launch per mode.
 
-``resume_scenarios.py OUT lightning ONE_CKPT`` (tests/test_exact_resume.py): exact resume under Lightning's DDP,
+``resume_scenarios.py OUT lightning ONE_CKPT`` (tests/test_exact_resume_sharded.py): exact resume under Lightning's DDP,
 FSDPStrategy (FSDP1) and ModelParallelStrategy (FSDP2, sharded and full checkpoints). Every fit trains a 3-phase
 schedule with restore-best on, a shuffling distributed sampler, a Dropout layer and data that draws from Python's
 ``random`` (gauss cache) and NumPy in ``__getitem__``. Each strategy runs once uninterrupted with a ``DataLoader``
@@ -18,14 +18,12 @@ on 2 ranks, and loads ONE_CKPT (saved by 1 process): refused without ``resume_rn
 from __future__ import annotations
 
 import logging
-import random
 import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from launch import write_report
@@ -61,40 +59,23 @@ def lightning_fit() -> Callable[..., dict[str, Any]]:
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.strategies import ModelParallelStrategy
-    from torch import nn
-    from torch.utils.data import DataLoader, Dataset
+    from torch.utils.data import DataLoader
     from torchdata.stateful_dataloader import StatefulDataLoader
     from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
     from fsdp_cpu import CPUFSDPStrategy
-    from helpers import Block, ToyModule, dataset
+    from helpers import Block, DropoutToyModule, NoisyData
     from phasetune import FinetuningScheduler, FTSCheckpoint
     from phasetune.sharding import full_state_dict
 
-    class NoisyData(Dataset):
-        """Samples with noise from Python's ``random.gauss`` (its cached second value) and NumPy's generator."""
-
-        def __init__(self) -> None:
-            self.data = dataset(64, 0)
-
-        def __len__(self) -> int:
-            return len(self.data)
-
-        def __getitem__(self, i: int) -> Any:
-            x, y = self.data[i]
-            return x + 0.01 * random.gauss(0, 1) + 0.01 * float(np.random.normal()), y
-
-    class RandomModule(ToyModule):
-        """ToyModule with Dropout before the model and a shuffled loader over noisy data (Adam, StepLR)."""
+    class RandomModule(DropoutToyModule):
+        """DropoutToyModule (batch 8 a rank) through the loader class asked for; over torchdata's stateful sampler
+        if asked, else Lightning's DistributedSampler."""
 
         def __init__(self, loader: type[DataLoader] = DataLoader, stateful_sampler: bool = False) -> None:
-            super().__init__(val_losses=LOSSES, optimizer="adam", lr=0.01, scheduler="step", batch_size=8)
-            self.drop = nn.Dropout(0.2)
+            super().__init__(val_losses=LOSSES, batch_size=8)
             self.loader = loader
             self.stateful_sampler = stateful_sampler
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.model(self.drop(x))
 
         def train_dataloader(self) -> DataLoader:
             data = NoisyData()
@@ -210,7 +191,7 @@ def lightning_scenarios(out: Path, one_device_ckpt: Path) -> dict[str, Any]:
 
 
 def topology_scenarios(out: Path, one_ckpt: Path) -> dict[str, Any]:
-    from test_topology import build, refusal, state_report, train_into_phase_1, train_steps
+    from plain_strategy_runs import build, refusal, state_report, train_into_phase_1, train_steps
 
     said = []
     handler = logging.Handler(logging.WARNING)

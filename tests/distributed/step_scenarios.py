@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader, Subset
 
 from helpers import ToyModule, dataset
 from launch import digest, write_report
+from loop_runs import STEP_VAL_LOSSES, STEPS
 from phasetune import FinetuningScheduler, FTSCheckpoint, FTSEarlyStopping
-from test_steps import STEPS, VAL_LOSSES
 
 warnings.simplefilter("ignore")
 torch.set_num_threads(1)
@@ -31,7 +31,7 @@ class Interleaved(ToyModule):
 def fit(name: str, ckpt: Path | None = None) -> tuple[dict, int]:
     torch.manual_seed(0)
     # 2 ranks x 8 samples a step: the same 16 samples per step as one process with batches of 16
-    module = Interleaved(val_losses=VAL_LOSSES, lr=0.1)
+    module = Interleaved(val_losses=STEP_VAL_LOSSES, lr=0.1)
     fts = FinetuningScheduler(ft_schedule=STEPS)
     callbacks = [fts, FTSEarlyStopping(monitor="val_loss", patience=2),
                  FTSCheckpoint(monitor="val_loss", save_top_k=-1, dirpath=str(OUT / name), filename="{epoch}")]
