@@ -157,8 +157,8 @@ def test_restore_best_restores_exactly_the_best_weights_of_the_phase(tmp_path):
     best = spy.params_at_val[1]
     last = spy.params_at_val[3]
     for name, value in captured.items():
-        assert torch.equal(value, best[name]), name
-    assert any(not torch.equal(best[n], last[n]) for n in best)  # training did move on after the best epoch
+        assert torch.equal(value, best[name]), name  # exact: the restored copy of the best epoch's weights
+    assert any(not torch.equal(best[n], last[n]) for n in best)  # exact: training did move on after the best epoch
 
 
 def test_without_restore_best_the_phase_continues_from_its_last_state(tmp_path):
@@ -173,7 +173,7 @@ def test_without_restore_best_the_phase_continues_from_its_last_state(tmp_path):
     _, fts, spy, _ = fit(tmp_path, ToyModule(val_losses=[0.9, 0.1, 0.5, 0.5]), [AtTransition()],
                          fts_kwargs=dict(ft_schedule=sched, restore_best=False), max_epochs=4)
     assert not fts.history[0].restored_best
-    assert all(torch.equal(captured[n], spy.params_at_val[2][n]) for n in captured)
+    assert all(torch.equal(captured[n], spy.params_at_val[2][n]) for n in captured)  # exact: nothing restored
 
 
 # ------------------------------------------------------------------ companions: early stopping and checkpoint
@@ -248,7 +248,7 @@ def test_gen_ft_sched_only_writes_the_schedule_and_skips_training(tmp_path):
     text = Path(info.value.path).read_text()
     assert text.startswith("# phasetune schedule generated for ToyModule")
     assert yaml.safe_load(text)[0] == {"params": [r"model\.head\..*"]}
-    assert all(torch.equal(p, before[n]) for n, p in module.named_parameters())
+    assert all(torch.equal(p, before[n]) for n, p in module.named_parameters())  # exact: nothing trained
 
 
 def test_schedule_errors_surface_before_training(tmp_path):
@@ -320,7 +320,7 @@ def test_frozen_batchnorm_statistics(tmp_path):
         module = ToyModule(batchnorm=True)
         before = module.model.layers[0].norm.running_mean.clone()
         fit(tmp_path, module, fts_kwargs=dict(ft_schedule=sched, frozen_bn_track_running_stats=track), max_epochs=1)
-        assert (not torch.equal(module.model.layers[0].norm.running_mean, before)) is moves
+        assert (not torch.equal(module.model.layers[0].norm.running_mean, before)) is moves  # exact: written or not
 
 
 def test_groups_are_tagged_with_their_phase(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import float32_drift
 from launch import launch
 
 
@@ -18,9 +19,9 @@ def test_epoch_driven_run_ends_at_the_final_depth_with_identical_parameters_on_b
     assert r0["depth"] == r1["depth"] == 2
     assert r0["epoch"] == 6
     assert [p[:2] for p in r0["phases"]] == [[0, 2], [2, 4], [4, 6]]
-    assert r0["params"] == r1["params"]
+    assert r0["params"] == r1["params"]  # exact: rank against rank
     assert [n for _, n in r0["groups"]] == [2, 8, 10]
-    assert [lr for lr, _ in r0["groups"]][1:] == [lr for lr, _ in r1["groups"]][1:]
+    assert [lr for lr, _ in r0["groups"]][1:] == [lr for lr, _ in r1["groups"]][1:]  # exact: rank against rank
     # Each rank sees different batches (DistributedSampler): identical parameters prove that gradients of
     # parameters thawed after DDP was built are synchronised (without the re-wrap they diverge).
 
@@ -29,7 +30,7 @@ def test_ddp_resume_from_phase_0_and_phase_1_matches_the_uninterrupted_run_exact
     for rank in ranks:
         ref = rank["epoch_run"]
         for name in ("resumed_phase0", "resumed_phase1"):
-            assert rank[name]["params"] == ref["params"], name
+            assert rank[name]["params"] == ref["params"], name  # exact: resume against the uninterrupted run
             assert rank[name]["groups"] == ref["groups"], name
 
 
@@ -40,8 +41,8 @@ def test_early_stopping_transitions_and_restore_best_agree_across_ranks(ranks):
         [4, 7, "early stopping", True],
         [7, 11, "early stopping", False],
     ]
-    assert r0["params"] == r1["params"]
-    assert ranks[0]["es_resumed"]["params"] == r0["params"] == ranks[1]["es_resumed"]["params"]
+    assert r0["params"] == r1["params"]  # exact: rank against rank
+    assert ranks[0]["es_resumed"]["params"] == r0["params"] == ranks[1]["es_resumed"]["params"]  # exact: resume
 
 
 FTS_SCENARIOS = ("es_restore_best", "epoch_only_123")
@@ -85,7 +86,7 @@ def test_ddp_resume_with_dropout_and_random_data_is_bit_equal_on_every_rank(rank
         ref = rank["random_run"]
         assert [p[:2] for p in ref["phases"]] == [[0, 4], [4, 7], [7, 11]] and ref["phases"][0][2]
         for epoch in (3, 8):
-            assert rank[f"random_resumed_{epoch}"]["params"] == ref["params"], (epoch, "differs")
+            assert rank[f"random_resumed_{epoch}"]["params"] == ref["params"], (epoch, "differs")  # exact: resume
 
 
 def replay_prefix_cache(epochs: list[list[list[int]]]) -> tuple[int, int, int]:
@@ -104,6 +105,7 @@ def replay_prefix_cache(epochs: list[list[list[int]]]) -> tuple[int, int, int]:
     return served, computed, len(stored)
 
 
+@pytest.mark.numerical
 def test_prefix_cache_under_ddp_serves_each_ranks_reshuffled_samples_and_trains_as_without_it(ranks):
     seen = [rank["prefix_cached"]["seen"] for rank in ranks]
     for epoch in range(6):  # DistributedSampler: the ranks split the data each epoch, and reshuffle it
@@ -122,9 +124,10 @@ def test_prefix_cache_under_ddp_serves_each_ranks_reshuffled_samples_and_trains_
         assert cached["cache_lines"][1] is None and plain["cache_lines"] == [None, None]
         assert cached["spill_files"] > 0 and cached["spill_folders_left"] == 0
         assert not cached["hooks_left"] and cached["all_in_train_mode"]
-        # the tolerance of the one-process comparisons (tests/test_prefix_frontends.py)
         for name, values in cached["params"].items():
-            torch.testing.assert_close(torch.tensor(values), torch.tensor(plain["params"][name]), rtol=1e-5,
-                                       atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+            # numerical: a cached row was computed in another batch (a kernel may round it differently there);
+            # 6 epochs of 6 steps, sums of 16 terms (width 16), weights below 1
+            torch.testing.assert_close(torch.tensor(values), torch.tensor(plain["params"][name]), rtol=0,
+                                       atol=float32_drift(36, 16), msg=lambda m, name=name: f"{name}: {m}")
     for run in ("prefix_cached", "prefix_plain"):  # DDP: every rank ends with the same parameters
-        assert ranks[0][run]["params"] == ranks[1][run]["params"], run
+        assert ranks[0][run]["params"] == ranks[1][run]["params"], run  # exact: rank against rank

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fsdp2_models import SCHEDULE, TRAINABLE_TENSORS_PER_EPOCH, LMModule, Probe, full_digest
-from helpers import trainer
+from helpers import float32_drift, trainer
 from launch import launch
 from phasetune import FinetuningScheduler, resolve_schedule
 
@@ -49,6 +49,11 @@ def max_diff(a: dict, b: dict) -> float:
     return max(abs(x - y) for k in a for x, y in zip(a[k], b[k], strict=True))
 
 
+# numerical, for the comparisons below: sharded runs reduce gradients across ranks, other plans group the same
+# operations otherwise; sums of 16 terms (width 16, batch 16), weights below 1, over the runs' optimizer steps
+SIX_EPOCHS, THREE_EPOCHS = float32_drift(24, 16), float32_drift(12, 16)  # 4 steps an epoch
+
+
 def phase_names(k: int) -> list[str]:
     return list(resolve_schedule(SCHEDULE, list(full_digest(LMModule()))).phases[k].params)
 
@@ -68,16 +73,17 @@ def test_later_phases_parameters_stay_bit_identical_until_their_phase_starts(ran
         assert names
         for e in range(start):
             for n in names:
-                assert epochs[e]["params"][n] == epochs[0]["params"][n], (n, e)
-        assert any(ranks[0]["main"]["final"][n] != epochs[0]["params"][n] for n in names)
+                assert epochs[e]["params"][n] == epochs[0]["params"][n], (n, e)  # exact: a frozen tensor
+        assert any(ranks[0]["main"]["final"][n] != epochs[0]["params"][n] for n in names)  # exact: then it trained
 
 
+@pytest.mark.numerical
 def test_sharded_run_agrees_with_the_single_process_run(ranks, single_process):
     probe, final = single_process
-    assert ranks[0]["main"]["final"] == ranks[1]["main"]["final"]
-    for e, rec in enumerate(probe.epochs):
-        assert max_diff(ranks[0]["main"]["epochs"][e]["params"], rec["params"]) < 1e-5, e
-    assert max_diff(ranks[0]["main"]["final"], final) < 1e-5
+    assert ranks[0]["main"]["final"] == ranks[1]["main"]["final"]  # exact: rank against rank
+    for e, rec in enumerate(probe.epochs):  # numerical: 2 ranks' half batches against one process's whole ones
+        assert max_diff(ranks[0]["main"]["epochs"][e]["params"], rec["params"]) <= SIX_EPOCHS, e
+    assert max_diff(ranks[0]["main"]["final"], final) <= SIX_EPOCHS
 
 
 def test_plan_shards_each_block_the_norm_and_the_head_then_the_root_and_hints_at_the_root_unit(ranks):
@@ -100,11 +106,12 @@ def test_resume_from_a_phase_1_checkpoint_restores_groups_optimizer_state_and_th
         assert start["trainable"] == phase01
         assert start["groups"] == saved["groups"]
         assert [g[2] for g in start["groups"]] == [0, 1]
-        assert start["state"] == saved["state"]  # this rank's shards of every momentum buffer
+        assert start["state"] == saved["state"]  # exact: this rank's shards of every momentum buffer, read back
         assert sorted(start["state"]) == phase01
-        assert rank["resumed"]["final"] == rank["main"]["final"]  # incl. the restore-best snapshot per rank
+        assert rank["resumed"]["final"] == rank["main"]["final"]  # exact: resume (the restore-best snapshot per rank)
 
 
+@pytest.mark.numerical
 def test_act_ckpt_and_fsdp_default_kwargs_are_applied_and_change_no_numbers(ranks):
     facts = ranks[0]["act_ckpt"]["modules"]
     for name in ("model.layers.0", "model.layers.1"):
@@ -117,9 +124,11 @@ def test_act_ckpt_and_fsdp_default_kwargs_are_applied_and_change_no_numbers(rank
     # the entry's own kwargs win over fsdp_default_kwargs (cpu_offload_policy: None switches offload off)
     assert facts["model.head"] == {"wrapped": False, "composable_ckpt": False, "offload": "OffloadPolicy",
                                    "reshard_after_forward": True}
-    assert max_diff(ranks[0]["act_ckpt"]["final"], ranks[0]["main"]["epochs"][3]["params"]) < 1e-6
+    # numerical: recomputed forwards and an offloaded optimizer step run the same operations grouped otherwise
+    assert max_diff(ranks[0]["act_ckpt"]["final"], ranks[0]["main"]["epochs"][3]["params"]) <= THREE_EPOCHS
 
 
+@pytest.mark.numerical
 def test_groups_mixing_meshes_are_split_with_an_explanation_and_clipping_spans_both_meshes(ranks):
     mixed = ranks[0]["mixed"]
     assert len(mixed["group_notes"]) == 2
@@ -131,7 +140,8 @@ def test_groups_mixing_meshes_are_split_with_an_explanation_and_clipping_spans_b
     assert [[n, k] for _, n, k in mixed["ends"][-1]["groups"]] == [[2, 0], [2, 0], [4, 1], [4, 1]]
     assert any("split optimizer param groups" in w for w in mixed["warnings"])
     # HSDP units next to FSDP units, every step clipped by one global norm: the same numbers as the main run
-    assert max_diff(mixed["final"], ranks[0]["main"]["epochs"][3]["params"]) < 1e-5
+    # (numerical: other meshes reduce gradients and the clipping norm in another order)
+    assert max_diff(mixed["final"], ranks[0]["main"]["epochs"][3]["params"]) <= THREE_EPOCHS
 
 
 def test_each_misconfiguration_gives_its_message(ranks):
@@ -164,7 +174,7 @@ def test_export_writes_the_full_unsharded_weights_once(run):
     params = {k: v for k, v in weights.items() if k in final}
     assert params.keys() == final.keys()
     for k, v in params.items():
-        assert v.double().flatten().tolist() == final[k], k
+        assert v.double().flatten().tolist() == final[k], k  # exact: the export holds the trained bits
 
 
 def test_hugging_face_export_loads_with_from_pretrained_and_the_implicit_schedule_uses_logical_names(run):
@@ -179,7 +189,7 @@ def test_hugging_face_export_loads_with_from_pretrained_and_the_implicit_schedul
     model = BertForSequenceClassification.from_pretrained(str(out / "hf_export"))
     state = model.state_dict()
     for k, v in hf["weights"].items():
-        assert torch.equal(state[k].double().flatten(), torch.tensor(v, dtype=torch.float64)), k
+        assert torch.equal(state[k].double().flatten(), torch.tensor(v, dtype=torch.float64)), k  # exact: as saved
 
 
 def test_the_adapter_leaves_no_hooks_on_the_module_after_fit(ranks):

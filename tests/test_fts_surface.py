@@ -218,7 +218,7 @@ def test_an_fts_checkpoints_weights_start_a_new_phasetune_fit(tmp_path):
     sc = fts_scenario()
     module = ReferenceModule.load_from_checkpoint(FTS_CHECKPOINT, sc=sc)
     saved = torch.load(FTS_CHECKPOINT, weights_only=True)["state_dict"]
-    assert all(torch.equal(p, saved[n]) for n, p in module.named_parameters())
+    assert all(torch.equal(p, saved[n]) for n, p in module.named_parameters())  # exact: loaded as saved
     fts = FinetuningScheduler(ft_schedule=dict(sc.schedule), base_max_lr=0.02)
     t = trainer(tmp_path, [fts], max_epochs=1)
     with warnings.catch_warnings():

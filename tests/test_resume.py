@@ -59,6 +59,8 @@ def final_state(module, t):
 
 
 def assert_same(a, b):
+    """Exact: a resumed run's final state (parameters, optimizer state, ...) against the uninterrupted run's, bit
+    for bit."""
     pa, sa, la, oa, ska = a
     pb, sb, lb, ob, skb = b
     assert (oa, ska, la) == (ob, skb, lb)
@@ -152,7 +154,7 @@ def test_disk_snapshots_resume_exactly_and_say_when_they_were_lost(tmp_path, ref
     with pytest.warns(UserWarning, match="snapshot .* is gone"):
         module, _, t = run(tmp_path / "r2", ckpt_path=ref_root / "ckpts" / "epoch=3.ckpt", storage="disk", quiet=False)
     lost = final_state(module, t)
-    assert any(not torch.equal(lost[0][n], expected[0][n]) for n in expected[0])
+    assert any(not torch.equal(lost[0][n], expected[0][n]) for n in expected[0])  # exact: the control differs
 
 
 class LateRestoreStrategy(SingleDeviceStrategy):

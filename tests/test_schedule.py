@@ -49,7 +49,7 @@ def test_yaml_file_resolves_exact_names_and_regexes_in_registration_order(tmp_pa
     assert len(s) == 3
     assert s[0].params == ("model.head.weight", "model.head.bias")
     assert s[0].max_transition_epoch == 2
-    assert s[1].lr == pytest.approx(1e-4)
+    assert s[1].lr == 1e-4  # exact: the decimal parses to the double the literal is
     assert s[1].params == tuple(n for n in NAMES if n.startswith("model.layers.11."))
     assert s[2].params[:2] == ("model.embed.weight", "model.embed.bias")  # registration order, not entry order
     assert len(s[2].params) == 2 + 11 * 4
@@ -59,7 +59,7 @@ def test_yaml_file_resolves_exact_names_and_regexes_in_registration_order(tmp_pa
 
 def test_dict_schedule_with_string_keys_and_yaml11_exponent_lr():
     s = resolve_schedule({"0": {"params": ["model.head.*"]}, "1": {"params": ["model.embed.*"], "lr": "1e-5"}}, NAMES)
-    assert s[1].lr == pytest.approx(1e-5)
+    assert s[1].lr == 1e-5  # exact: the decimal parses to the double the literal is
 
 
 def test_unscheduled_parameters_are_listed():

@@ -49,6 +49,7 @@ class Probe(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         after = trainer.strategy.lightning_module_state_dict()
+        # exact: the same tensors before and after the epoch (a frozen one is never written)
         self.rows[-1]["changed"] = sorted(n for n in after if not torch.equal(after[n], self._before[n]))
 
 
