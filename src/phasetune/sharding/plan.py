@@ -344,6 +344,27 @@ def reshard_all(module: nn.Module) -> int:
     return len(units)
 
 
+def refresh_unit_dtypes(module: nn.Module) -> int:
+    """Re-derive each FSDP2 unit's gradient dtypes from the parameters trainable now; returns how many units.
+
+    FSDP2 fixes a unit's original and reduce dtypes at its first forward from the parameters that require
+    grad then (``FSDPParamGroup._init_mp_dtypes``, torch 2.13). A unit frozen at that moment keeps none, so
+    after a thaw under a ``mp_policy`` its reduced gradients stay in the compute dtype and backward fails with
+    "attempting to assign a gradient with dtype 'c10::BFloat16' to a tensor with grad_dtype 'Float'". Call
+    this after every thaw (it does nothing to units already right, and nothing without mixed precision).
+    """
+    count = 0
+    for m in module.modules():
+        state = m._get_fsdp_state() if is_sharded(m) else None  # type: ignore[operator]
+        group = getattr(state, "_fsdp_param_group", None)
+        if group is None or not hasattr(group, "_init_mp_dtypes"):
+            continue
+        if any(p.sharded_param.requires_grad for p in group.fsdp_params):
+            group._init_mp_dtypes()
+            count += 1
+    return count
+
+
 def apply_plan(
     module: nn.Module,
     plan: Mapping[str, Any] | Sequence[PlanEntry] | None,
@@ -397,6 +418,7 @@ __all__ = [
     "apply_plan",
     "match_plan",
     "parse_plan",
+    "refresh_unit_dtypes",
     "reshard_all",
     "strategy_defaults",
 ]
