@@ -178,6 +178,7 @@ def ddp_runs(audit_ranks) -> list[dict]:
 
 
 @pytest.mark.numerical
+@pytest.mark.launched
 def test_a_compiled_ddp_model_thaws_and_trains_like_the_eager_one(ddp_runs):
     for rank in ddp_runs:
         assert rank["compiled_passed"] == [True, True, True]

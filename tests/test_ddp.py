@@ -106,6 +106,7 @@ def replay_prefix_cache(epochs: list[list[list[int]]]) -> tuple[int, int, int]:
 
 
 @pytest.mark.numerical
+@pytest.mark.launched
 def test_prefix_cache_under_ddp_serves_each_ranks_reshuffled_samples_and_trains_as_without_it(ranks):
     seen = [rank["prefix_cached"]["seen"] for rank in ranks]
     for epoch in range(6):  # DistributedSampler: the ranks split the data each epoch, and reshuffle it

@@ -320,6 +320,7 @@ def test_three_phases_thaw_and_train_exactly_the_scheduled_parameters_per_epoch(
 
 
 @pytest.mark.numerical
+@pytest.mark.launched
 def test_both_modes_train_the_same_model(ranks):
     flat, orig = ranks[0]["flat_run"]["params"], ranks[0]["orig_run"]["params"]
     assert flat.keys() == orig.keys()

@@ -78,6 +78,7 @@ def test_later_phases_parameters_stay_bit_identical_until_their_phase_starts(ran
 
 
 @pytest.mark.numerical
+@pytest.mark.launched
 def test_sharded_run_agrees_with_the_single_process_run(ranks, single_process):
     probe, final = single_process
     assert ranks[0]["main"]["final"] == ranks[1]["main"]["final"]  # exact: rank against rank
@@ -112,6 +113,7 @@ def test_resume_from_a_phase_1_checkpoint_restores_groups_optimizer_state_and_th
 
 
 @pytest.mark.numerical
+@pytest.mark.launched
 def test_act_ckpt_and_fsdp_default_kwargs_are_applied_and_change_no_numbers(ranks):
     facts = ranks[0]["act_ckpt"]["modules"]
     for name in ("model.layers.0", "model.layers.1"):
@@ -129,6 +131,7 @@ def test_act_ckpt_and_fsdp_default_kwargs_are_applied_and_change_no_numbers(rank
 
 
 @pytest.mark.numerical
+@pytest.mark.launched
 def test_groups_mixing_meshes_are_split_with_an_explanation_and_clipping_spans_both_meshes(ranks):
     mixed = ranks[0]["mixed"]
     assert len(mixed["group_notes"]) == 2

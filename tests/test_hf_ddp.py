@@ -20,6 +20,7 @@ def ranks(tmp_path_factory):
 
 
 @pytest.mark.numerical
+@pytest.mark.launched
 def test_ddp_ranks_agree_and_match_one_process_with_the_same_data_order(ranks, tmp_path):
     r0, r1 = ranks[0]["run"], ranks[1]["run"]
     assert ranks[0]["world_size"] == 2

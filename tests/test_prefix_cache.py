@@ -334,6 +334,7 @@ def test_minilm_with_variable_padding_trains_the_same_with_the_cache_as_without(
 
 # ------------------------------------------------------------------------------------------ DDP
 @pytest.mark.numerical
+@pytest.mark.launched
 def test_ddp_ranks_cache_their_shards_fill_in_reshuffled_samples_and_train_as_without_the_cache(tmp_path):
     ranks = launch("prefix_cache_scenarios.py", tmp_path, timeout=300)
     for r in ranks:

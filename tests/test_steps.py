@@ -288,6 +288,7 @@ def test_lightning_installs_phase_0s_lr_scheduler_and_matches_the_loop(tmp_path)
 
 
 @pytest.mark.numerical
+@pytest.mark.launched
 def test_ddp_ranks_run_the_step_capped_schedule_like_one_process_and_resume_mid_phase_bit_equal(tmp_path):
     ranks = launch("step_scenarios.py", tmp_path)
     loop_module, ft, _, _ = step_loop_run()

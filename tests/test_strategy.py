@@ -51,6 +51,7 @@ def both(ranks, key, *fields):
 # numerical, each against one process on the whole batches: ranks and micro-steps sum gradients in another order;
 # sums of 16 terms (TinyLM's width, the batches), weights below 1, over each comparison's optimizer steps
 @pytest.mark.numerical
+@pytest.mark.launched
 def test_a_three_phase_loop_on_two_ranks_matches_one_process_on_the_full_batches(train):
     r = both(train[1], "agreement")
     assert r["depths"] == r["ref_depths"] == [[0, 0], [1, 1], [2, 2]]
@@ -60,6 +61,7 @@ def test_a_three_phase_loop_on_two_ranks_matches_one_process_on_the_full_batches
 
 
 @pytest.mark.numerical
+@pytest.mark.launched
 def test_gradient_accumulation_equals_one_large_batch_step(train):
     r = both(train[1], "accumulation")
     assert r["accumulation_steps"] == 4
@@ -73,6 +75,7 @@ def test_gradients_are_not_synchronised_before_the_last_micro_step(train):
 
 
 @pytest.mark.numerical
+@pytest.mark.launched
 def test_clipping_uses_one_norm_over_all_meshes_like_clip_grad_norm_on_the_unsharded_model(train):
     r = both(train[1], "clipping")
     assert len(r["meshes"]) == 2 and r["torch_clip_fails"]  # torch's own norm refuses two meshes
@@ -130,6 +133,7 @@ def test_saving_changes_nothing_and_a_save_right_after_the_second_transition_res
 
 # ------------------------------------------------------------------------------------------ export and init
 @pytest.mark.numerical
+@pytest.mark.launched
 def test_save_model_output_reloads_with_from_pretrained_and_gives_the_same_logits(resume):
     r = resume[0]["minilm"]
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(r["files"])
