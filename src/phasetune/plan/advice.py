@@ -4,6 +4,8 @@
   micro-batch, activation checkpointing, more ranks for model states that alone overflow).
 - **Micro-batch / gradient-accumulation pairs** per phase that keep the global batch: early phases, with
   fewer activations and no optimizer state for frozen parameters, can run larger micro-batches.
+- **Gradients kept for accumulation**: between the micro-steps of a cycle FSDP2 keeps unsharded gradients
+  of every trainable parameter (sync off), which can outweigh everything else in a late phase.
 - **Where activation checkpointing is needed**: blocks below the lowest trainable block run without
   autograd (frozen parameters, inputs that need no gradient) and keep no activations, so checkpointing
   them saves nothing; it pays only from the lowest trainable block up.
@@ -32,6 +34,7 @@ def advise(plan: MemoryPlan, blocks: Sequence[str], schedule: Any) -> list[str]:
     pairs = _batch_pairs(plan)
     if pairs:
         out.append(pairs)
+    out.extend(_accumulation(plan, p) for p in plan.phases if p.accumulated_grads > 0.1 * max(p.peak, 1))
     out.extend(_checkpointing(plan, p, blocks) for p in plan.phases if _tight(plan, p) and p.lowest_trainable_block)
     out.extend(w for p in plan.phases if (w := _frozen_top(p, blocks, schedule)))
     return [line for line in out if line]
@@ -81,6 +84,15 @@ def _batch_pairs(plan: MemoryPlan) -> str:
         return ""
     return (f"micro-batch x accumulation steps per phase that keep the global batch of {s.global_batch} on "
             f"{s.world_size} rank(s): " + "; ".join(parts))
+
+
+def _accumulation(plan: MemoryPlan, p: PhaseMemory) -> str:
+    s = plan.setup
+    kept = ("unsharded gradients between micro-steps (FSDP2 does not reduce-scatter while gradient sync is off)"
+            if s.strategy == "fsdp2" else "the gradients between micro-steps")
+    return (f"phase {p.phase}: accumulating {s.accumulation} micro-steps keeps {gib(p.accumulated_grads)} of {kept}, "
+            f"{p.accumulated_grads / p.peak:.0%} of its {gib(p.peak)} peak; fewer, larger micro-batches (the pairs "
+            "above) or synchronising gradients on every micro-step avoid it")
 
 
 def best_pair(global_batch: int, world_size: int, limit: int) -> tuple[int, int] | None:

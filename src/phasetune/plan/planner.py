@@ -224,7 +224,9 @@ class _Planner:
         )
         phase.host = HostMemory(
             offload=r0.params + r0.grads + r0.optimizer if off else 0,
-            snapshot=snapshot_params + r0.optimizer + sim.buffers if setup.snapshot_storage == "memory" else 0,
+            # restore-best keeps none in the final phase: no transition follows that would restore it
+            snapshot=snapshot_params + r0.optimizer + sim.buffers
+            if setup.snapshot_storage == "memory" and k < len(self.schedule) - 1 else 0,
         )
         if self.failure is None:
             try:

@@ -17,7 +17,9 @@ ANALYTIC = "analytic"
 
 @dataclass
 class HostMemory:
-    """Host RAM of rank 0 in one phase (bytes): CPU offload, restore-best snapshot, prefix cache."""
+    """Host RAM of rank 0 in one phase (bytes): CPU offload, restore-best snapshot (this rank's trainable shards,
+    their optimizer state and the buffers; none in the final phase), prefix cache (what the phase's cache holds in
+    RAM: ``limit_mb``, or ``dataset_size`` samples of ``prefix_cache_per_sample`` bytes when that is less)."""
 
     offload: int = 0
     snapshot: int = 0
