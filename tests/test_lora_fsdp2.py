@@ -78,6 +78,7 @@ def ranks(tmp_path_factory):
 
 
 @pytest.mark.numerical
+@pytest.mark.launched
 def test_each_rank_folds_its_own_rows_like_one_process(ranks):
     for rank in ranks:
         merge = rank["merge"]
