@@ -7,7 +7,7 @@ embedding and the head; the root last) and simulates every phase of bench/plan_c
 wall and CPU time and the process's peak RSS, and three checks with their numbers -- peaks grow with thaw depth,
 activation checkpointing lowers activations, and the planned peak of each phase against full fine-tuning.
 
-    python bench/plan_scale.py            # 8B (device 80 GiB, global batch 64, micro-batch search), 8B with
+    python bench/plan_scale.py            # 8B (device 80 GiB, global batch 32, micro-batch search), 8B with
                                           # checkpointing, 70B on 64 ranks
     python bench/plan_scale.py --quick    # 8B without the micro-batch search only
 """
@@ -57,7 +57,7 @@ def main() -> None:
     if args.quick:
         common["search_micro_batch"] = False
     else:
-        common["global_batch"] = 64
+        common["global_batch"] = 32
     plan8, wall8, rss8 = timed("Llama-3-8B, 8 ranks", lambda: plan_memory(str(SCHEDULE_8B), str(CONFIGS / "llama3_8b.json"),
                                                                          **common))
     print(plan8.table())

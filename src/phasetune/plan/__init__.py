@@ -17,7 +17,7 @@ from phasetune.plan.advice import best_pair
 from phasetune.plan.model_source import ModelSource, model_source
 from phasetune.plan.planner import plan_memory, plan_memory_isolated
 from phasetune.plan.result import HostMemory, MemoryPlan, PhaseMemory
-from phasetune.plan.setup import PlanSetup
+from phasetune.plan.setup import PlanSetup, optimizer_settings
 from phasetune.plan.step import Shard, StepMemory, step_memory
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "StepMemory",
     "best_pair",
     "model_source",
+    "optimizer_settings",
     "plan_memory",
     "plan_memory_isolated",
     "step_memory",

@@ -46,7 +46,7 @@ class ModelSource:
 
     def inputs_for(self, model: nn.Module, micro_batch: int, seq_len: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """``(args, kwargs)`` of one forward at ``micro_batch`` x ``seq_len`` (built in the active tensor mode)."""
-        inner = model.get_submodule(model.path) if isinstance(model, _Holder) else model
+        inner = model.held if isinstance(model, _Holder) else model
         make = self.make_inputs or getattr(inner, "example_inputs", None)
         if make is None:
             vocab = getattr(getattr(inner, "config", None), "vocab_size", None)
@@ -165,8 +165,12 @@ class _Holder(nn.Module):
             parent = child
         parent.add_module(parts[-1], model)
 
+    @property
+    def held(self) -> nn.Module:
+        return self.get_submodule(self.path)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.get_submodule(self.path)(*args, **kwargs)
+        return self.held(*args, **kwargs)
 
 
 def _nest(model: nn.Module, path: str) -> nn.Module:

@@ -29,6 +29,7 @@ from phasetune.plan.simulate import (
     Model,
     PassFailed,
     build,
+    fake_tensor_limit,
     largest_fitting,
     largest_from_timelines,
     run_pass,
@@ -138,10 +139,10 @@ class _Planner:
         setup = self.setup
         try:
             sim = build(self.source, setup, self.mesh, self._prepare)
-        except PhasetuneError:
-            raise
-        except Exception as e:  # the model cannot be built or sharded under fake tensors: shapes only
-            self.failure = PassFailed("(building and sharding the model)", e)
+        except Exception as e:
+            if isinstance(e, PhasetuneError) or setup.tensors == "real" or not fake_tensor_limit(e):
+                raise
+            self.failure = PassFailed("(building and sharding the model)", e)  # shapes only, from the meta device
             sim = self._shapes_only()
         strategy = setup.strategy if sim.sharding.units or setup.strategy != "fsdp1" else "fsdp2"
         states = StatePlanner(sim.shapes, strategy, setup.world_size,
@@ -232,6 +233,12 @@ class _Planner:
             try:
                 self._simulate(sim, phase, fixed)
             except PassFailed as e:
+                if setup.tensors == "real" or not fake_tensor_limit(e.error):
+                    raise ConfigurationError(
+                        f"phase {k}: the simulated training step failed in {e.module or 'the model'}: "
+                        f"{type(e.error).__name__}: {str(e.error).splitlines()[0] if str(e.error) else ''}; a run with "
+                        "these settings fails the same way"
+                    ) from e.error
                 self.failure = e
         if self.failure is not None:
             phase.source = ANALYTIC
@@ -268,33 +275,32 @@ class _Planner:
         if phase.step_peak > budget:
             phase.max_micro_batch = 0
             return
-        # two passes at sizes >= 2 (at size 1 some copies are views, so it is off the line the others are on)
+        # two passes at sizes >= 2, after the phase's first one (the first pass after a thaw runs a few more
+        # operators, so it does not line up with later ones; at size 1 some copies are views, off the line)
         cap = setup.max_micro_batch
         b0 = setup.micro_batch
         sizes = (b0, 2 * b0) if b0 >= 2 else (2, 4)
         if sizes[1] > cap:
             return
-        passes = {b0: first}
-        for b in sizes:
-            if b not in passes:
-                passes[b] = run_pass(sim, self.source, setup, b)
-        lo, hi = passes[sizes[0]], passes[sizes[1]]
+        lo, hi = (run_pass(sim, self.source, setup, b) for b in sizes)
+        known = {b: r.peak.total + fixed for b, r in ((b0, first), (sizes[0], lo), (sizes[1], hi))}
         phase.per_sample = max(0, (hi.peak.total - lo.peak.total) // (sizes[1] - sizes[0]))
         best = largest_from_timelines(lo, hi, budget - fixed, cap)
-        if best is not None and best < sizes[0]:  # the line holds from 2 up: below it, run the sizes
+        if best is not None and best < sizes[0]:  # the line starts at 2: below it, run the sizes
             for b in range(sizes[0] - 1, 0, -1):
-                if b not in passes:
-                    passes[b] = run_pass(sim, self.source, setup, b)
-            best = max((b for b, r in passes.items() if b < sizes[0] and r.peak.total + fixed <= budget), default=0)
+                if b not in known:
+                    known[b] = run_pass(sim, self.source, setup, b).peak.total + fixed
+            best = max((b for b, v in known.items() if b < sizes[0] and v <= budget), default=0)
         if best is None:  # the passes ran different operators: search with bounds instead
 
             def peak_at(b: int) -> int:
                 return run_pass(sim, self.source, setup, b).peak.total + fixed
 
-            known = {b: r.peak.total + fixed for b, r in passes.items()}
             best, _ = largest_fitting(peak_at, budget, known, cap)
             self.notes.append(f"phase {k}: passes at micro-batch {sizes[0]} and {sizes[1]} ran different operators; the "
                               "largest micro-batch was searched with bounded passes")
+        if known[b0] > budget:  # the phase's first pass after its thaw decides for the planned size
+            best = min(best, b0 - 1)
         phase.max_micro_batch = best
 
     def _with_act_ckpt(self, failing: list[PhaseMemory], states: StatePlanner) -> None:

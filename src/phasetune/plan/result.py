@@ -103,6 +103,12 @@ class MemoryPlan:
         """The phases whose peak exceeds the budget."""
         return [p for p in self.phases if p.fits is False]
 
+    def problems(self) -> list[str]:
+        """One line per phase that will not fit (by how much, and what the plan measured would help): what a
+        front end raises before phase 0 instead of failing hours later."""
+        failing = {f"phase {p.phase} will not fit" for p in self.failing()}
+        return [a for a in self.advice if any(a.startswith(f) for f in failing)]
+
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON: the setup, every phase's numbers (bytes), advice and notes."""
         setup = asdict(self.setup)

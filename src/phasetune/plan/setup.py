@@ -150,4 +150,22 @@ class PlanSetup:
         return out
 
 
-__all__ = ["DTYPES", "IMPLS", "OPTIMIZERS", "PRECISIONS", "STRATEGIES", "GiB", "PlanSetup"]
+def optimizer_settings(optimizer: torch.optim.Optimizer, on_cuda: bool = True) -> dict[str, Any]:
+    """The :class:`PlanSetup` optimizer fields of a built optimizer (for a front end planning its own run).
+
+    The implementation follows torch's choice: ``fused`` or ``foreach`` as set, else foreach on CUDA and a
+    single-tensor loop elsewhere. Only settings that change memory are kept (AMSGrad's extra state, momentum
+    buffers, Adam's weight-decay temporaries).
+    """
+    name = next((k for k, cls in OPTIMIZERS.items() if type(optimizer) is cls), None)
+    if name is None:
+        raise ValueError(f"the memory plan knows {', '.join(c.__name__ for c in OPTIMIZERS.values())}, not "
+                         f"{type(optimizer).__name__}")
+    d = optimizer.defaults
+    impl = "fused" if d.get("fused") else "foreach" if d.get("foreach") or (d.get("foreach") is None and on_cuda) \
+        else "single_tensor"
+    kwargs = {k: d[k] for k in ("amsgrad", "momentum", "nesterov", "weight_decay", "maximize") if k in d}
+    return {"optimizer": name, "optimizer_impl": impl, "optimizer_kwargs": kwargs}
+
+
+__all__ = ["DTYPES", "IMPLS", "OPTIMIZERS", "PRECISIONS", "STRATEGIES", "GiB", "PlanSetup", "optimizer_settings"]

@@ -33,6 +33,22 @@ from phasetune.plan.tracker import Peak, PlainTracker, ShardedTracker
 from phasetune.sharding.names import logical_name, module_path
 
 
+def fake_tensor_limit(error: BaseException) -> bool:
+    """Whether ``error`` comes from fake tensors having no values (a ``.item()``, a data-dependent shape or branch, an
+    operator without a fake kernel): what a real run would not hit. Anything else a run would hit too."""
+    from torch._subclasses import fake_tensor
+
+    kinds = tuple(getattr(fake_tensor, n) for n in ("DataDependentOutputException", "DynamicOutputShapeException",
+                                                     "UnsupportedOperatorException", "UnsupportedFakeTensorException")
+                  if hasattr(fake_tensor, n))
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, kinds) or type(seen).__name__ == "GuardOnDataDependentSymNode":
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 class PassFailed(RuntimeError):
     """The model's forward or backward did not run in the simulation (``module`` is where it stopped)."""
 
@@ -86,7 +102,7 @@ def build(source: ModelSource, setup: PlanSetup, mesh: Any,
     shapes = {logical_name(n): (tuple(p.shape), p.dtype) for n, p in model.named_parameters()}
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     blocks = find_blocks(model)
-    label = type(model).__name__
+    label = type(getattr(model, "held", model)).__name__
     thawed = prepare(model) if prepare is not None else set()
     for n, p in model.named_parameters():
         p.requires_grad_(logical_name(n) in thawed)
@@ -144,8 +160,7 @@ def run_pass(model: Model, source: ModelSource, setup: PlanSetup, micro_batch: i
                 del loss
                 if not sync:
                     kept = tracker.mark_kept_as_grads()
-                    if isinstance(tracker, ShardedTracker):
-                        tracker.reset_mod_stats()  # lets the root run again under FSDPMemTracker
+                    tracker.reset_mod_stats()  # torch's trackers refuse a second call of the root otherwise
     except Exception as e:  # a model that does not run under fake tensors: the caller falls back
         raise PassFailed(last_module.name, e) from e
     finally:
@@ -159,10 +174,22 @@ def run_pass(model: Model, source: ModelSource, setup: PlanSetup, micro_batch: i
 def _sync(runner: nn.Module, setup: PlanSetup, sync: bool) -> contextlib.AbstractContextManager[Any]:
     """Gradient synchronisation on or off for one micro-step, the way each strategy's run does it."""
     if setup.strategy == "fsdp2":
-        runner.set_requires_gradient_sync(sync)  # type: ignore[operator]
+        for unit in _outer_units(runner):  # the model itself, or the outermost units inside a holder
+            unit.set_requires_gradient_sync(sync)  # type: ignore[operator]
     elif setup.strategy == "fsdp1" and not sync:
         return runner.no_sync()  # type: ignore[operator,no-any-return]
     return contextlib.nullcontext()
+
+
+def _outer_units(root: nn.Module) -> list[nn.Module]:
+    from phasetune.sharding.names import is_sharded
+
+    units = [(n, m) for n, m in root.named_modules() if is_sharded(m)]
+
+    def inside(name: str, outer: str) -> bool:
+        return name != outer and (outer == "" or name.startswith(outer + "."))
+
+    return [m for n, m in units if not any(inside(n, o) for o, _ in units)]
 
 
 def _autocast(setup: PlanSetup) -> contextlib.AbstractContextManager[Any]:
@@ -215,23 +242,23 @@ class _LastModule:
 
 
 def largest_from_timelines(a: PassResult, b: PassResult, budget: int, cap: int) -> int | None:
-    """The largest micro-batch in ``[0, cap]`` whose every moment fits ``budget``, from two passes whose operators
-    line up one to one (None when they do not: the caller searches instead).
+    """The largest micro-batch in ``[a.micro_batch, cap]`` whose every moment fits ``budget``, from two passes whose
+    operators line up one to one (``a.micro_batch - 1`` when even ``a``'s size does not fit; None when the passes do
+    not line up: the caller searches instead).
 
     Each moment's bytes are affine in the micro-batch size, so two passes give every moment's line.
     """
-    if len(a.timeline) != len(b.timeline) or not a.timeline or a.micro_batch == b.micro_batch:
+    if len(a.timeline) != len(b.timeline) or not a.timeline or b.micro_batch <= a.micro_batch:
         return None
     best = cap
     span = b.micro_batch - a.micro_batch
     for ya, yb in zip(a.timeline, b.timeline):
+        if ya > budget:
+            return a.micro_batch - 1
         slope = (yb - ya) / span
-        at_one = ya + slope * (1 - a.micro_batch)
-        if at_one > budget:
-            return 0
         if slope > 0:
-            best = min(best, int(1 + (budget - at_one) // slope))
-    return max(best, 0)
+            best = min(best, a.micro_batch + int((budget - ya) // slope))
+    return best
 
 
 def largest_fitting(peak_at: Callable[[int], int], budget: int, known: dict[int, int], cap: int,
@@ -281,5 +308,5 @@ def _floor_chord(known: dict[int, int], lo: int, hi: int, budget: int) -> int:
     return int(lo + (budget - known[lo]) // slope)
 
 
-__all__ = ["Model", "PassFailed", "PassResult", "build", "largest_fitting", "largest_from_timelines", "micro_steps",
+__all__ = ["Model", "PassFailed", "PassResult", "build", "fake_tensor_limit", "largest_fitting", "largest_from_timelines", "micro_steps",
            "run_pass", "tensor_mode", "thaw"]

@@ -9,7 +9,8 @@
   gradients (``gradient_as_bucket_view=False``, DDP's default).
 
 Optimizer state comes from :func:`phasetune.plan.step.step_memory` over the local shards, so what a state
-holds (Adam's two moments and a step counter, SGD's momentum) is torch's business, not a table here.
+holds (Adam's two moments and a step counter, SGD's momentum) is torch's business, not a table here. Each
+phase's parameter groups are stepped once, alone: a step holds all groups' state and one group's temporaries.
 """
 
 from __future__ import annotations
@@ -90,13 +91,21 @@ class StatePlanner:
                         if any(self._fsdp1.unit_of[n] == unit for n in trainable))
         else:
             grads = sum(self.shard(n, rank).nbytes for n in trainable)
-        shards = [[(n, self.shard(n, rank)) for n in names] for names in phases]
-        key = (optimizer_cls, tuple(sorted(optimizer_kwargs.items(), key=str)), tuple(tuple(s) for s in shards))
-        if key not in self._cache:
-            self._cache[key] = step_memory(shards, optimizer_cls, optimizer_kwargs)
-        step = self._cache[key]
+        # torch steps one param group after the other and frees a group's temporaries before the next, so a
+        # steady-state step holds every group's state and one group's temporaries: each phase's groups are stepped
+        # once, alone, and reused by every later phase
+        kw = tuple(sorted(optimizer_kwargs.items(), key=str))
+        steps = []
+        for names in phases:
+            shards = tuple((n, self.shard(n, rank)) for n in names)
+            key = (optimizer_cls, kw, shards)
+            if key not in self._cache:
+                self._cache[key] = step_memory([list(shards)], optimizer_cls, optimizer_kwargs)
+            steps.append(self._cache[key])
+        state = sum(st.state for st in steps)
+        temporaries = max((st.temporaries for st in steps), default=0)
         buckets = sum(self.shard(n, rank).nbytes for n in trainable) if self.strategy == "ddp" else 0
-        return RankStates(rank, params, grads, step.state, step.temporaries, buckets)
+        return RankStates(rank, params, grads, state, temporaries, buckets)
 
 
 @dataclass

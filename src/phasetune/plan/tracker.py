@@ -53,9 +53,10 @@ CATEGORIES = {
 OFFLOADED = ("Sharded Param", "Sharded Grad")
 #: torch's warnings that say nothing about the plan: ModTracker's about modules called from inside themselves
 #: (Hugging Face models do), MemTracker's about reading .grad of FSDP1's non-leaf parameter views, FSDP2's about
-#: a unit returning a view (a hazard for in-place ops in the user's code; the run warns about it itself)
+#: a unit returning a view (a hazard for in-place ops in the user's code; the run warns about it itself), FSDP1's
+#: reading data pointers of fake tensors (to compare storages)
 _QUIET = ("The module hierarchy tracking maybe be messed up", "The .grad attribute of a Tensor that is not a leaf",
-          r"FSDP2-wrapped module \(.*\) returned a view tensor")
+          r"FSDP2-wrapped module \(.*\) returned a view tensor", "Accessing the data pointer of FakeTensor")
 
 
 @dataclass

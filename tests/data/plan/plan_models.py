@@ -57,6 +57,11 @@ def net() -> Net:
     return Net()
 
 
+def small_net() -> Net:
+    """Two blocks: the tests' model (every operator costs time under fake tensors)."""
+    return Net(n_layers=2)
+
+
 def data_dependent() -> DataDependent:
     return DataDependent()
 
