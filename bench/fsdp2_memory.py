@@ -275,15 +275,16 @@ def report(args: argparse.Namespace, planned: dict[str, Any], measured: list[dic
             for rank, ranks_out in enumerate(measured):
                 m = ranks_out[setting][k]
                 p = phase.ranks[rank]
-                want = {"params": p["params"], "grads": p["grads"], "optim": p["optimizer"],
-                        "snapshot": p["grads"] + p["optimizer"]}  # trainable shards + their state (no buffers here)
+                # a snapshot holds the trainable shards and their state (no buffers here); the final phase keeps none
+                snapshot = p["grads"] + p["optimizer"] if phase.host.snapshot else 0
+                want = {"params": p["params"], "grads": p["grads"], "optim": p["optimizer"], "snapshot": snapshot}
                 ratios = {key: m[key] / want[key] if want[key] else float(m[key] == 0) for key in want}
                 exact += sum(m[key] == want[key] for key in want)
                 total += len(want)
                 peak = m["cuda_peak"]
                 print(f"{setting:13} {k:>5} {rank:>4} | {mib(m['params'])} {ratios['params']:8.6f} | {mib(m['grads'])} "
                       f"{ratios['grads']:8.6f} | {mib(m['optim'])} {ratios['optim']:8.6f} | {mib(m['snapshot'])} "
-                      f"{ratios['snapshot']:8.6f} | {mib(peak):>9} {peak / phase.peak if peak else float('nan'):6.3f} | "
+                      f"{ratios['snapshot']:8.6f} | {mib(peak):>9} {f'{peak / phase.peak:6.3f}' if peak else '-':>6} | "
                       f"{m['step_ms']:7.1f}")
     print(f"\n{exact} of {total} planned model-state figures equal the measured bytes exactly "
           "(params, grads, optimizer state, snapshot; MiB columns are the measured values)")

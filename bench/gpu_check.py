@@ -38,8 +38,11 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-BIG = {"config": ROOT / "bench" / "plan_configs" / "llama_1b.json", "seq_len": 1024, "micro_batch": 4, "steps": 8}
-TINY = {"config": ROOT / "tests" / "data" / "plan" / "tiny_llama.json", "seq_len": 16, "micro_batch": 2, "steps": 2}
+#: ``steps`` per epoch of the FSDP2 runs, ``cache_steps`` per epoch of the prefix-cache run
+BIG = {"config": ROOT / "bench" / "plan_configs" / "llama_1b.json", "seq_len": 1024, "micro_batch": 4, "steps": 8,
+       "cache_steps": 8}
+TINY = {"config": ROOT / "tests" / "data" / "plan" / "tiny_llama.json", "seq_len": 16, "micro_batch": 2, "steps": 1,
+        "cache_steps": 4}
 MP = {"param_dtype": "bfloat16", "reduce_dtype": "float32"}
 
 
@@ -228,7 +231,7 @@ def run_prefix_cache(config: Any, size: dict[str, Any], device: torch.device) ->
     from phasetune import ScheduledFinetuning
     from phasetune.prefix_cache import IndexedDataset
 
-    ids = data(config, size)
+    ids = data(config, {**size, "steps": size["cache_steps"]})
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(config)

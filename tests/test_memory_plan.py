@@ -119,6 +119,14 @@ def test_accumulation_is_simulated_under_every_strategy(strategy, world_size):
     assert 0 < p.phases[0].accumulated_grads < p.phases[-1].accumulated_grads
 
 
+def test_syncing_every_micro_step_keeps_no_unsharded_gradients():
+    kept = plan_memory(schedule(2), small_net, global_batch=16, **SMALL)
+    synced = plan_memory(schedule(2), small_net, global_batch=16, sync_every_micro_step=True, **SMALL)
+    assert all(p.accumulated_grads > 0 for p in kept.phases)
+    assert all(p.accumulated_grads == 0 for p in synced.phases)
+    assert synced.phases[-1].forward_backward_peak < kept.phases[-1].forward_backward_peak
+
+
 # ------------------------------------------------------------------------------------------------ advice
 
 

@@ -189,7 +189,7 @@ class _Planner:
         shapes = {logical_name(n): (tuple(p.shape), p.dtype) for n, p in model.named_parameters()}
         params = {logical_name(n): p for n, p in model.named_parameters()}
         buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-        return Model(model, params, shapes, Sharding(), buffers, find_blocks(model), type(model).__name__)
+        return Model(model, params, shapes, Sharding(), buffers, find_blocks(model), type(getattr(model, "held", model)).__name__)
 
     def _optimizer(self, k: int) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
         """The optimizer phase ``k`` steps with: the setup's, or the last ``new_optimizer`` up to ``k``."""

@@ -48,6 +48,7 @@ class PlanSetup:
     micro_batch: int = 1
     seq_len: int = 512
     global_batch: int | None = None
+    sync_every_micro_step: bool = False
     device_gib: float | None = None
     reserve_gib: float = 1.0
     fragmentation: float = 0.05

@@ -127,10 +127,13 @@ def micro_steps(setup: PlanSetup) -> list[bool]:
 
     Without accumulation one step. With it, a step that starts from no gradients and one that ends the cycle
     by reducing them; a sharded run whose cycle has steps in between also runs one of those (it starts from the
-    gradients kept unsharded and ends with them: the heaviest step of the cycle when nothing is reduced).
+    gradients kept unsharded and ends with them: the heaviest step of the cycle when nothing is reduced). With
+    ``sync_every_micro_step`` every step reduces: two steps, the second starting from the first's gradients.
     """
     if setup.accumulation == 1:
         return [True]
+    if setup.sync_every_micro_step:
+        return [True, True]  # the second starts with the first's reduced gradients
     if setup.accumulation == 2 or not setup.sharded:
         return [False, True]
     return [False, False, True]
@@ -153,12 +156,13 @@ def run_pass(model: Model, source: ModelSource, setup: PlanSetup, micro_batch: i
     kept = 0
     try:
         with tracker, last_module:
-            for sync in micro_steps(setup):
+            steps = micro_steps(setup)
+            for i, sync in enumerate(steps):
                 with _sync(runner, setup, sync), _autocast(setup):
                     loss = source.loss(runner(*args, **kwargs))
                     loss.backward()
                 del loss
-                if not sync:
+                if i < len(steps) - 1:
                     kept = tracker.mark_kept_as_grads()
                     tracker.reset_mod_stats()  # torch's trackers refuse a second call of the root otherwise
     except Exception as e:  # a model that does not run under fake tensors: the caller falls back
