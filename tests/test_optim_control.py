@@ -47,8 +47,9 @@ class Recorder(pl.Callback):
 
 
 def fit(tmp_path, module, callbacks=(), **fts_kwargs):
+    max_epochs = fts_kwargs.pop("max_epochs", 6)
     fts = FinetuningScheduler(**fts_kwargs)
-    t = trainer(tmp_path, [fts, *callbacks], max_epochs=fts_kwargs.pop("max_epochs", 6))
+    t = trainer(tmp_path, [fts, *callbacks], max_epochs=max_epochs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t.fit(module)
@@ -76,6 +77,7 @@ def test_reinit_configs_apply_at_every_transition_of_an_implicit_schedule(tmp_pa
 
     t, fts = fit(
         tmp_path, module, [rec, FTSEarlyStopping(monitor="val_loss", patience=1)], max_depth=2,
+        max_epochs=30,  # a budget whose step caps come after early stopping ends each phase
         schedule_style="blocks", reinit_optim_cfg=ADAMW,
         reinit_lr_cfg={"lr_scheduler_init": {"class_path": "StepLR", "init_args": {"step_size": 1, "gamma": 0.5}},
                        "use_current_optimizer_pg_lrs": True},

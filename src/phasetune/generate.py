@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from torch import nn
@@ -32,8 +33,8 @@ from phasetune.report import whole_modules
 
 Style = Literal["blocks", "pairs", "lpft", "discriminative"]
 STYLES = ("blocks", "pairs", "lpft", "discriminative")
-#: the style used when none is given: ``"lpft"``, the recipe that ties tuned full fine-tuning at the same steps
-#: (a quarter of them for the head, at a high lr) for about 0.6x its wall time (bench/results/quality.md)
+#: the style used when none is given: ``"lpft"``, with :data:`phasetune.recipes.DEFAULT_RULE`'s settings in an
+#: implicit schedule (:func:`generate_implicit`)
 DEFAULT_STYLE: Style = "lpft"
 
 
@@ -193,17 +194,115 @@ def stand_in_tree(
     return build("", root), views
 
 
-def implicit_schedule(structure: nn.Module, options: Any) -> dict[int, dict[str, Any]]:
-    """The schedule a run generates from ``structure`` when the user gives none: ``options.schedule_style``, with
-    ``options.reinit_optim_cfg`` / ``reinit_lr_cfg`` (a :class:`phasetune.RunOptions`) in every later phase."""
+@dataclass(frozen=True)
+class RunFacts:
+    """What a front end knows of the run when it generates an implicit schedule."""
+
+    #: the run's optimizer steps (its step budget); None: not knowable (phases then end by early stopping)
+    total_steps: int | None = None
+    #: where ``total_steps`` came from, for the schedule file (e.g. ``Trainer(max_steps=48)``)
+    budget_source: str = ""
+    #: why no budget is known and how to give one in this front end (the start-of-training warning)
+    no_budget: str = ""
+    #: the lr of the optimizer the run is given (the head's, in phase 0), and its param groups
+    optimizer_lr: float | None = None
+    optimizer_groups: int = 1
+
+
+@dataclass
+class ImplicitSchedule:
+    """A generated schedule and what its file says about it."""
+
+    raw: dict[int, dict[str, Any]]
+    #: header lines of the schedule file: the style, the budget and where it came from, the default settings
+    notes: list[str] = field(default_factory=list)
+    #: the warning a run gives at its start when no budget reached the schedule (None: it has one, or needs none)
+    no_budget_warning: str | None = None
+
+    @property
+    def budget_line(self) -> str:
+        """The notes' line on phase lengths (the budget and where it came from), for the start-of-training line."""
+        return next((n for n in self.notes if n.startswith("budget:")), "phase lengths: as schedule_options give them")
+
+
+def needs_run_budget(options: Any) -> bool:
+    """Whether an implicit schedule under ``options`` (a :class:`phasetune.RunOptions`) takes the run's step budget:
+    a recipe style whose ``schedule_options`` set no ``total_steps`` or ``phase_steps`` of their own."""
+    return options.schedule_style != "pairs" and not {"total_steps", "phase_steps"} & set(options.schedule_options or {})
+
+
+#: recipe options that set phase lengths and lr shapes (left out when only the phases' parameters are wanted)
+LENGTH_OPTIONS = ("phase_steps", "total_steps", "head_fraction", "steps_per_epoch", "warmup_fraction",
+                  "phase0_lr_shape", "head_lr", "ft_head_lr", "head_groups")
+
+
+def generate_implicit(structure: nn.Module, options: Any, facts: RunFacts | None = None, *,
+                      parameters_only: bool = False) -> ImplicitSchedule:
+    """The schedule a run generates from ``structure`` when the user gives none (``options``: a
+    :class:`phasetune.RunOptions`): ``options.schedule_style`` over the run's step budget (``facts.total_steps``,
+    unless ``schedule_options`` sets ``total_steps`` or ``phase_steps``), with the default settings of
+    :func:`phasetune.recipes.default_settings` under the ``lpft`` style, ``schedule_options`` overriding them, and
+    ``reinit_optim_cfg`` / ``reinit_lr_cfg`` in every later phase. ``parameters_only``: the phases' parameters
+    without lengths or lr shapes (what a front end freezes to before the budget is known)."""
+    facts = facts or RunFacts()
+    style = options.schedule_style
+    user = dict(options.schedule_options or {})
+    notes = [f"phasetune implicit schedule (style {style!r}): no schedule was given, so it was generated from the "
+             "model's structure; edit it and pass it as the schedule to change it"]
+    warning = None
     try:
-        raw = generate_schedule(structure, options.schedule_style, **dict(options.schedule_options or {}))
+        if style == "pairs":
+            raw = generate_schedule(structure, style, **user)
+            notes.append("the 'pairs' style has no step budget: phases end by early stopping")
+        else:
+            if parameters_only:
+                user = {k: v for k, v in user.items() if k not in LENGTH_OPTIONS}
+            budget, source, why_none = _budget(structure, style, user, facts, parameters_only)
+            if budget is None and not parameters_only and not {"phase_steps", "total_steps"} & set(user):
+                warning = ("no step budget reached the implicit schedule, so its phases end by early stopping on the "
+                           f"metric only, not at a share of the run ({why_none}; or pass schedule_options="
+                           "{'total_steps': N}, N the run's optimizer steps)")
+                notes.append("budget: none known, so no phase lengths: phases end by early stopping")
+            elif budget is not None:
+                notes.append(f"budget: {budget} optimizer steps, from {source}")
+            if style == DEFAULT_STYLE:
+                settings = recipes.default_settings(facts.optimizer_lr, budget, facts.optimizer_groups)
+                if parameters_only:
+                    settings = {k: v for k, v in settings.items() if k not in LENGTH_OPTIONS}
+                notes += recipes.default_notes(facts.optimizer_lr, overridden=set(user) & set(settings))
+            else:
+                settings = {} if budget is None else {"total_steps": budget}
+            raw = generate_schedule(structure, style, **{**settings, **user})
     except ValueError as e:  # bad recipe option values: name the knob they came from
-        raise ConfigurationError(f"schedule_style={options.schedule_style!r} with schedule_options="
+        raise ConfigurationError(f"schedule_style={style!r} with schedule_options="
                                  f"{dict(options.schedule_options or {})!r}: {e}") from e
     for k in range(1, len(raw)):
         if options.reinit_optim_cfg:
             raw[k]["new_optimizer"] = dict(options.reinit_optim_cfg)
         if options.reinit_lr_cfg:
             raw[k]["new_lr_scheduler"] = dict(options.reinit_lr_cfg)
-    return raw
+    return ImplicitSchedule(raw, notes, warning)
+
+
+def _budget(structure: nn.Module, style: str, user: dict[str, Any], facts: RunFacts,
+            parameters_only: bool) -> tuple[int | None, str, str]:
+    """The step budget the schedule is split over, where it came from, and why there is none (when None)."""
+    if "total_steps" in user:
+        return user.pop("total_steps"), "schedule_options['total_steps']", ""
+    if parameters_only or "phase_steps" in user:
+        return None, "", ""
+    if facts.total_steps is None:
+        return None, "", facts.no_budget or "the run's length is not known"
+    structural = {k: v for k, v in user.items() if k not in LENGTH_OPTIONS}
+    if style == DEFAULT_STYLE:
+        structural.setdefault("include_stem", recipes.DEFAULT_RULE["stem"] == "body")
+    n_phases = len(generate_schedule(structure, style, **structural))
+    if facts.total_steps < n_phases:
+        return None, "", (f"the run's {facts.total_steps} optimizer step(s), from {facts.budget_source}, are fewer "
+                          f"than its {n_phases} phases")
+    return facts.total_steps, facts.budget_source, ""
+
+
+def implicit_schedule(structure: nn.Module, options: Any, facts: RunFacts | None = None) -> dict[int, dict[str, Any]]:
+    """The raw schedule of :func:`generate_implicit` (its file notes dropped)."""
+    return generate_implicit(structure, options, facts).raw

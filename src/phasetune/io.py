@@ -9,6 +9,7 @@ import errno
 import functools
 import os
 import re
+import secrets
 import shutil
 import sys
 import tempfile
@@ -187,8 +188,11 @@ def atomic_write(
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Atomically write ``text`` (UTF-8) to ``path``."""
-    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    """Atomically write ``text`` (UTF-8) to ``path``, with the permissions any new file gets (the umask's: text
+    files such as schedules are for reading and editing, unlike the owner-only default of :func:`atomic_write`)."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")), tmp=tmp)
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str], *, tmp: str | os.PathLike[str] | None = None) -> Path:

@@ -39,6 +39,7 @@ from torch.optim import Optimizer
 from phasetune import generate, rng, transitions
 from phasetune.engine import Transition
 from phasetune.errors import ConfigurationError
+from phasetune.generate import RunFacts
 from phasetune.prefix_phases import PrefixCachePhases
 from phasetune.run import PhaseRecord, PhaseRun, RunEnv, RunOptions
 from phasetune.run_view import RunView
@@ -55,7 +56,11 @@ class ScheduledFinetuning(RunView):
 
     Args:
         schedule: YAML path or dict, validated like the Lightning callback's ``ft_schedule``; ``None``
-            generates a schedule from the model (``schedule_style``).
+            generates a schedule from the model (``schedule_style``) over the run's step budget (``total_steps``, or
+            ``max_epochs`` x ``len(train_loader)``) with the default settings
+            (:func:`phasetune.recipes.default_settings`; the optimizer's lr is ``optimizer``'s); without a budget
+            a warning says that phases end by early stopping. ``ft.run.implicit`` holds the generated schedule's
+            notes (budget, settings) for the file you write with ``ft.schedule.dump(path, header=...)``.
         model: the model (plain, or prepared by ``FSDP2Strategy.prepare_model``).
         optimizer: an optimizer over the model's parameters. Build it over every parameter you may train
             (e.g. before this object freezes the model): its groups are the template later phases copy
@@ -78,6 +83,11 @@ class ScheduledFinetuning(RunView):
             ``generator``) are saved by :meth:`state_dict` and restored by :meth:`load_state_dict`, so that a
             resumed run draws the epoch orders of the uninterrupted one. Build it before resuming.
         spill_dir: where cache entries beyond a phase's ``limit_mb`` go (default: the system temp dir).
+        total_steps: the run's optimizer steps, the budget an implicit schedule is split over (with gradient
+            accumulation: optimizer steps, not batches). Only with ``schedule=None``.
+        max_epochs: the run's epochs; with a ``train_loader`` that has a length, the budget is ``max_epochs`` x
+            ``len(train_loader)`` (one optimizer step per batch; give ``total_steps`` otherwise). Only with
+            ``schedule=None``.
 
     The other keyword arguments are the Lightning callback's, with the same meaning and default
     (:class:`phasetune.run.RunOptions`): ``max_depth``, ``base_max_lr``, ``restore_best``,
@@ -124,6 +134,8 @@ class ScheduledFinetuning(RunView):
         train_dataset: Any = None,
         spill_dir: str | os.PathLike[str] | None = None,
         train_loader: Any = None,
+        total_steps: int | None = None,
+        max_epochs: int | None = None,
     ) -> None:
         if base_lr is not None:
             warnings.warn("ScheduledFinetuning(base_lr=...) is now base_max_lr=..., the Lightning callback's name; "
@@ -145,6 +157,7 @@ class ScheduledFinetuning(RunView):
             problems.append(f"patience must be an integer >= 1, got {patience!r}")
         if not isinstance(optimizer, Optimizer):
             problems.append(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        problems += _budget_problems(schedule, total_steps, max_epochs)
         if problems:
             raise ConfigurationError(problems)
         self.model = model
@@ -176,7 +189,11 @@ class ScheduledFinetuning(RunView):
             schedule, params, {n: tuple(p.shape) for n, p in params.items()}, options=options, env=env,
             model=model, structure=logical_view(model),  # a stand-in of the unwrapped tree: logical names
             no_decay=no_decay, group_splitter=_homogeneous, mode=mode,
+            facts=None if schedule is not None or not isinstance(optimizer, Optimizer) else
+            loop_facts(optimizer, total_steps, max_epochs, train_loader),
         )
+        if self.run.implicit is not None:
+            self.run.env.info(f"implicit schedule ({len(self.run.schedule)} phases; {self.run.implicit.budget_line})")
         self.run.fit_optimizer(optimizer, self.schedulers, expected=True)
         first = self.run.first_scheduler(optimizer, self.schedulers)
         if first is not None:
@@ -319,6 +336,41 @@ class ScheduledFinetuning(RunView):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+
+def loop_facts(optimizer: Optimizer, total_steps: int | None, max_epochs: int | None, train_loader: Any) -> RunFacts:
+    """What an implicit schedule of the plain loop is generated from: the budget (``total_steps``, or ``max_epochs``
+    x the loader's length) and the optimizer's lr and group count."""
+    first = optimizer.param_groups[0]
+    lr, groups = float(first.get("initial_lr", first["lr"])), len(optimizer.param_groups)
+    if total_steps is not None:
+        return RunFacts(total_steps, "ScheduledFinetuning(total_steps=...)", optimizer_lr=lr, optimizer_groups=groups)
+    batches = None
+    if max_epochs is not None and train_loader is not None:
+        try:
+            batches = len(train_loader)
+        except TypeError:  # an iterable without a length
+            batches = None
+    if max_epochs is not None and batches:
+        return RunFacts(max_epochs * batches, f"ScheduledFinetuning(max_epochs={max_epochs}) x len(train_loader)="
+                        f"{batches}", optimizer_lr=lr, optimizer_groups=groups)
+    why = ("max_epochs is given but train_loader has no length" if max_epochs is not None
+           else "ScheduledFinetuning got neither total_steps nor max_epochs")
+    return RunFacts(no_budget=f"{why}: pass total_steps=N (the run's optimizer steps), or max_epochs with a "
+                    "train_loader that has a length", optimizer_lr=lr, optimizer_groups=groups)
+
+
+def _budget_problems(schedule: Any, total_steps: Any, max_epochs: Any) -> list[str]:
+    found = []
+    for name, value in (("total_steps", total_steps), ("max_epochs", max_epochs)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            found.append(f"{name} must be an integer >= 1, got {value!r}")
+        elif schedule is not None:
+            found.append(f"{name} sets the budget of an implicit schedule (schedule=None); with a schedule, write "
+                         "the phases' max_transition_step / max_transition_epoch in it")
+    return found
 
 
 def _homogeneous(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:

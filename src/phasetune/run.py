@@ -35,7 +35,15 @@ from phasetune.errors import ConfigurationError
 from phasetune.memory import PeakMemory
 from phasetune.param_groups import Phase0Report
 from phasetune.report import covering_modules, fmt_count
-from phasetune.run_types import Decision, PhaseRecord, RunEnv, RunOptions, state_problem
+from phasetune.run_types import (
+    Decision,
+    PhaseRecord,
+    RunEnv,
+    RunOptions,
+    implicit_resume_hint,
+    phase_of,
+    state_problem,
+)
 from phasetune.schedule import Schedule, diff_fingerprints, resolve_schedule
 from phasetune.snapshot_store import SnapshotStore
 
@@ -62,6 +70,8 @@ class PhaseRun:
         no_decay: parameter-name substrings whose parameters get ``weight_decay=0`` groups.
         group_splitter: applied to each phase's new groups (sharded strategies keep groups homogeneous).
         monitor, mode: the monitored metric (for messages and checkpoint checks) and whether lower is better.
+        facts: what the front end knows of the run (its step budget, the optimizer's lr) for an implicit schedule;
+            without a budget the run warns once, here, that phases end by early stopping.
     """
 
     def __init__(
@@ -78,24 +88,32 @@ class PhaseRun:
         group_splitter: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None,
         monitor: str | None = None,
         mode: str = "min",
+        facts: generate.RunFacts | None = None,
     ) -> None:
         self.options = options
         self.env = env
         self.model = model
         self.monitor = monitor
         self.mode = mode
+        #: the generated schedule and its file notes (None: the user gave one)
+        self.implicit: generate.ImplicitSchedule | None = None
         if source is None:
             if structure is None and model is None:
                 raise ConfigurationError("no schedule given and no model to generate one from")
-            source = generate.implicit_schedule(structure if structure is not None else model, options)  # type: ignore[arg-type]
+            self.implicit = generate.generate_implicit(structure if structure is not None else model, options, facts)  # type: ignore[arg-type]
+            source = self.implicit.raw
+            if self.implicit.no_budget_warning:
+                env.warn(self.implicit.no_budget_warning)
         schedule = resolve_schedule(source, dict(shapes), epoch_transitions_only=options.epoch_transitions_only)
         for note in schedule.warnings:
             env.warn(f"schedule {schedule.source}: {note}")
         if schedule.unscheduled:
-            env.warn(
-                f"{len(schedule.unscheduled)} of {len(shapes)} parameters are in no phase and stay frozen for the "
-                f"whole run (e.g. {schedule.unscheduled[0]!r}); add them to a phase to train them."
-            )
+            frozen = (f"{len(schedule.unscheduled)} of {len(shapes)} parameters are in no phase and stay frozen for "
+                      f"the whole run (e.g. {schedule.unscheduled[0]!r})")
+            if self.implicit is not None:  # the generated schedule's choice, said in its file
+                env.info(f"{frozen}, as the implicit schedule's settings say")
+            else:
+                env.warn(f"{frozen}; add them to a phase to train them.")
         if options.max_depth > len(schedule) - 1:
             env.warn(f"max_depth={options.max_depth} exceeds the last phase ({len(schedule) - 1}); running all phases.")
         self.engine = PhaseEngine(
@@ -112,6 +130,7 @@ class PhaseRun:
         self.history: list[PhaseRecord] = []
         #: the best monitored value of the run so far, and where it was seen: (value, epoch, phase)
         self.best: tuple[float, int, int] | None = None
+        self._checks = 0  # checks of the metric (validations) in the current phase since it started or resumed
         self.store = SnapshotStore(env, options.snapshot_storage)
         self._clock: float | None = None
         self._memory: PeakMemory | None = None
@@ -286,6 +305,7 @@ class PhaseRun:
         """
         local = None if value is None else float(value)
         agreed = self.env.broadcast(local)
+        self._checks += 1
         if agreed is None or not math.isfinite(agreed):
             return agreed
         rec = self.history[-1]
@@ -320,6 +340,7 @@ class PhaseRun:
             value, best_epoch, _ = self.best
             self._take_snapshot(best_epoch, step, value, t.optimizer, [t.new_scheduler] if t.new_scheduler else schedulers)
         self.history.append(self._new_record(t.depth, epoch, step))
+        self._checks = 0
         self._start_clock()
         self._plan_steps(step or 0)
         now = self.history[-1]
@@ -351,10 +372,13 @@ class PhaseRun:
         self._close_clock()
         self._clock = None
         if self.depth < self.final_depth:
-            self.env.warn(
-                f"training ended in phase {self.depth} of {self.final_depth}: {rec.end_reason}; raise max_epochs or "
-                "lower the phases' max_transition_epoch to run the whole schedule"
-            )
+            if self.implicit is None:
+                advice = "raise max_epochs or lower the phases' max_transition_epoch to run the whole schedule"
+            elif self.implicit.no_budget_warning:
+                advice = "the implicit schedule had no step budget (see the warning at the start of training)"
+            else:
+                advice = "the run stopped before the step budget its implicit schedule was generated for"
+            self.env.warn(f"training ended in {phase_of(self.depth, self.final_depth)}: {rec.end_reason}; {advice}")
 
     # ------------------------------------------------------------------ restore-best
     def _take_snapshot(
@@ -377,6 +401,9 @@ class PhaseRun:
             return "kept the last state (restore_best=False)"
         snap = self.snapshot
         # a phase without a single check of the metric (a short step-capped phase) is not rolled back
+        if (snap is None or snap.depth != self.depth or rec.best_value is None) and self._checks == 0:
+            return (f"kept the last state (no validation ran in phase {self.depth} before it ended, so there was "
+                    "nothing to judge it by)")
         if snap is None or snap.depth != self.depth or rec.best_value is None:
             self.env.warn(
                 f"restore_best: no best state was recorded in phase {self.depth} (is {self.monitor or 'the metric'!r} "
@@ -460,6 +487,7 @@ class PhaseRun:
             raise ConfigurationError(
                 f"cannot resume{src}: the checkpoint was trained with a different schedule or model:{details}\n"
                 "resume with the schedule and model the checkpoint was saved with, or start a new fit without it"
+                + (implicit_resume_hint(state["fingerprint"]) if self.implicit is not None else "")
             )
         for b in benign:
             self.env.warn(f"resuming with a changed schedule value: {b}; later phases use the current value")
@@ -483,7 +511,7 @@ class PhaseRun:
         self.store.load(state, depth)
         if state.get("rng") is not None:  # last: nothing after it in a resume may draw from the generators
             self.random.resume(state["rng"], src, defer=defer_random_state, mid_epoch=mid_epoch, generators=generators)
-        self.env.info(f"resumed in phase {depth} of {self.final_depth} ({len(self.thawed_params)} trainable tensors)")
+        self.env.info(f"resumed in {phase_of(depth, self.final_depth)} ({len(self.thawed_params)} trainable tensors)")
         return optimizer, scheds, cfg
 
     def restore_random_state(self) -> None:

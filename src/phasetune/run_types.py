@@ -90,7 +90,9 @@ class RunOptions:
     schedule_style: str = generate.DEFAULT_STYLE
     #: the recipe's options for an implicit schedule (:data:`phasetune.recipes.OPTIONS`: ``lr``, ``lr_decay``,
     #: ``phase_steps``, ``total_steps``, ``head_fraction``, ``warmup_fraction``, ``steps_per_epoch``, ``include_stem``,
-    #: ``blocks_per_phase``)
+    #: ``blocks_per_phase``, ``phase0_lr_shape``, ``head_lr``, ``ft_head_lr``, ``head_groups``); under the default
+    #: style they override the default settings (:data:`phasetune.recipes.DEFAULT_RULE`), and ``total_steps``
+    #: replaces the run's own step budget
     schedule_options: Mapping[str, Any] | None = None
     #: for implicit schedules: a ``new_optimizer`` / ``new_lr_scheduler`` mapping applied at every transition
     reinit_optim_cfg: Mapping[str, Any] | None = None
@@ -124,9 +126,12 @@ class RunOptions:
             found.append(f"base_max_lr must be a positive number or None, got {lr!r}")
         if self.schedule_style not in generate.STYLES:
             found.append(f"schedule_style must be one of {generate.STYLES}, got {self.schedule_style!r}")
-        unknown = sorted(set(self.schedule_options or {}) - set(recipes.OPTIONS))
-        if unknown:
-            found.append(f"schedule_options has unknown keys {unknown}; a recipe takes {', '.join(recipes.OPTIONS)}")
+        if self.schedule_options is not None and not isinstance(self.schedule_options, Mapping):
+            found.append(f"schedule_options must map recipe options to values (e.g. {{'total_steps': 120}}), got "
+                         f"{type(self.schedule_options).__name__}")
+        else:
+            for key in sorted(set(self.schedule_options or {}) - set(recipes.OPTIONS), key=str):
+                found.append(recipes.unknown_option(key, recipes.OPTIONS, "schedule_options key"))
         if self.schedule_options and explicit_schedule:
             found.append("schedule_options apply to implicit schedules only; with an explicit schedule, write the "
                          "phases' lr and new_lr_scheduler in it (phasetune schedule generate --recipe writes one)")
@@ -149,8 +154,8 @@ class RunOptions:
 
 def _rank_zero_log(level: int) -> Callable[[str], None]:
     def emit(message: str) -> None:
-        if _dist.rank() == 0:
-            log.log(level, "phasetune: %s", message)
+        if _dist.rank() == 0:  # a message that names phasetune first already says whose it is
+            log.log(level, "%s", message if message.startswith("phasetune") else f"phasetune: {message}")
 
     return emit
 
@@ -222,3 +227,18 @@ def state_problem(state: Mapping[str, Any], where: Any, *, monitor: str | None, 
         return rng.problem(state["rng"], rank=env.rank, world_size=env.world_size, mode=resume_rng,
                            where=f" from checkpoint{src}") or None
     return None
+
+
+def phase_of(depth: int, final_depth: int) -> str:
+    """``phase 1 (of phases 0-2)``: a phase and the phases of the run, in messages."""
+    return f"phase {depth} (of phases 0-{final_depth})"
+
+
+def implicit_resume_hint(saved: Mapping[str, Any]) -> str:
+    """What to do when a generated schedule differs from the checkpoint's: it was generated from the run."""
+    phases = saved.get("phases") or [{}]
+    budget = phases[-1].get("max_transition_step", -1)
+    said = f" (its budget: {budget} optimizer steps)" if budget and budget > 0 else ""
+    return ("\nno schedule was given, so it was generated from this run's step budget and optimizer lr: resume with "
+            f"the run length and lr the checkpoint was trained with{said}, or pass that budget as "
+            "schedule_options={'total_steps': N}")

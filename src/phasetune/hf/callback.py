@@ -31,6 +31,7 @@ from transformers import TrainerCallback
 
 from phasetune import generate, io, thaw, transitions
 from phasetune.errors import ConfigurationError
+from phasetune.generate import RunFacts
 from phasetune.hf import settings
 from phasetune.prefix_cache import PrefixCacheError
 from phasetune.prefix_phases import PrefixCachePhases
@@ -56,7 +57,11 @@ class PhasetuneTrainerCallback(RunView, TrainerCallback):
 
     Args:
         schedule: YAML path or dict, validated like the Lightning callback's ``ft_schedule``; ``None``
-            generates one from the model (``schedule_style``).
+            generates one from the model (``schedule_style``) over the run's step budget (the Trainer's step count
+            for this ``train()``, ``state.max_steps``: ``max_steps``, or ``num_train_epochs`` x update steps per
+            epoch) with the default settings (:func:`phasetune.recipes.default_settings`, the optimizer's lr being
+            ``learning_rate`` or that of the ``optimizers=`` you pass), and writes it to
+            ``output_dir/<Model>_ft_schedule.yaml`` with the budget and settings in its header.
         patience, min_delta, check_finite: phase-aware early stopping on the Trainer's
             ``metric_for_best_model`` (``greater_is_better`` gives the direction): a phase ends after
             ``patience`` evaluations without an improvement of at least ``min_delta``; a non-finite value
@@ -158,7 +163,12 @@ class PhasetuneTrainerCallback(RunView, TrainerCallback):
         self.run = PhaseRun(
             self.schedule_source, params, {n: tuple(p.shape) for n, p in params.items()}, options=self.options,
             env=env, model=model, no_decay=self.no_decay, monitor=self._monitor, mode=mode,
+            facts=trainer_facts(trainer) if self.schedule_source is None else None,
         )
+        if self.run.implicit is not None and args.should_save:  # the world's main process writes the file
+            path = Path(args.output_dir) / f"{type(model).__name__}_ft_schedule.yaml"
+            self.run.schedule.dump(path, resolved=False, header="\n".join(self.run.implicit.notes))
+            env.info(f"implicit schedule ({len(self.run.schedule)} phases; {self.run.implicit.budget_line}): {path}")
         ddp = trainer.accelerator.ddp_handler
         problems = settings.trainer_problems(
             args, self.run.schedule, self.run.final_depth, restore_best=self.options.restore_best,
@@ -382,6 +392,28 @@ class PhasetuneTrainerCallback(RunView, TrainerCallback):
         if scheduler is not None:
             trainer.lr_scheduler = scheduler
             trainer.callback_handler.lr_scheduler = scheduler
+
+
+def trainer_facts(trainer: Trainer) -> RunFacts:
+    """The Trainer's step count for this ``train()`` (``state.max_steps``, computed before the optimizer is built)
+    and the lr and group count of the optimizer it will build (or of the ``optimizers=`` passed to it)."""
+    args = trainer.args
+    given = trainer.optimizer
+    if given is not None:
+        first = unwrap_optimizer(given).param_groups[0]
+        lr, groups = float(first.get("initial_lr", first["lr"])), len(unwrap_optimizer(given).param_groups)
+    else:  # the Trainer's create_optimizer builds a weight-decay and a no-decay group at learning_rate
+        lr, groups = float(args.learning_rate), 2
+    steps = int(getattr(trainer.state, "max_steps", 0) or 0)
+    if steps <= 0:
+        return RunFacts(no_budget="the Trainer has not computed its step count: set TrainingArguments.max_steps",
+                        optimizer_lr=lr, optimizer_groups=groups)
+    if args.max_steps > 0:
+        source = f"TrainingArguments(max_steps={args.max_steps}) (Trainer.state.max_steps)"
+    else:
+        source = (f"TrainingArguments(num_train_epochs={args.num_train_epochs:g}) x the update steps per epoch "
+                  f"(gradient_accumulation_steps={args.gradient_accumulation_steps}) (Trainer.state.max_steps)")
+    return RunFacts(total_steps=steps, budget_source=source, optimizer_lr=lr, optimizer_groups=groups)
 
 
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:

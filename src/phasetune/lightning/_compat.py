@@ -326,3 +326,28 @@ def optimizer_steps(trainer: Any, pl_module: Any) -> Any:
     except AttributeError:
         pass
     return _GlobalStep(trainer)
+
+
+def progress_bar_integer(trainer: Any, key: str) -> Undo:
+    """Show the logged value ``key`` as an integer in this fit's progress bar; return the undo.
+
+    Why: Lightning keeps every logged value as a float tensor and its bars print floats with three decimals
+    (``ft_phase: 0.000``). The bar's ``get_metrics``, the method Lightning documents for changing what a bar
+    shows, is wrapped on the instance: it gives the TQDM bar an ``int`` (printed as is) and the Rich bar a
+    ``str`` (it formats every number, ints too, with three decimals).
+    """
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    bar = getattr(trainer, "progress_bar_callback", None)
+    if bar is None or not callable(getattr(bar, "get_metrics", None)):
+        return lambda: None
+    as_text = isinstance(bar, RichProgressBar)
+
+    def get_metrics(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        items = original(*args, **kwargs)
+        value = items.get(key) if isinstance(items, dict) else None
+        if isinstance(value, float) and value.is_integer():
+            items = {**items, key: str(int(value)) if as_text else int(value)}
+        return items
+
+    return patch_method(bar, "get_metrics", get_metrics)

@@ -18,13 +18,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from lightning.pytorch.plugins import TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy, StrategyRegistry
-from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch.nn.parallel import DistributedDataParallel
 
 from phasetune.errors import ConfigurationError
 from phasetune.io import atomic_torch_save, partial_path, remove_leftovers
-from phasetune.lightning import _compat
+from phasetune.lightning import _compat, messages
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -202,7 +201,7 @@ def _custom_adapter(strategy: Strategy, custom: Mapping[str, type[StrategyAdapte
         )
     if chosen:
         return next(iter(chosen.values()))
-    rank_zero_warn(
+    messages.warn(
         f"custom_strategy_adapters has no entry for the {type(strategy).__name__} strategy (keys: "
         f"{', '.join(map(repr, custom))}; it goes by {', '.join(map(repr, sorted(names)))}); using the built-in adapter"
     )
@@ -225,7 +224,7 @@ def select_adapter(
     if chosen is None:
         chosen = next((adapter for matches, adapter in _REGISTRY if matches(strategy)), None)
     if chosen is None and allow_untested:
-        rank_zero_warn(
+        messages.warn(
             f"allow_untested=True: running the {type(strategy).__name__} strategy with the default StrategyAdapter "
             "(single-device behaviour); phasetune has not been tested with it."
         )

@@ -7,7 +7,8 @@ strategy adapter), and the hook order.
 
 Hook order in a fit: ``setup`` (reset per-fit state, pick the strategy adapter, configure FTSEarlyStopping
 and FTSCheckpoint, resolve the schedule and freeze all but phase 0) -> ``load_state_dict`` when resuming
--> ``on_fit_start`` (fit the optimizer to phase 0, replay a resumed run's transitions before Lightning
+-> ``on_fit_start`` (an implicit schedule is generated here, from the run's step budget and the optimizer's
+lr, both known only now; fit the optimizer to phase 0, replay a resumed run's transitions before Lightning
 loads optimizer state) -> per epoch: ``on_train_epoch_start`` (transition if the phase ended) ...
 ``on_train_batch_end`` (after each optimizer step: transition when the phase's ``max_transition_step`` is
 reached; one compare otherwise) ... ``on_validation_end`` (record the monitored value; snapshot the phase's
@@ -25,16 +26,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
 
-from phasetune import generate, rng, transitions
+from phasetune import generate, rng, thaw, transitions
 from phasetune.errors import ConfigurationError, ScheduleError, ScheduleGenerated
-from phasetune.generate import implicit_schedule
-from phasetune.lightning import _compat, fts_compat, resume_checks
+from phasetune.lightning import _compat, fts_compat, messages, resume_checks
 from phasetune.lightning.adapters import StrategyAdapter, select_adapter
 from phasetune.lightning.companions import configure_companions
 from phasetune.lightning.early_stopping import FTSEarlyStopping
 from phasetune.lightning.fts_checkpoint import FTSCheckpoint
+from phasetune.lightning.run_facts import trainer_facts
 from phasetune.lightning.sharded import ShardedStrategyAdapter
 from phasetune.prefix_cache import PrefixCacheError
 from phasetune.prefix_phases import PrefixCachePhases
@@ -58,9 +58,14 @@ class FinetuningScheduler(RunView, Callback):
 
     Args:
         ft_schedule: schedule YAML path or dict; ``None`` generates one from the model (see
-            ``schedule_style``) and runs it.
+            ``schedule_style``) at the start of the fit, over the fit's step budget
+            (``trainer.estimated_stepping_batches``: ``max_steps``, or ``max_epochs`` x batches per epoch after
+            ``limit_train_batches`` and gradient accumulation) with the default settings
+            (:func:`phasetune.recipes.default_settings`), and runs it; the file it writes to the log dir says
+            the budget, the settings and where they came from.
         gen_ft_sched_only: write the generated schedule to the log dir and stop before training
-            (raises :class:`~phasetune.errors.ScheduleGenerated`, a clean ``SystemExit``).
+            (raises :class:`~phasetune.errors.ScheduleGenerated`, a clean ``SystemExit``) at the start of the
+            fit, where the budget and the optimizer's lr are known.
         max_depth, base_max_lr, restore_best, epoch_transitions_only, schedule_style, schedule_options, reinit_optim_cfg,
         reinit_lr_cfg, enforce_phase0_params, apply_lambdas_new_pgs, frozen_bn_track_running_stats,
         snapshot_storage, resume_rng, audit, audit_zero_lr: the knobs every front end shares, with one meaning and
@@ -212,25 +217,42 @@ class FinetuningScheduler(RunView, Callback):
             log_dir = trainer.log_dir  # a collective under DDP: every rank must read it
             self._log_dir = str(log_dir if log_dir is not None else trainer.default_root_dir)
         if self.gen_ft_sched_only:
-            raise ScheduleGenerated(self._write_generated(trainer, pl_module))
+            return  # on_fit_start writes the generated schedule (the budget and the optimizer are known there) and stops
         found = configure_companions(trainer, pl_module, stage, self, restore_best=self.options.restore_best,
                                      epoch_transitions_only=self.options.epoch_transitions_only)
         self.early_stopping, self.checkpoint = found.early_stopping, found.checkpoint
         self.monitor, self.monitor_mode = found.monitor, found.mode
-        if not self.adapter.defer_init(pl_module):
+        if self.adapter.defer_init(pl_module):
+            return
+        if self.ft_schedule is None:  # generated at on_fit_start; configure_optimizers sees phase 0 trainable already
+            self._freeze_to_implicit_phase0(pl_module)
+        else:
             self._init_run(trainer, pl_module)
+
+    def _freeze_to_implicit_phase0(self, pl_module: pl.LightningModule) -> None:
+        """Freeze all but phase 0 of the implicit schedule (its parameters do not depend on the budget)."""
+        assert self.adapter is not None
+        raw = generate.generate_implicit(self.adapter.structure_module(pl_module), self.options,
+                                         parameters_only=True).raw
+        params = dict(self.adapter.named_parameters(pl_module))
+        schedule = resolve_schedule(raw, self.adapter.param_shapes(pl_module), epoch_transitions_only=False)
+        thaw.freeze(params)
+        thaw.thaw(params, schedule[0].params)
 
     def _schedule_file(self, pl_module: pl.LightningModule, suffix: str) -> Path:
         return Path(self._log_dir or ".") / f"{type(pl_module).__name__}_{suffix}.yaml"
 
     def _write_generated(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
         assert self.adapter is not None
-        raw = implicit_schedule(self.adapter.structure_module(pl_module), self.options)
-        schedule = resolve_schedule(raw, list(self.adapter.named_parameters(pl_module)), epoch_transitions_only=False)
+        generated = generate.generate_implicit(self.adapter.structure_module(pl_module), self.options,
+                                               trainer_facts(trainer, generate.needs_run_budget(self.options)))
+        schedule = resolve_schedule(generated.raw, list(self.adapter.named_parameters(pl_module)),
+                                    epoch_transitions_only=False)
         path = self._schedule_file(pl_module, "ft_schedule")
         if trainer.is_global_zero:
-            schedule.dump(path, resolved=False, header=f"phasetune schedule generated for {type(pl_module).__name__} "
-                          f"(style {self.options.schedule_style!r}); edit it and pass it as ft_schedule")
+            header = [f"phasetune schedule generated for {type(pl_module).__name__} (style "
+                      f"{self.options.schedule_style!r}); edit it and pass it as ft_schedule", *generated.notes[1:]]
+            schedule.dump(path, resolved=False, header="\n".join(header))
             log.info("phasetune: wrote generated schedule (%d phases) to %s", len(schedule), path)
         return str(path)
 
@@ -243,14 +265,10 @@ class FinetuningScheduler(RunView, Callback):
                 f"{type(pl_module).__name__}.no_decay must be a list of parameter-name substrings, got {no_decay!r}"
             )
 
-        def info(message: str) -> None:
-            if trainer.is_global_zero:
-                log.info("phasetune: %s", message)
-
         env = RunEnv(
             broadcast=lambda value: trainer.strategy.broadcast(value, src=0),
-            warn=rank_zero_warn,
-            info=info,
+            warn=messages.warn,
+            info=messages.info,
             named_buffers=lambda: adapter.named_buffers(pl_module),
             copy_into=adapter.snapshot_copy,
             rank_local_snapshots=adapter.rank_local_snapshots,
@@ -261,13 +279,15 @@ class FinetuningScheduler(RunView, Callback):
             self.ft_schedule, adapter.named_parameters(pl_module), adapter.param_shapes(pl_module),
             options=self.options, env=env, model=pl_module, structure=adapter.structure_module(pl_module),
             no_decay=no_decay, monitor=self.monitor, mode=self.monitor_mode,
+            facts=trainer_facts(trainer, generate.needs_run_budget(self.options)) if self.ft_schedule is None else None,
         )
         self._reach_every_phase(trainer)
         if trainer.is_global_zero:
             schedule = self.run.schedule
-            if self.ft_schedule is None:
-                schedule.dump(self._schedule_file(pl_module, "ft_schedule"), resolved=False,
-                              header=f"phasetune implicit schedule (style {self.options.schedule_style!r})")
+            if self.run.implicit is not None:
+                path = self._schedule_file(pl_module, "ft_schedule")
+                schedule.dump(path, resolved=False, header="\n".join(self.run.implicit.notes))
+                messages.info(f"implicit schedule ({len(schedule)} phases; {self.run.implicit.budget_line}): {path}")
             schedule.dump(self._schedule_file(pl_module, "ft_schedule_resolved"),
                           header=f"resolved from {schedule.source}: exact parameter names per phase")
 
@@ -280,12 +300,12 @@ class FinetuningScheduler(RunView, Callback):
         max_epochs = trainer.max_epochs
         latest = max(p.max_transition_epoch for p in phases)
         if max_epochs is not None and 0 <= max_epochs < latest:
-            rank_zero_warn(f"max_epochs={max_epochs} would end training before the schedule's max_transition_epoch "
+            messages.warn(f"max_epochs={max_epochs} would end training before the schedule's max_transition_epoch "
                            f"{latest}; raised max_epochs to {latest} so that every phase runs")
             trainer.fit_loop.max_epochs = latest
         latest_step = max(p.max_transition_step for p in phases)
         if 0 <= trainer.max_steps < latest_step:
-            rank_zero_warn(f"max_steps={trainer.max_steps} would end training before the schedule's "
+            messages.warn(f"max_steps={trainer.max_steps} would end training before the schedule's "
                            f"max_transition_step {latest_step}; raised max_steps to {latest_step} so that every phase runs")
             trainer.fit_loop.epoch_loop.max_steps = latest_step
 
@@ -335,7 +355,11 @@ class FinetuningScheduler(RunView, Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.adapter is not None
-        deferred = self.run is None
+        if self.gen_ft_sched_only:
+            raise ScheduleGenerated(self._write_generated(trainer, pl_module))
+        # the phase as an integer in the progress bar (logged as a float, as Lightning logs every value)
+        self.adapter.keep_undo(_compat.progress_bar_integer(trainer, "ft_phase"))
+        deferred = self.run is None  # sharded strategies and implicit schedules: the run is built now
         if deferred:
             self._init_run(trainer, pl_module)
         run = self.run

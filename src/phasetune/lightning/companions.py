@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_warn
 
 from phasetune.errors import ConfigurationError
+from phasetune.lightning import messages
 from phasetune.lightning.early_stopping import FTSEarlyStopping
 from phasetune.lightning.fts_checkpoint import FTSCheckpoint
 
@@ -47,7 +47,7 @@ def configure_companions(
     if epoch_transitions_only:
         cbs = [c for c in cbs if not isinstance(c, EarlyStopping)]
         if stoppers:
-            rank_zero_warn(
+            messages.warn(
                 f"epoch_transitions_only=True: removed {len(stoppers)} EarlyStopping callback(s); phases end at "
                 "their max_transition_epoch / max_transition_step and the run ends after the final phase's."
             )
@@ -73,7 +73,7 @@ def configure_companions(
             first_ckpt = next((i for i, c in enumerate(cbs) if isinstance(c, ModelCheckpoint)), len(cbs))
             cbs.insert(first_ckpt, es)  # before checkpoints, so they save its state of this epoch
             fresh.append(es)
-            rank_zero_warn(
+            messages.warn(
                 f"FinetuningScheduler added FTSEarlyStopping(monitor={DEFAULT_MONITOR!r}, patience=3) to end "
                 "phases; pass your own FTSEarlyStopping to choose the metric and patience."
             )
@@ -90,7 +90,7 @@ def configure_companions(
             overrides = {}
             if c.monitor is None:
                 overrides = {"monitor": monitor, "mode": mode}
-                rank_zero_warn(
+                messages.warn(
                     f"FinetuningScheduler upgraded ModelCheckpoint(monitor=None) to FTSCheckpoint(monitor="
                     f"{monitor!r}, mode={mode!r}) so checkpoints and restore-best follow the phase metric; "
                     "pass an FTSCheckpoint to choose otherwise."
@@ -104,11 +104,11 @@ def configure_companions(
         if checkpoint is None:
             checkpoint = up
     if checkpoint is None and ckpts:
-        rank_zero_warn(f"{type(ckpts[0]).__name__} is not an FTSCheckpoint; checkpoint depths are not recorded.")
+        messages.warn(f"{type(ckpts[0]).__name__} is not an FTSCheckpoint; checkpoint depths are not recorded.")
     if checkpoint is not None and checkpoint.monitor:
         monitor, mode = checkpoint.monitor, checkpoint.mode
     elif restore_best and epoch_transitions_only:
-        rank_zero_warn(
+        messages.warn(
             f"restore_best=True with epoch_transitions_only=True: the best state is judged by {monitor!r}; "
             "pass an FTSCheckpoint(monitor=...) to choose the metric."
         )

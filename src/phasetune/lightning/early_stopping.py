@@ -15,9 +15,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
 
-from phasetune.lightning import _compat
+from phasetune.lightning import _compat, messages
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -96,7 +95,7 @@ class FTSEarlyStopping(EarlyStopping):
         self.reduce_transition_decisions = any(v != seen[0] and not (math.isnan(v) and math.isnan(seen[0])) for v in seen)
         if self.reduce_transition_decisions and not self._warned_unsynced:
             self._warned_unsynced = True
-            rank_zero_warn(
+            messages.warn(
                 f"the monitored {self.monitor!r} differs across ranks ({', '.join(f'{v:.6g}' for v in seen)}): it is "
                 "logged without sync_dist=True. A phase ends when early stopping on any rank says so; log it with "
                 "sync_dist=True for one value on every rank."

@@ -17,6 +17,7 @@ The console script's entry point is :func:`phasetune.lightning.cli.main`.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,10 +28,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer, seed_everythin
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_warn
 
 from phasetune.errors import ConfigurationError
-from phasetune.lightning import _compat
+from phasetune.lightning import _compat, messages
 from phasetune.lightning.callback import FinetuningScheduler
 from phasetune.lightning.summary import ValidationHistory, metrics_line, plot_phases, summary_table
 from phasetune.lr_shapes import WarmupLinearDecay
@@ -54,6 +54,7 @@ class RunResult:
     val: dict[str, float] = field(default_factory=dict)  # the last validation's metrics
     points: list[Any] = field(default_factory=list)
     log_dir: str | None = None
+    cpu_time: float | None = None  # the process's CPU time (every thread) during the fit
 
 
 class FullFineTuning(Callback):
@@ -79,7 +80,7 @@ class FullFineTuning(Callback):
         in_optimizer = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
         left_out = [n for n, p in pl_module.named_parameters() if id(p) not in in_optimizer]
         if left_out:
-            rank_zero_warn(
+            messages.warn(
                 f"baseline: configure_optimizers left {len(left_out)} parameters out (e.g. {left_out[0]!r}); they "
                 "do not train in the full fine-tuning baseline"
             )
@@ -232,14 +233,14 @@ class PhasetuneCLI(LightningCLI):
                        **kwargs: Any) -> RunResult:
         history = ValidationHistory()
         trainer.callbacks.append(history)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         trainer.fit(model, datamodule=datamodule, **kwargs)
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
         peaks = [r.peak_memory for r in fts.history if r.peak_memory is not None]
         kind = next((r.peak_memory_kind for r in fts.history if r.peak_memory_kind), None)
         result = RunResult(f"scheduled ({len(fts.history)} phases)", trainer.global_step, wall,
                            max(peaks, default=None), kind, val=_val_metrics(trainer), points=history.points,
-                           log_dir=_log_dir(trainer))
+                           log_dir=_log_dir(trainer), cpu_time=cpu)
         if trainer.is_global_zero:
             _say(f"scheduled fine-tuning: {trainer.global_step} steps in {fmt_seconds(wall)}")
             print(summary_table(fts.history, fts.monitor), flush=True)
@@ -282,14 +283,14 @@ class PhasetuneCLI(LightningCLI):
         if trainer.is_global_zero:
             what = f"{budget} steps, the scheduled run's budget" if budget is not None else "the trainer's own limits"
             _say(f"baseline: plain full fine-tuning of every parameter for {what}")
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         trainer.fit(model, datamodule=datamodule)
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
         if trainer.is_global_zero:
             _say(f"baseline: {trainer.global_step} steps in {fmt_seconds(wall)}")
         memory_kind = full.memory.kind if full.memory is not None else None
         result = RunResult("full fine-tuning", trainer.global_step, wall, full.peak, memory_kind,
-                           val=_val_metrics(trainer), points=history.points, log_dir=_log_dir(trainer))
+                           val=_val_metrics(trainer), points=history.points, log_dir=_log_dir(trainer), cpu_time=cpu)
         if self._opt("test_after_fit"):
             result.test = _test(trainer, model, datamodule, "baseline")
         return result
@@ -343,15 +344,32 @@ def _plot_title(results: Sequence[RunResult]) -> str:
 
 def _print_comparison(results: Sequence[RunResult]) -> None:
     keys = sorted({k for r in results for k in r.test})
-    rows = [[r.name, r.steps, fmt_seconds(r.wall_time), fmt_bytes(r.peak_memory), *(
-        f"{r.test[k]:.4f}" if k in r.test else "-" for k in keys)] for r in results]
+    rows = [[r.name, r.steps, fmt_seconds(r.wall_time), "-" if r.cpu_time is None else fmt_seconds(r.cpu_time),
+             fmt_bytes(r.peak_memory), *(f"{r.test[k]:.4f}" if k in r.test else "-" for k in keys)] for r in results]
     print(flush=True)
     _say("scheduled fine-tuning vs. plain full fine-tuning (same number of steps)")
-    print(format_table(["run", "steps", "wall time", "peak memory", *keys], rows, align="lrrr" + "r" * len(keys)))
+    print(format_table(["run", "steps", "wall time", "CPU time", "peak memory", *keys], rows,
+                       align="lrrrr" + "r" * len(keys)))
     kinds = {r.peak_memory_kind for r in results if r.peak_memory_kind}
     for k in sorted(kinds):
         print(f"peak memory: {KIND_LABELS.get(k, k)}")
+    print("CPU time: the process's, every thread, during the fit (validation and checkpoints included)")
+    if len(results) == 2:
+        print(timing_caution(results[0], results[1]))
     print(flush=True)
+
+
+def timing_caution(scheduled: RunResult, baseline: RunResult) -> str:
+    """What one pair of timings says: its ratios, and that one seed's ratio on a shared machine is not a
+    measurement (with the machine's load when it was busy)."""
+    ratios = [f"{scheduled.wall_time / baseline.wall_time:.2f}x the wall time"] if baseline.wall_time > 0 else []
+    if scheduled.cpu_time and baseline.cpu_time:
+        ratios.append(f"{scheduled.cpu_time / baseline.cpu_time:.2f}x the CPU time")
+    load, cores = os.getloadavg()[0] if hasattr(os, "getloadavg") else None, os.cpu_count() or 1
+    busy = f" (load {load:.1f} on {cores} cores now)" if load is not None and load > cores else ""
+    return (f"timing: {', '.join(ratios)} of full fine-tuning, from one run of each: on a machine shared with other "
+            f"work{busy} one pair's ratio moves by tens of percent, so it is noise, not a measurement; "
+            "bench/quality.py times the arms over seeds, interleaved, in CPU time")
 
 
 def _shown(path: Path) -> str:

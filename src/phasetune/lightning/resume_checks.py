@@ -10,10 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from lightning.pytorch.utilities import rank_zero_warn
-
 from phasetune.errors import ConfigurationError
-from phasetune.lightning import _compat, fts_compat
+from phasetune.lightning import _compat, fts_compat, messages
 
 
 def check_resumable(checkpoint: Mapping[str, Any], state_key: str, path: Any) -> bool:
@@ -32,7 +30,7 @@ def check_resumable(checkpoint: Mapping[str, Any], state_key: str, path: Any) ->
         return False
     batches, loader_saved = position
     if not loader_saved:
-        rank_zero_warn(
+        messages.warn(
             f"{path} was saved in the middle of an epoch (after {batches} batches) and the train DataLoader saved no "
             "position: the rest of that epoch takes its batches from a new pass over the data, not the ones the "
             "interrupted run had left, so the resumed run is not exact. Use "

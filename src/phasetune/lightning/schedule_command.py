@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,11 +21,12 @@ from typing import Any, NoReturn
 import torch
 
 from phasetune import generate
-from phasetune.errors import PhasetuneError, ScheduleError
+from phasetune.errors import ConfigurationError, PhasetuneError, ScheduleError
 from phasetune.lightning.adapters import select_adapter
 from phasetune.lightning.callback import FinetuningScheduler
 from phasetune.lightning.fit_command import PhasetuneCLI
 from phasetune.report import covering_modules, fmt_count, format_table
+from phasetune.run_types import RunOptions
 from phasetune.schedule import Schedule, resolve_schedule
 
 SCHEDULE_HELP = """\
@@ -59,7 +61,7 @@ def _bool(text: str) -> bool:
 
 
 RECIPE_OPTIONS = ("lr", "lr_decay", "phase_steps", "total_steps", "head_fraction", "warmup_fraction",
-                  "steps_per_epoch", "include_stem", "blocks_per_phase")
+                  "steps_per_epoch", "include_stem", "blocks_per_phase")  # the recipe options with a flag
 
 
 def _schedule_parser() -> argparse.ArgumentParser:
@@ -72,7 +74,8 @@ def _schedule_parser() -> argparse.ArgumentParser:
                      help="'blocks' (head, then one repeated block per phase, then the stem), 'discriminative' "
                           "(the same with lrs falling by --lr_decay per block), 'lpft' (head, then everything) or "
                           "'pairs' (the classic: two tensors per phase); default: the config's schedule_style")
-    gen.add_argument("--lr", type=float, help="lr of phase 1 (phase 0 trains at configure_optimizers' lr)")
+    gen.add_argument("--lr", type=float, help="lr of phase 1 (phase 0 trains at configure_optimizers' lr); lpft: "
+                                              "default 2e-4, the implicit default's (phasetune.recipes.DEFAULT_RULE)")
     gen.add_argument("--lr_decay", type=float, help="discriminative: lr factor from one block to the one below")
     gen.add_argument("--phase_steps", type=int, nargs="+", metavar="N",
                      help="optimizer steps per phase (one value for all, or one per phase): each phase >= 1 gets "
@@ -86,8 +89,9 @@ def _schedule_parser() -> argparse.ArgumentParser:
     gen.add_argument("--warmup_fraction", type=float, help="share of each phase's steps spent warming up (0.1)")
     gen.add_argument("--steps_per_epoch", type=int,
                      help="with --phase_steps or --steps: write each phase's end as max_transition_epoch instead "
-                          "of max_transition_step")
-    gen.add_argument("--include_stem", type=_bool, help="schedule the embeddings (stem) in a last phase (true)")
+                          "of max_transition_step (--steps is then split in whole epochs)")
+    gen.add_argument("--include_stem", type=_bool, help="schedule the embeddings (stem) in a last phase (lpft: "
+                                                        "false, the implicit default's; others: true)")
     gen.add_argument("--blocks_per_phase", type=int, help="discriminative/blocks: blocks thawed per phase (1)")
     gen.add_argument("-o", "--output", help="file to write (default: print to stdout)")
     for name, text in (("check", "validate a schedule against the model (every problem at once)"),
@@ -208,26 +212,7 @@ def schedule_main(argv: Sequence[str]) -> int:
               else _load_model_target(args.model_dir, args.model_class))
     shapes = {n: tuple(p.shape) for n, p in target.params.items()}
     if args.action == "generate":
-        style = args.style or target.fts.schedule_style
-        options = {k: getattr(args, k) for k in RECIPE_OPTIONS if getattr(args, k) is not None}
-        if options.get("phase_steps") and len(options["phase_steps"]) == 1:
-            options["phase_steps"] = options["phase_steps"][0]
-        if "total_steps" in options:  # the same split the recipe makes, for the phase-0 note below
-            options["phase_steps"] = _budget_split(target.structure, style, options)
-        try:
-            raw = generate.generate_schedule(target.structure, style, **options)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-        schedule = resolve_schedule(raw, shapes)
-        header = (f"phasetune schedule generated for {target.model_name} (style {style!r}): {len(schedule)} phases\n"
-                  + _phase0_note(raw, options) + "edit it, then pass it as FinetuningScheduler(ft_schedule=...), "
-                  "PhasetuneTrainerCallback(schedule) or ScheduledFinetuning(schedule, ...)")
-        if args.output:
-            schedule.dump(args.output, resolved=False, header=header)
-            print(f"wrote {args.output} ({len(schedule)} phases)")
-        else:
-            print("".join(f"# {line}\n" for line in header.splitlines()) + schedule.to_yaml(resolved=False), end="")
-        return 0
+        return _generate(args, target, shapes)
     source, desc = _schedule_source(args, target)
     try:
         schedule = resolve_schedule(source, shapes, epoch_transitions_only=target.fts.epoch_transitions_only)
@@ -247,32 +232,69 @@ def schedule_main(argv: Sequence[str]) -> int:
     return 0
 
 
-def _budget_split(structure: torch.nn.Module, style: str, options: dict[str, Any]) -> list[int]:
-    from phasetune.recipes import split_budget
-
-    if "phase_steps" in options:
+def _generate(args: argparse.Namespace, target: _Target, shapes: dict[str, tuple[int, ...]]) -> int:
+    """What ``FinetuningScheduler(schedule_style=..., schedule_options=...)`` would generate for the model (the
+    implicit default's settings under ``lpft``), with ``--steps`` as the run's budget; written or printed."""
+    style = args.style or target.fts.schedule_style
+    options = {k: getattr(args, k) for k in RECIPE_OPTIONS if getattr(args, k) is not None}
+    if options.get("phase_steps") and len(options["phase_steps"]) == 1:
+        options["phase_steps"] = options["phase_steps"][0]
+    if "phase_steps" in options and "total_steps" in options:
         raise UsageError("give either --phase_steps (the steps of each phase) or --steps (a budget split across the "
                          "phases), not both")
+    if style == "pairs" and options:
+        raise UsageError(f"--recipe pairs takes no recipe options (got {', '.join(_flags(sorted(options)))}); use one "
+                         f"of {', '.join(s for s in generate.STYLES if s != 'pairs')} for lrs and phase lengths")
+    total = options.pop("total_steps", None)
+    facts = generate.RunFacts(total_steps=total, budget_source="--steps", no_budget="no --steps or --phase_steps")
+    problem = None
     try:
-        n = len(generate.generate_schedule(structure, style, **{k: v for k, v in options.items()
-                                                                 if k not in ("total_steps", "head_fraction",
-                                                                              "steps_per_epoch")}))
-        return split_budget(options.pop("total_steps"), n, options.pop("head_fraction", None), recipe=style)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+        made = generate.generate_implicit(target.structure, RunOptions(schedule_style=style, schedule_options=options),
+                                          facts)
+    except ConfigurationError as e:  # said in the command line's words, raised outside (the CLI reports the innermost)
+        problem = _cli_words(str(e.__cause__ or e))
+    if problem is not None:
+        raise UsageError(problem)
+    schedule = resolve_schedule(made.raw, shapes)
+    header = [f"phasetune schedule generated for {target.model_name} (style {style!r}): {len(schedule)} phases",
+              *made.notes[1:], *_phase0_note(made.raw, options.get("steps_per_epoch")),
+              "edit it, then pass it as FinetuningScheduler(ft_schedule=...), PhasetuneTrainerCallback(schedule) or "
+              "ScheduledFinetuning(schedule, ...)"]
+    if args.output:
+        schedule.dump(args.output, resolved=False, header="\n".join(header))
+        print(f"wrote {args.output} ({len(schedule)} phases)")
+    else:
+        print("".join(f"# {line}\n" for line in header) + schedule.to_yaml(resolved=False), end="")
+    return 0
 
 
-def _phase0_note(raw: dict[int, dict[str, Any]], options: dict[str, Any]) -> str:
-    """What the schedule cannot say about phase 0: its lr and lr shape come from configure_optimizers."""
-    if "phase_steps" not in options:
-        return "phase 0 trains with configure_optimizers' optimizer, lr and lr scheduler\n"
+def _flags(names: Sequence[str]) -> list[str]:
+    return ["--steps" if n == "total_steps" else f"--{n}" for n in names]
+
+
+def _cli_words(message: str) -> str:
+    """A recipe's message in the command line's words: ``total_steps`` is ``--steps``, an option its flag."""
+    return re.sub(r"(?<![\w-])(" + "|".join(RECIPE_OPTIONS) + r")\b(=?)",
+                  lambda m: _flags([m.group(1)])[0] + (" " if m.group(2) else ""), message)
+
+
+def _phase0_note(raw: dict[int, dict[str, Any]], steps_per_epoch: int | None) -> list[str]:
+    """What the schedule cannot say about phase 0 when it sets no lr shape for it: that comes from
+    configure_optimizers."""
+    first = raw[0]
+    if "new_lr_scheduler" in first:
+        return []
+    steps = first.get("max_transition_step", -1)
+    if steps < 0 and steps_per_epoch and first.get("max_transition_epoch", -1) > 0:
+        steps = first["max_transition_epoch"] * steps_per_epoch
+    if steps < 0 or len(raw) == 1:
+        return ["phase 0 trains with configure_optimizers' optimizer, lr and lr scheduler"]
     from phasetune.recipes import DEFAULT_WARMUP_FRACTION, phase_lr_shape
 
-    steps = options["phase_steps"] if isinstance(options["phase_steps"], int) else options["phase_steps"][0]
-    shape = phase_lr_shape(steps, options.get("warmup_fraction", DEFAULT_WARMUP_FRACTION))
-    return ("phase 0 trains with configure_optimizers' optimizer and lr; for the same lr shape, return with it\n"
+    shape = phase_lr_shape(steps, DEFAULT_WARMUP_FRACTION)
+    return ["phase 0 trains with configure_optimizers' optimizer and lr; for the same lr shape, return with it",
             f"phasetune.lr_shapes.WarmupLinearDecay(optimizer, total_steps={shape['total_steps']}, "
-            f"warmup_steps={shape['warmup_steps']}) stepped every step\n")
+            f"warmup_steps={shape['warmup_steps']}) stepped every step"]
 
 
 def _schedule_table(schedule: Schedule, target: _Target) -> str:
