@@ -122,3 +122,31 @@ def test_the_plain_loop_says_the_budget_its_implicit_schedule_got(caplog):
     with caplog.at_level(logging.INFO, logger="phasetune"):
         ScheduledFinetuning(None, model, torch.optim.AdamW(model.parameters(), lr=1e-3), total_steps=40)
     assert "implicit schedule (2 phases; budget: 40 optimizer steps, from ScheduledFinetuning(total_steps=...))" in caplog.text
+
+
+def test_phasetune_fit_stopped_by_sigterm_exits_with_143_not_0(monkeypatch, capsys):
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from phasetune.lightning import cli
+
+    def stopped(*args, **kwargs):  # what Lightning raises from the fit loop after a SIGTERM
+        raise SIGTERMException
+
+    monkeypatch.setattr(cli, "PhasetuneCLI", stopped)
+    assert cli.main(["fit", "--config", "any.yaml"]) == 143
+    assert "stopped by SIGTERM" in capsys.readouterr().err
+
+
+def test_the_phasetune_command_prints_its_warnings_as_phasetune_lines(monkeypatch, capsys):
+    from phasetune.lightning import cli
+
+    def warns(argv):
+        warnings.warn("look at this", PhasetuneWarning, stacklevel=2)
+        return 0
+
+    monkeypatch.setattr(cli, "schedule_main", warns)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert cli.main(["schedule"]) == 0
+    err = capsys.readouterr().err
+    assert "phasetune: look at this" in err and "PhasetuneWarning" not in err

@@ -16,21 +16,48 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from phasetune.errors import PhasetuneError, ScheduleGenerated
 from phasetune.lightning.fit_command import PhasetuneCLI
+from phasetune.lightning.messages import PhasetuneWarning
 from phasetune.lightning.schedule_command import UsageError, schedule_main
 
 __all__ = ["PhasetuneCLI", "main"]
 
 USER_ERRORS = (PhasetuneError, ArgumentError, MisconfigurationException, FileNotFoundError, ImportError)
+#: the exit status of a fit stopped by SIGTERM (128 + 15, as a shell reports a process SIGTERM killed), so that a
+#: job scheduler sees it was stopped, not finished
+SIGTERM_EXIT = 143
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``phasetune`` console script; returns the exit code."""
+    """Entry point of the ``phasetune`` console script; returns the exit code. phasetune's warnings print as
+    ``phasetune: ...`` lines while it runs (no source line of the console script to point at)."""
+    shown = warnings.showwarning
+    warnings.showwarning = _phasetune_lines(shown)
+    try:
+        return _main(argv)
+    finally:
+        warnings.showwarning = shown
+
+
+def _phasetune_lines(show: Any) -> Any:
+    def showwarning(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                    line: str | None = None) -> None:
+        if issubclass(category, PhasetuneWarning):
+            print(f"phasetune: {message}", file=sys.stderr if file is None else file)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return showwarning
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     # Lightning 2.6 with torch >= 2.8 warns about its own pytree use on every run; nothing a user can change
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
@@ -45,6 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ScheduleGenerated as e:
         print(f"phasetune: {e}")
         return 0
+    except SIGTERMException:  # Lightning ends a fit on SIGTERM with a SystemExit of status 0: say it was stopped
+        print("phasetune: stopped by SIGTERM (Lightning ended the fit after the current step, saving nothing); resume "
+              "from your last checkpoint with --ckpt_path", file=sys.stderr)
+        return SIGTERM_EXIT
     except Exception as e:
         cause = _user_error(e)
         if cause is None or os.environ.get("PHASETUNE_DEBUG"):
