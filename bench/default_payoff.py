@@ -85,6 +85,7 @@ class _Costs:
         from phasetune.memory import PeakMemory
 
         self.cpu = self.wall = 0.0
+        self.step_cpu: list[float] = []  # each step's CPU time (the first steps pay for lazy set-up)
         self.peak = PeakMemory()
         self.rss_before: int | None = None
         self._marks = (0.0, 0.0)
@@ -97,13 +98,15 @@ class _Costs:
         self._marks = (time.process_time(), time.perf_counter())
 
     def step_end(self) -> None:
-        self.cpu += time.process_time() - self._marks[0]
+        self.step_cpu.append(time.process_time() - self._marks[0])
+        self.cpu += self.step_cpu[-1]
         self.wall += time.perf_counter() - self._marks[1]
 
     def result(self, phase_peaks: list[int]) -> dict[str, Any]:
         # phasetune resets the peak at each phase start: the run's peak is the largest of its phases' and ours
         peak = max([p for p in [self.peak.read(), *phase_peaks] if p is not None], default=None)
-        return {"cpu_s": self.cpu, "wall_s": self.wall, "peak_rss": peak, "rss_before": self.rss_before}
+        return {"cpu_s": self.cpu, "wall_s": self.wall, "peak_rss": peak, "rss_before": self.rss_before,
+                "step_cpu_s": [round(t, 3) for t in self.step_cpu], "load_after": os.getloadavg()[0]}
 
 
 def _run_lightning(cfg: dict[str, Any], sets: dict[str, Any], collate: Any) -> tuple[Any, dict[str, Any]]:
