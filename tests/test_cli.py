@@ -89,7 +89,7 @@ def test_fit_with_baseline_trains_full_fine_tuning_for_the_same_steps_and_compar
     out = capsys.readouterr().out
     assert "baseline: plain full fine-tuning of every parameter for 16 steps, the scheduled run's budget" in out
     comparison = out[out.index("run  "):].splitlines()
-    assert comparison[0].split() == ["run", "steps", "wall", "time", "peak", "memory", "test_acc"]
+    assert comparison[0].split() == ["run", "steps", "wall", "time", "CPU", "time", "peak", "memory", "test_acc"]
     assert re.match(r"scheduled \(3 phases\) +16 +.* 0\.\d{4}$", comparison[2])
     assert re.match(r"full fine-tuning +16 +.* 0\.\d{4}$", comparison[3])
     assert (tmp_path / "lightning_logs" / "version_0_baseline" / "checkpoints").is_dir()

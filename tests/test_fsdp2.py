@@ -188,7 +188,9 @@ def test_hugging_face_export_loads_with_from_pretrained_and_the_implicit_schedul
     assert hf["sharded"] == ["model.bert.encoder.layer.0", "model.bert.encoder.layer.1", "model"]
     assert hf["phase0"] == ["model.bert.pooler.dense.weight", "model.bert.pooler.dense.bias", "model.classifier.weight",
                             "model.classifier.bias"]
-    assert hf["last_phase"][0] == "model.bert.embeddings.word_embeddings.weight"
+    # logical names all through; the implicit default (recipes.DEFAULT_RULE) leaves the embeddings frozen
+    assert hf["last_phase"][0] == "model.bert.encoder.layer.0.attention.self.query.weight"
+    assert not any(".embeddings." in name for name in hf["last_phase"])
     model = BertForSequenceClassification.from_pretrained(str(out / "hf_export"))
     state = model.state_dict()
     for k, v in hf["weights"].items():

@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from helpers import Net, ToyModule, assert_bit_equal, trainer
 from phasetune import ConfigurationError, FinetuningScheduler, FTSEarlyStopping, ScheduledFinetuning, recipes
 from phasetune.generate import RunFacts, generate_implicit
+from phasetune.lightning.messages import PhasetuneWarning
 from phasetune.recipes import DEFAULT_RULE, default_settings, rule_lr, split_budget
 from phasetune.run_types import RunOptions
 
@@ -94,7 +95,8 @@ def test_a_run_shorter_than_the_phases_gets_no_lengths_and_says_why():
 def fit(tmp_path, fts, module=None, callbacks=(), **kwargs):
     t = trainer(tmp_path, [fts, *callbacks], **kwargs)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # Lightning's own; phasetune's still show (a test may record them)
+        warnings.simplefilter("always", PhasetuneWarning)
         t.fit(module or ToyModule(optimizer="adam", lr=1e-3), **kwargs.pop("fit_kwargs", {}))
     return t
 
@@ -129,13 +131,17 @@ def test_lightning_user_options_keep_their_say_over_the_budget(tmp_path):
 
 def test_lightning_without_a_budget_warns_once_at_the_start(tmp_path, caplog):
     module = ToyModule(val_losses=[1.0] * 50)  # never improves: early stopping ends each phase
-    with caplog.at_level(logging.WARNING, logger="phasetune"):
+    # under Lightning phasetune warns with warnings.warn (attributed to the user's fit line), not through logging
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING, logger="phasetune"):
+        warnings.simplefilter("always")
         t = fit(tmp_path, FinetuningScheduler(), module, [FTSEarlyStopping(monitor="val_loss", patience=1)],
                 max_epochs=-1)
-    said = [r.getMessage() for r in caplog.records if NO_BUDGET in r.getMessage()]
+    messages = [str(w.message) for w in caught]
+    said = [m for m in messages if NO_BUDGET in m]
     assert len(said) == 1 and "max_epochs=-1 and no max_steps" in said[0] and "'total_steps': N" in said[0]
     assert t.should_stop and all(p.max_transition_step < 0 for p in t.callbacks[0].schedule)
-    assert "max_transition_epoch" not in caplog.text  # no end-of-run advice for a key the schedule does not use
+    # no end-of-run advice for a key the schedule does not use
+    assert not any("max_transition_epoch" in m for m in messages) and "max_transition_epoch" not in caplog.text
 
 
 def test_lightning_gen_ft_sched_only_writes_the_budgeted_schedule(tmp_path):
