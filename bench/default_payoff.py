@@ -152,7 +152,7 @@ def _run_lightning(cfg: dict[str, Any], sets: dict[str, Any], collate: Any) -> t
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_steps=steps, max_epochs=-1, val_check_interval=max(1, steps // VALIDATIONS),
         check_val_every_n_epoch=None, num_sanity_val_steps=0, enable_checkpointing=False, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+        default_root_dir=cfg["out_dir"], enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
     )
     trainer.fit(module, datamodule=Data())
     phases = [] if fts is None else fts.history
@@ -222,8 +222,8 @@ def configs(seeds: list[int], steps: int, user_lr: float) -> list[dict[str, Any]
 def run_all(cfgs: list[dict[str, Any]], out_dir: Path) -> list[dict[str, Any]]:
     results = []
     for n, cfg in enumerate(cfgs, 1):
-        if cfg["arm"] == "default_hf":
-            cfg = {**cfg, "out_dir": str(out_dir / "hf_output")}
+        # every run writes into the scratch folder (the Trainer's output_dir; Lightning's generated schedule files)
+        cfg = {**cfg, "out_dir": str(out_dir / ("hf_output" if cfg["arm"] == "default_hf" else f"lightning_{n}"))}
         print(f"[{n}/{len(cfgs)}] {cfg['task']} seed {cfg['seed']} {cfg['arm']}", flush=True)
         done = subprocess.run([sys.executable, __file__, "run", json.dumps(cfg)], capture_output=True, text=True,
                               cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})

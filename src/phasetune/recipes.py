@@ -68,15 +68,15 @@ OPTIONS = ("lr", "lr_decay", "phase_steps", "total_steps", "head_fraction", "war
 #: into the generated schedule file's header.
 DEFAULT_RULE: dict[str, Any] = {
     "body": ("abs", 2e-4),   # lr of the body phase (the encoder blocks)
-    "head": "user",          # the head's lr in phase 0 ("user": the optimizer's own)
+    "head": ("abs", 3e-3),   # the head's lr in phase 0 ("user": the optimizer's own)
     "head_fraction": 0.25,   # the head phase's share of the run's optimizer steps
     "stem": "frozen",        # the embeddings: "frozen" (in no phase) or "body" (they train with the body)
     "ft_head": "head",       # the head's lr in the last phase: "head" (restarts at its phase-0 lr) or "body"
     "warmup_fraction": DEFAULT_WARMUP_FRACTION,  # each phase warms up over this share of its steps, then decays
 }
 #: where :data:`DEFAULT_RULE` came from (written into every generated schedule that uses it)
-DEFAULT_RULE_SOURCE = ("bench/quality.py's selection on the validation split (the demo task; bench/results/"
-                       "quality_v1.md)")
+DEFAULT_RULE_SOURCE = ("bench/quality.py select-default: rule E, best mean validation accuracy against tuned full "
+                       "fine-tuning over both tasks (rt, debates) and user lrs 1e-3 and 5e-5; bench/results/quality.md")
 #: the head phase's share of a ``total_steps`` budget per recipe, when ``head_fraction`` is not given (the
 #: others: an equal share)
 DEFAULT_HEAD_FRACTION = {"lpft": DEFAULT_RULE["head_fraction"]}
