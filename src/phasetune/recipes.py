@@ -99,7 +99,7 @@ def _rule_text(spec: Any) -> str:
     if spec == "user":
         return "the optimizer's lr"
     kind, x = spec
-    return {"abs": f"{x:g} (fixed)", "rel": f"{x:g} x the optimizer's lr", "floor": f"max(the optimizer's lr, {x:g})"}[kind]
+    return {"abs": f"{x:g}", "rel": f"{x:g} x the optimizer's lr", "floor": f"max(the optimizer's lr, {x:g})"}[kind]
 
 
 def default_settings(optimizer_lr: float | None, total_steps: int | None, optimizer_groups: int = 1) -> dict[str, Any]:
@@ -130,7 +130,12 @@ def default_notes(optimizer_lr: float | None, overridden: Iterable[str] = ()) ->
     """The lines a generated schedule's header says about :data:`DEFAULT_RULE`: each value and where it came from;
     ``overridden``: the options the user set (``schedule_options``), which win."""
     r = DEFAULT_RULE
-    u = "" if optimizer_lr is None else f" ({'' if r['head'] == 'user' else 'the optimizer: '}{optimizer_lr:g})"
+    if optimizer_lr is None:
+        u = ""
+    elif r["head"] == "user":
+        u = f" ({optimizer_lr:g})"
+    else:
+        u = f" (not the optimizer's {optimizer_lr:g}: a fixed head lr did better on validation)"
     lines = [f"default settings (phasetune.recipes.DEFAULT_RULE), from {DEFAULT_RULE_SOURCE}:",
              f"  head phase: {r['head_fraction']:.0%} of the run's optimizer steps (head_fraction "
              f"{r['head_fraction']:g}), at {_rule_text(r['head'])}{u}",
