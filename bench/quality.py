@@ -211,7 +211,7 @@ def _mem_added(r: dict[str, Any]) -> float:
 
 def baseline_table(res: list[dict[str, Any]]) -> tuple[str, float]:
     """Per lr: validation accuracy and loss, costs; and the lr with the best mean validation accuracy."""
-    from phasetune.report import fmt_bytes, fmt_seconds, format_table
+    from phasetune.util.text import fmt_bytes, fmt_seconds, format_table
 
     by: dict[float, list[dict[str, Any]]] = {}
     for r in res:
@@ -227,7 +227,7 @@ def rule_table(res: list[dict[str, Any]], names: list[str], base: dict[str, floa
     """Per rule: paired validation accuracy gain over the tuned baseline per task and user lr, mean cost ratios;
     per resolved setting the same with the CPU per step of each phase. Returns the tables and the rule chosen:
     the best mean gain among those whose every cell has runs and whose mean costs meet the targets."""
-    from phasetune.report import format_table
+    from phasetune.util.text import format_table
 
     runs = {r["key"]: r for r in res}
     tasks = sorted({r["task"] for r in res}, key=TASKS.index)
@@ -286,7 +286,7 @@ def split_steps(cfg: dict[str, Any]) -> list[int]:
 def final_tables(res: dict[str, list[dict[str, Any]]]) -> str:
     """Per task: each arm's test and validation metrics and costs; the default against the baseline per seed pair;
     and whether the issue's gate holds (mean test accuracy >= the baseline's, CPU <= 0.8x, peak memory <= 0.85x)."""
-    from phasetune.report import fmt_bytes, fmt_seconds, format_table
+    from phasetune.util.text import fmt_bytes, fmt_seconds, format_table
 
     out = []
     for task, rs in res.items():

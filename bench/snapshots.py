@@ -27,8 +27,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from phasetune import FinetuningScheduler
-from phasetune.io import atomic_torch_save
 from phasetune.snapshots import take_snapshot
+from phasetune.util.files import atomic_torch_save
 
 
 class Module(pl.LightningModule):

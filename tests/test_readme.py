@@ -135,7 +135,7 @@ def run_cli(main, command: str) -> str:
 
 
 def yaml_load(text: str):
-    from phasetune.io import load_yaml
+    from phasetune.util.files import load_yaml
 
     return load_yaml(text)
 

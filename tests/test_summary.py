@@ -12,8 +12,8 @@ from helpers import ToyModule, trainer
 from phasetune import FinetuningScheduler, FTSEarlyStopping
 from phasetune.lightning.summary import ValidationHistory, plot_phases, summary_table
 from phasetune.memory import KIND_LABELS, PeakMemory
-from phasetune.report import covering_modules, fmt_bytes, fmt_count, format_table
 from phasetune.run import PhaseRecord
+from phasetune.util.text import covering_modules, fmt_bytes, fmt_count, format_table
 
 EPOCHS = {0: {"params": ["model.head.*"], "max_transition_epoch": 2},
           1: {"params": [r"model\.layers\.[23]\..*"], "lr": 0.05, "max_transition_epoch": 3},

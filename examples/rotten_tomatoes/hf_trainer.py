@@ -42,8 +42,8 @@ from examples.rotten_tomatoes.data import (
     stratified_split,
 )
 from phasetune import summary_table
-from phasetune.io import load_yaml
 from phasetune.lr_shapes import WarmupLinearDecay
+from phasetune.util.files import load_yaml
 
 HERE = Path(__file__).resolve().parent
 NO_DECAY = ["bias", "LayerNorm.weight"]  # as SentimentClassifier.no_decay

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from phasetune import _aliases  # first: installs the finder that keeps old module paths importing
 from phasetune.audit import AuditError, AuditOptions, PhaseAudit, group_names
 from phasetune.engine import PhaseEngine, Transition
 from phasetune.errors import ConfigurationError, PhasetuneError, ScheduleError, ScheduleGenerated
@@ -50,6 +51,10 @@ def __getattr__(name: str) -> Any:
         import importlib
 
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if f"phasetune.{name}" in _aliases.ALIASES:  # `phasetune.engine` as an attribute: the old module path
+        import importlib
+
+        return importlib.import_module(f"phasetune.{name}")
     raise AttributeError(f"module 'phasetune' has no attribute {name!r}")
 
 

@@ -28,7 +28,6 @@ from typing import Any
 from torch import nn
 from torch.optim import Optimizer
 
-from phasetune import _dist
 from phasetune.audit_probes import (
     _find_ddp,
     _fingerprints,
@@ -49,8 +48,9 @@ from phasetune.audit_result import (  # re-exported: the audit's public names li
     Finding,
 )
 from phasetune.param_groups import PHASE_KEY, is_no_decay
-from phasetune.report import covering_modules, few
 from phasetune.sharding import optim_state
+from phasetune.util import dist
+from phasetune.util.text import covering_modules, few
 
 log = logging.getLogger("phasetune")
 
@@ -134,7 +134,7 @@ class PhaseAudit:
         engine = self.engine
         trainable = list(engine.trainable())
         local = self._structure(optimizer, trainable, first_step=False)
-        gathered = _dist.all_gather_object({"local": local})  # the audit's one collective
+        gathered = dist.all_gather_object({"local": local})  # the audit's one collective
         result = AuditResult(engine.depth, stage, checked=len(trainable), groups=_n_groups(optimizer))
         result.findings = _merge_local([g["local"] for g in gathered])
         self._conclude(result, quiet=True)
@@ -223,7 +223,7 @@ class PhaseAudit:
             "grads": grads,
             "moved": moved,
         }
-        gathered = _dist.all_gather_object(payload)  # the audit's one collective
+        gathered = dist.all_gather_object(payload)  # the audit's one collective
         result = AuditResult(armed.depth, FIRST_STEP if armed.stage != RESUME else "first step after the resume",
                              checked=len(trainable), groups=_n_groups(optimizer), newly_thawed=len(armed.check),
                              frozen_checked=len(armed.frozen), notes=notes)
@@ -388,7 +388,7 @@ def group_names(optimizer: Optimizer, engine: Any) -> list[str]:
 
 def _rank_zero(level: int) -> Callable[[str], None]:
     def emit(message: str) -> None:
-        if _dist.rank() == 0:
+        if dist.rank() == 0:
             log.log(level, "phasetune: %s", message)
 
     return emit

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from phasetune.errors import ConfigurationError
-from phasetune.report import few
+from phasetune.util.text import few
 
 #: probable causes: key -> (what the message calls it, what to do)
 CAUSES: dict[str, tuple[str, str]] = {

@@ -29,7 +29,7 @@ from torch import nn
 
 from phasetune import recipes
 from phasetune.errors import ConfigurationError
-from phasetune.report import whole_modules
+from phasetune.util.text import whole_modules
 
 Style = Literal["blocks", "pairs", "lpft", "discriminative"]
 STYLES = ("blocks", "pairs", "lpft", "discriminative")

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from phasetune import _dist
+from phasetune.util import dist
 
 
 # ---------------------------------------------------------------------------------------- storage
@@ -75,7 +75,7 @@ class _Store:
         if self.dir is None:
             base = self.parent or Path(tempfile.gettempdir())
             base.mkdir(parents=True, exist_ok=True)
-            self.dir = Path(tempfile.mkdtemp(prefix=f"prefix-cache-rank{_dist.rank()}-", dir=base))
+            self.dir = Path(tempfile.mkdtemp(prefix=f"prefix-cache-rank{dist.rank()}-", dir=base))
         path = self.dir / f"chunk-{len(self.maps):05d}.bin"
         tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
         refs: dict[int, list[tuple[int, int, int, torch.Size, torch.dtype]]] = {}

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from phasetune import _dist
 from phasetune.errors import ConfigurationError
+from phasetune.util import dist
 
 #: what a resume does with the saved random state: restore each rank's exactly, or (when the number of
 #: ranks changed) re-seed every generator deterministically from it
@@ -142,7 +142,7 @@ def checkpoint_state(
     ``generators``: the training loader's (:func:`loader_generators`), saved with the process's.
     """
     own = (capture(generators), epoch_start)
-    pairs = dict(enumerate(_dist.all_gather_object(own))) if gather else {rank: own}
+    pairs = dict(enumerate(dist.all_gather_object(own))) if gather else {rank: own}
     state: dict[str, Any] = {"world_size": world_size, "states": {r: p[0] for r, p in pairs.items()}}
     if epoch_start is not None:
         state["epoch_start"] = {r: p[1] for r, p in pairs.items() if p[1] is not None}

@@ -29,9 +29,9 @@ import yaml
 
 from phasetune import specs
 from phasetune.errors import ScheduleError
-from phasetune.io import atomic_write_text
-from phasetune.report import few
 from phasetune.schedule_validation import check_phases, load_schedule_source
+from phasetune.util.files import atomic_write_text
+from phasetune.util.text import few
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ from typing import Any
 import yaml
 
 from phasetune import specs
-from phasetune.io import DuplicateKeyError, load_yaml
-from phasetune.report import few
+from phasetune.util.files import DuplicateKeyError, load_yaml
+from phasetune.util.text import few
 
 PHASE_KEYS = ("params", "lr", "max_transition_epoch", "max_transition_step", "new_optimizer", "new_lr_scheduler",
               "prefix_cache")

@@ -13,7 +13,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from phasetune.report import fmt_bytes, fmt_seconds, format_table
+from phasetune.util.text import fmt_bytes, fmt_seconds, format_table
 
 
 @dataclass

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from phasetune.io import atomic_torch_save
 from phasetune.sharding.dtensor import dtensor_like, is_dtensor, local_shard
+from phasetune.util.files import atomic_torch_save
 
 SNAPSHOT_FORMAT = 1
 #: group keys an lr scheduler moves: a restore that keeps the lr schedule leaves them as they are

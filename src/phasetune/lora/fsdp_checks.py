@@ -15,7 +15,7 @@ from collections.abc import Collection, Mapping, Sequence
 import torch
 from torch import nn
 
-from phasetune.report import few
+from phasetune.util.text import few
 
 
 def sharded_modules(model: nn.Module) -> dict[str, str]:

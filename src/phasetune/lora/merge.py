@@ -21,7 +21,7 @@ from torch import nn
 from phasetune.errors import ConfigurationError
 from phasetune.lora.layers import adapter_params, base_module, draw_lora_A, lora_layers
 from phasetune.lora.section import MergeSpec
-from phasetune.report import few
+from phasetune.util.text import few
 
 
 @dataclass(frozen=True)

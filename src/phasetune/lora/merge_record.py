@@ -16,7 +16,7 @@ from torch import nn
 
 from phasetune.lora.layers import adapter_params, lora_layers
 from phasetune.lora.merge import MergeResult, whole
-from phasetune.report import few
+from phasetune.util.text import few
 
 
 @dataclass(frozen=True)

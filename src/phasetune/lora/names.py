@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
-from phasetune.report import few
+from phasetune.util.text import few
 
 
 def pre_injection_name_problems(phase_params: Mapping[int, Sequence[str]], renames: Mapping[str, str]) -> list[str]:

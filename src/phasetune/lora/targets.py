@@ -20,7 +20,7 @@ from phasetune.lora.layers import (
     lora_layers,
 )
 from phasetune.lora.section import LoraSpec
-from phasetune.report import few
+from phasetune.util.text import few
 
 #: a phase entry that mentions this names adapter parameters
 ADAPTER_MARK = "lora_"

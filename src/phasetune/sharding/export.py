@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from phasetune._dist import initialized, rank
-from phasetune.io import PARTIAL_PREFIX, remove_leftovers, remove_path, replace_path
 from phasetune.sharding.names import logical_name
+from phasetune.util.dist import initialized, rank
+from phasetune.util.files import PARTIAL_PREFIX, remove_leftovers, remove_path, replace_path
 
 
 def _prefix_of(module: nn.Module, submodule: nn.Module | None) -> str:
@@ -90,7 +90,7 @@ def save_full_model(
 
 def _move_into(new: Path, out: Path) -> None:
     """Move every file and subdirectory of the complete directory ``new`` into ``out``, each in one rename
-    (:func:`phasetune.io.replace_path`: each appears whole, replacing the one of its name; other files in ``out``
+    (:func:`phasetune.util.files.replace_path`: each appears whole, replacing the one of its name; other files in ``out``
     stay), then remove ``new``."""
     out.mkdir(parents=True, exist_ok=True)
     for f in sorted(new.iterdir()):

@@ -31,8 +31,8 @@ import torch
 from torch import nn
 from torch.distributed.fsdp.wrap import CustomPolicy, size_based_auto_wrap_policy
 
-from phasetune.report import few
 from phasetune.sharding.names import logical_name
+from phasetune.util.text import few
 
 FLAT_PARAM = "_flat_param"
 

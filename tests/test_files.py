@@ -1,4 +1,4 @@
-"""phasetune.io's put-in-place helpers: a complete file or directory replaces what is under its name without a
+"""phasetune.util.files's put-in-place helpers: a complete file or directory replaces what is under its name without a
 moment where the name holds nothing (or a mix of old and new), with the two-step fallback where the system cannot
 swap two names."""
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from phasetune import io
+from phasetune.util import files
 
 
 def make(path: Path, text: str, directory: bool) -> None:
@@ -37,11 +37,11 @@ def names(path: Path) -> list[str]:
 
 @pytest.fixture
 def watched(monkeypatch):
-    """Every rename (os.replace) and name swap (io._exchange) replace_path makes, with what the final name holds
+    """Every rename (os.replace) and name swap (files._exchange) replace_path makes, with what the final name holds
     right after it: a kill can fall between any two."""
     seen: list[tuple[str, Any]] = []
     final: list[Path] = []
-    replace, exchange = os.replace, io._exchange
+    replace, exchange = os.replace, files._exchange
 
     def replace_and_look(src: Any, dst: Any) -> None:
         replace(src, dst)
@@ -53,11 +53,11 @@ def watched(monkeypatch):
         return done
 
     monkeypatch.setattr(os, "replace", replace_and_look)
-    monkeypatch.setattr(io, "_exchange", exchange_and_look)
+    monkeypatch.setattr(files, "_exchange", exchange_and_look)
     return seen, final
 
 
-REAL_EXCHANGE = io._exchange  # the tests' watch replaces it
+REAL_EXCHANGE = files._exchange  # the tests' watch replaces it
 
 
 def swap_works(tmp_path: Path) -> bool:
@@ -76,7 +76,7 @@ def test_a_file_replaces_a_file_in_one_rename(tmp_path, watched):
     final.append(tmp_path / "last.ckpt")
     make(final[0], "old", directory=False)
     make(tmp_path / ".partial-last.ckpt-1", "new", directory=False)
-    io.replace_path(tmp_path / ".partial-last.ckpt-1", final[0])
+    files.replace_path(tmp_path / ".partial-last.ckpt-1", final[0])
     assert seen == [("replace", "new")]
     assert names(tmp_path) == ["last.ckpt"]
 
@@ -86,7 +86,7 @@ def test_a_new_name_is_one_rename(tmp_path, watched, directory):
     seen, final = watched
     final.append(tmp_path / "epoch=3.ckpt")
     make(tmp_path / ".partial-epoch=3.ckpt-1", "new", directory)
-    io.replace_path(tmp_path / ".partial-epoch=3.ckpt-1", final[0])
+    files.replace_path(tmp_path / ".partial-epoch=3.ckpt-1", final[0])
     assert seen == [("replace", content(final[0]))] and content(final[0]) in ("new", {"meta.pt": "new", "shard": "new"})
     assert names(tmp_path) == ["epoch=3.ckpt"]
 
@@ -99,7 +99,7 @@ def test_a_directory_is_swapped_in_and_the_old_one_removed(tmp_path, watched, ol
     final.append(tmp_path / "last.ckpt")
     make(final[0], "old", old_directory)
     make(tmp_path / ".partial-last.ckpt-2", "new", directory=True)
-    io.replace_path(tmp_path / ".partial-last.ckpt-2", final[0])
+    files.replace_path(tmp_path / ".partial-last.ckpt-2", final[0])
     new = {"meta.pt": "new", "shard": "new"}
     assert seen == [("exchange", new)]  # no rename at all: the old one went with the swap's removal
     assert content(final[0]) == new and names(tmp_path) == ["last.ckpt"]
@@ -112,17 +112,17 @@ def test_a_file_replaces_a_directory_by_a_swap(tmp_path, watched):
     final.append(tmp_path / "last.ckpt")
     make(final[0], "old", directory=True)  # a sharded last.ckpt of an earlier run, now saved as a full file
     make(tmp_path / ".partial-last.ckpt-2", "new", directory=False)
-    io.replace_path(tmp_path / ".partial-last.ckpt-2", final[0])
+    files.replace_path(tmp_path / ".partial-last.ckpt-2", final[0])
     assert seen == [("exchange", "new")] and names(tmp_path) == ["last.ckpt"]
 
 
 def test_without_a_swap_the_old_directory_is_moved_aside_first_and_removed(tmp_path, watched, monkeypatch):
     seen, final = watched
-    monkeypatch.setattr(io, "_renameat2", lambda: None)  # another system, or a C library without renameat2
+    monkeypatch.setattr(files, "_renameat2", lambda: None)  # another system, or a C library without renameat2
     final.append(tmp_path / "last.ckpt")
     make(final[0], "old", directory=True)
     make(tmp_path / ".partial-last.ckpt-2", "new", directory=True)
-    io.replace_path(tmp_path / ".partial-last.ckpt-2", final[0])
+    files.replace_path(tmp_path / ".partial-last.ckpt-2", final[0])
     new = {"meta.pt": "new", "shard": "new"}
     # the gap the docstring names: between the two renames the name holds nothing
     assert seen == [("no exchange", {"meta.pt": "old", "shard": "old"}), ("replace", None), ("replace", new)]
@@ -140,12 +140,12 @@ def test_a_filesystem_that_cannot_swap_falls_back(tmp_path, monkeypatch, err):
             ctypes.set_errno(getattr(errno, err))
             return -1
 
-    monkeypatch.setattr(io, "_renameat2", lambda: Refusing())
-    monkeypatch.setattr(io.sys, "platform", "linux")
+    monkeypatch.setattr(files, "_renameat2", lambda: Refusing())
+    monkeypatch.setattr(files.sys, "platform", "linux")
     final = tmp_path / "last.ckpt"
     make(final, "old", directory=True)
     make(tmp_path / ".partial-last.ckpt-2", "new", directory=True)
-    io.replace_path(tmp_path / ".partial-last.ckpt-2", final)
+    files.replace_path(tmp_path / ".partial-last.ckpt-2", final)
     assert content(final) == {"meta.pt": "new", "shard": "new"} and names(tmp_path) == ["last.ckpt"]
 
 
@@ -155,7 +155,7 @@ def test_another_swap_error_is_raised(tmp_path):
     if not swap_works(tmp_path):
         pytest.skip("renameat2(RENAME_EXCHANGE) is unavailable here")
     with pytest.raises(FileNotFoundError):
-        io._exchange(missing, tmp_path / "there")
+        files._exchange(missing, tmp_path / "there")
 
 
 def test_leftovers_of_killed_saves_are_removed_and_nothing_else(tmp_path):
@@ -163,18 +163,18 @@ def test_leftovers_of_killed_saves_are_removed_and_nothing_else(tmp_path):
         make(tmp_path / name, "dead", directory=name.endswith("9"))
     for name in ("epoch=3.ckpt", ".partial-notes", ".trash-me", ".hidden", ".partial-x-1a"):
         make(tmp_path / name, "kept", directory=False)
-    io.remove_leftovers(tmp_path, "last.ckpt")
+    files.remove_leftovers(tmp_path, "last.ckpt")
     assert ".trash-last.ckpt-18" not in names(tmp_path) and ".partial-epoch=3.ckpt-17" in names(tmp_path)
-    io.remove_leftovers(tmp_path)
+    files.remove_leftovers(tmp_path)
     assert names(tmp_path) == [".hidden", ".partial-notes", ".partial-x-1a", ".trash-me", "epoch=3.ckpt"]
 
 
 def test_atomic_write_under_a_given_name_gets_normal_permissions_and_leaves_nothing_on_failure(tmp_path):
     final = tmp_path / "sub" / "epoch=0.ckpt"
-    tmp = io.partial_path(final)
+    tmp = files.partial_path(final)
     assert tmp.parent == final.parent and tmp.name.startswith(".partial-epoch=0.ckpt-")
     tmp.parent.mkdir()
-    io.atomic_write(final, lambda f: f.write(b"data"), tmp=tmp)
+    files.atomic_write(final, lambda f: f.write(b"data"), tmp=tmp)
     umask = os.umask(0)
     os.umask(umask)
     assert final.read_bytes() == b"data" and (final.stat().st_mode & 0o777) == 0o666 & ~umask
@@ -185,7 +185,7 @@ def test_atomic_write_under_a_given_name_gets_normal_permissions_and_leaves_noth
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        io.atomic_write(final, fail, tmp=io.partial_path(final))
+        files.atomic_write(final, fail, tmp=files.partial_path(final))
     assert final.read_bytes() == b"data" and names(final.parent) == ["epoch=0.ckpt"]
 
 
@@ -218,14 +218,14 @@ def test_lightning_checkpoint_files_keep_their_names_links_removals_and_permissi
     from phasetune.lightning.adapters import StrategyAdapter
 
     written: list[str] = []
-    atomic_write = io.atomic_write
+    atomic_write = files.atomic_write
 
     def watch(path: Any, write: Any, *, tmp: Any = None) -> Path:
         if str(path).endswith(".ckpt"):
             written.append(Path(tmp).name if tmp is not None else "a temporary file of its own")
         return atomic_write(path, write, tmp=tmp)
 
-    monkeypatch.setattr(io, "atomic_write", watch)
+    monkeypatch.setattr(files, "atomic_write", watch)
     ours, t = fit_and_list(tmp_path / "ours", save_last)
     assert "save_checkpoint" not in vars(t.strategy.checkpoint_io)  # the patch is gone with the fit
     copies = 5 if save_last is True else 0  # a link: last.ckpt is no file of its own

@@ -1,0 +1,85 @@
+"""Old module paths of phasetune, kept importable after the package was split into layers.
+
+``ALIASES`` maps each module path that moved to where it lives now. Importing an old path (``import
+phasetune.engine``, ``from phasetune.io import load_yaml``, a ``mock.patch("phasetune.rng.capture")`` string,
+a pickle that names an old class path) gives the very module object of the new path and a
+``DeprecationWarning`` naming it; nothing is loaded twice. A row for a package also covers every module
+under it (``phasetune.strategy.unit_plan`` follows the ``phasetune.strategy`` row).
+
+``phasetune.lr_shapes`` is not here: schedule files name ``phasetune.lr_shapes.WarmupLinearDecay`` as a
+class path, so that module never moved.
+
+To move another module, add one row ``"phasetune.old": "phasetune.new"``; :func:`install` (run when
+``phasetune/__init__.py`` imports this module, before anything else) does the rest.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.machinery
+import sys
+import warnings
+from types import ModuleType
+
+ALIASES: dict[str, str] = {
+    # util: small helpers with no phasetune imports
+    "phasetune._dist": "phasetune.util.dist",
+    "phasetune.io": "phasetune.util.files",
+    "phasetune.report": "phasetune.util.text",
+}
+
+
+def new_path(name: str) -> str | None:
+    """Where the module ``name`` lives now, or None when ``name`` did not move (longest aliased prefix wins)."""
+    parts = name.split(".")
+    for end in range(len(parts), 1, -1):
+        old = ".".join(parts[:end])
+        if old in ALIASES:
+            return ".".join([ALIASES[old], *parts[end:]])
+    return None
+
+
+class _AliasLoader(importlib.abc.Loader):
+    """Puts the new module under the old name; the import system then returns whatever ``sys.modules``
+    holds under that name after ``exec_module``, so the old name and the new one are one object."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        return None  # a throwaway module; exec_module replaces it in sys.modules
+
+    def exec_module(self, module: ModuleType) -> None:
+        old = module.__name__
+        warnings.warn(
+            f"{old} moved to {self.target}; import it from there ({old} will be removed in a later release)",
+            DeprecationWarning,
+            stacklevel=2,  # importlib's own frames are skipped: this names the line that imported `old`
+        )
+        sys.modules[old] = importlib.import_module(self.target)
+
+
+class _AliasFinder(importlib.abc.MetaPathFinder):
+    """Finds the old paths in :data:`ALIASES` (and nothing else) before the regular finders do."""
+
+    def find_spec(self, fullname: str, path: object = None, target: object = None):
+        if not fullname.startswith("phasetune."):
+            return None
+        new = new_path(fullname)
+        if new is None:
+            return None
+        return importlib.machinery.ModuleSpec(fullname, _AliasLoader(new))
+
+
+_FINDER = _AliasFinder()
+
+
+def install() -> None:
+    """Put the alias finder first on ``sys.meta_path`` (once): an old path must never reach the file
+    finder, which would load a moved package's modules a second time under the old names."""
+    if not any(isinstance(f, _AliasFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _FINDER)
+
+
+install()
