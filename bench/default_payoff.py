@@ -8,7 +8,7 @@ in two arms, each run in its own process, seeds interleaved (A, B for one seed, 
 * ``default``: a LightningModule (the demo's ``SentimentClassifier``) whose ``configure_optimizers`` returns AdamW
   at the user's lr (``--user_lr``, 1e-3 as in issue 22's trial) and no lr scheduler, in a ``Trainer`` with
   ``callbacks=[FinetuningScheduler()]``: no schedule, no options. The schedule, its budget and lrs are the
-  implicit default's (phasetune.recipes.DEFAULT_RULE); FTSEarlyStopping is added as for any user.
+  implicit default's (phasetune.core.recipes.DEFAULT_RULE); FTSEarlyStopping is added as for any user.
 * ``baseline``: the same module and Trainer without phasetune, AdamW at the baseline lr ``bench/quality.py``
   chose per task on the validation split (``bench/results/quality_choice.json``), warm-up over 10% of the steps
   then linear decay to 0.
@@ -115,7 +115,7 @@ def _run_lightning(cfg: dict[str, Any], sets: dict[str, Any], collate: Any) -> t
 
     from examples.rotten_tomatoes.model import SentimentClassifier
     from phasetune import FinetuningScheduler
-    from phasetune.recipes import phase_lr_shape
+    from phasetune.core.recipes import phase_lr_shape
 
     steps = cfg["steps"]
 

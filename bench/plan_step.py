@@ -40,7 +40,7 @@ def tracked_step(world: int, phase: str, cls, kwargs, fake: bool) -> tuple[int, 
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
-    from phasetune.param_groups import phase_groups
+    from phasetune.core.param_groups import phase_groups
     from phasetune.plan import PlanSetup, step_memory
     from phasetune.plan.model_source import model_source
     from phasetune.plan.shard import apply_strategy, fake_world

@@ -278,7 +278,7 @@ def rule_table(res: list[dict[str, Any]], names: list[str], base: dict[str, floa
 
 
 def split_steps(cfg: dict[str, Any]) -> list[int]:
-    from phasetune.recipes import split_budget
+    from phasetune.core.recipes import split_budget
 
     return split_budget(cfg["steps"], 2, cfg["head_fraction"], "lpft")
 

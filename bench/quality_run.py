@@ -67,8 +67,8 @@ def evaluate(model: Any, dataset: Any, pad_id: int) -> dict[str, float]:
 
 def lpft_schedule(model: Any, cfg: dict[str, Any]) -> dict[int, dict[str, Any]]:
     """The candidate default's schedule for ``model``: head, then the body, each phase with its own lr shape."""
-    from phasetune.generate import block_units
-    from phasetune.recipes import WARMUP_LINEAR_DECAY, apply_recipe, phase_lr_shape, split_budget
+    from phasetune.core.generate import block_units
+    from phasetune.core.recipes import WARMUP_LINEAR_DECAY, apply_recipe, phase_lr_shape, split_budget
 
     units, has_stem = block_units(model)
     head, blocks, stem = units[0], units[1:-1] if has_stem else units[1:], units[-1:] if has_stem else []
@@ -91,9 +91,9 @@ def run_one(cfg: dict[str, Any]) -> dict[str, Any]:
 
     from examples.rotten_tomatoes.data import model_dir, pad_batch
     from phasetune import ScheduledFinetuning
+    from phasetune.core.recipes import phase_lr_shape
     from phasetune.lr_shapes import WarmupLinearDecay
     from phasetune.memory import PeakMemory
-    from phasetune.recipes import phase_lr_shape
 
     torch.set_num_threads(cfg.get("threads", 2))
     transformers.logging.set_verbosity_error()

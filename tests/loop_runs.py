@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from helpers import ToyModule, dataset
+from phasetune.core.param_groups import PHASE_KEY
 from phasetune.loop import ScheduledFinetuning
-from phasetune.param_groups import PHASE_KEY
 
 #: the scripted val_loss by epoch of the MIXED runs (the last value repeats)
 MIXED_VAL_LOSSES = [1.0, 0.9, 0.95, 0.96, 0.8, 0.85, 0.86, 0.5, 0.6, 0.7]

@@ -21,9 +21,9 @@ from phasetune import (
     ScheduleError,
     ScheduleGenerated,
 )
-from phasetune.engine import PhaseEngine
+from phasetune.core.engine import PhaseEngine
+from phasetune.core.param_groups import PHASE_KEY
 from phasetune.lightning.adapters import select_adapter
-from phasetune.param_groups import PHASE_KEY
 from phasetune.run import PhaseRun
 from phasetune.step_events import StepEvents
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from phasetune.core.schedule import resolve_schedule
 from phasetune.lightning.cli import main
-from phasetune.schedule import resolve_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = "examples/rotten_tomatoes/demo.yaml"

@@ -8,9 +8,9 @@ from torch import nn
 
 from helpers import SCHEDULE_3, Net, lr_approx
 from phasetune import PhaseEngine, resolve_schedule
-from phasetune.param_groups import PHASE_KEY
+from phasetune.core.param_groups import PHASE_KEY
+from phasetune.core.thaw import apply_frozen_batchnorm_mode
 from phasetune.snapshots import Snapshot, restore_snapshot, take_snapshot
-from phasetune.thaw import apply_frozen_batchnorm_mode
 
 
 class Wrapped(nn.Module):

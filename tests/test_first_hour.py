@@ -15,7 +15,7 @@ import yaml
 
 from helpers import Net, ToyModule, trainer
 from phasetune import ConfigurationError, FinetuningScheduler, ScheduledFinetuning
-from phasetune.generate import RunFacts
+from phasetune.core.generate import RunFacts
 from phasetune.lightning.cli import main
 from phasetune.lightning.fit_command import RunResult, timing_caution
 from phasetune.lightning.messages import PhasetuneWarning

@@ -9,7 +9,7 @@ from torch import nn
 
 from helpers import Net, lr_approx
 from phasetune import generate_schedule, resolve_schedule
-from phasetune.generate import find_blocks
+from phasetune.core.generate import find_blocks
 
 
 class BertLike(nn.Module):
@@ -126,7 +126,7 @@ def test_discriminative_lrs_fall_by_lr_decay_per_block_from_the_top_down():
 
 
 def test_discriminative_default_lr_decay_is_the_recipe_default():
-    from phasetune.recipes import DEFAULT_LR_DECAY
+    from phasetune.core.recipes import DEFAULT_LR_DECAY
 
     s = generate_schedule(BertLike(n=3), "discriminative", lr=1e-4)
     assert s[2]["lr"] == lr_approx(1e-4 * DEFAULT_LR_DECAY)  # numerical: lr arithmetic in float64 (lr_approx)
@@ -241,8 +241,8 @@ def test_lpft_ft_head_lr_restarts_the_head_at_the_body_lr_in_the_final_phase():
     import torch
 
     from phasetune import ScheduledFinetuning
+    from phasetune.core.recipes import phase_lr_shape
     from phasetune.lr_shapes import WarmupLinearDecay
-    from phasetune.recipes import phase_lr_shape
 
     s = generate_schedule(BertLike(n=3), "lpft", lr=2e-4, total_steps=8, head_fraction=0.25, ft_head_lr=2e-4,
                           head_groups=2, steps_per_epoch=1, warmup_fraction=0.0)

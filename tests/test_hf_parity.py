@@ -14,8 +14,8 @@ from distributed.hf_scenarios import training_args
 from helpers import ToyModule, dataset, float32_drift, trainer
 from loop_runs import MIXED, MIXED_VAL_LOSSES, RESTARTS, STEP_VAL_LOSSES, STEPS, epoch_loop_run, step_loop_run
 from phasetune import FinetuningScheduler, FTSEarlyStopping
+from phasetune.core.param_groups import PHASE_KEY
 from phasetune.hf import PhasetuneTrainer, PhasetuneTrainerCallback
-from phasetune.param_groups import PHASE_KEY
 
 pytestmark = pytest.mark.usefixtures("plain_process")  # the Trainers run as one plain process
 hf_logging.set_verbosity_error()

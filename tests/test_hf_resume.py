@@ -9,8 +9,8 @@ from transformers.utils import logging as hf_logging
 
 from distributed.hf_scenarios import Tokens, tiny_bert, training_args
 from phasetune import ConfigurationError
+from phasetune.core.param_groups import PHASE_KEY
 from phasetune.hf import STATE_FILE, PhasetuneTrainer, PhasetuneTrainerCallback
-from phasetune.param_groups import PHASE_KEY
 
 pytestmark = pytest.mark.usefixtures("plain_process")  # the Trainers run as one plain process
 hf_logging.set_verbosity_error()

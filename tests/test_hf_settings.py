@@ -16,9 +16,9 @@ from transformers.utils import logging as hf_logging
 
 from distributed.hf_scenarios import DDP_SCHEDULE, Tokens, tiny_bert, training_args
 from phasetune import ConfigurationError, ScheduleError
+from phasetune.core.schedule import resolve_schedule
 from phasetune.hf import PhasetuneTrainer, PhasetuneTrainerCallback
 from phasetune.hf.settings import epochs_note, trainer_problems
-from phasetune.schedule import resolve_schedule
 
 pytestmark = pytest.mark.usefixtures("plain_process")  # the Trainers run as one plain process
 hf_logging.set_verbosity_error()

@@ -1,6 +1,6 @@
 """An implicit schedule (no schedule given) takes the run's step budget and the default settings, in every front end.
 
-The default settings live in one place (``phasetune.recipes.DEFAULT_RULE``): these tests read them from there, so
+The default settings live in one place (``phasetune.core.recipes.DEFAULT_RULE``): these tests read them from there, so
 they state how the settings flow (the budget, the optimizer's lr, user options winning, every value in the file)
 rather than the values themselves.
 """
@@ -17,10 +17,11 @@ import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from helpers import Net, ToyModule, assert_bit_equal, trainer
-from phasetune import ConfigurationError, FinetuningScheduler, FTSEarlyStopping, ScheduledFinetuning, recipes
-from phasetune.generate import RunFacts, generate_implicit
+from phasetune import ConfigurationError, FinetuningScheduler, FTSEarlyStopping, ScheduledFinetuning
+from phasetune.core import recipes
+from phasetune.core.generate import RunFacts, generate_implicit
+from phasetune.core.recipes import DEFAULT_RULE, default_settings, rule_lr, split_budget
 from phasetune.lightning.messages import PhasetuneWarning
-from phasetune.recipes import DEFAULT_RULE, default_settings, rule_lr, split_budget
 from phasetune.run_types import RunOptions
 
 NO_BUDGET = "no step budget reached the implicit schedule"

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from phasetune import ConfigurationError, ScheduleError
+from phasetune.core.param_groups import PHASE_KEY
 from phasetune.loop import ScheduledFinetuning
-from phasetune.param_groups import PHASE_KEY
 from plain_models import SCHEDULE, TinyLM, data
 
 METRIC_SCHEDULE = {k: {kk: vv for kk, vv in v.items() if kk != "max_transition_epoch"} for k, v in SCHEDULE.items()}

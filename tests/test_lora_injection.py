@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from phasetune.generate import block_units
+from phasetune.core.generate import block_units
 from phasetune.lora import (
     LoraSpec,
     adapter_targets,

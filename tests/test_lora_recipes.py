@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from phasetune.generate import block_units
+from phasetune.core.generate import block_units
+from phasetune.core.schedule import resolve_schedule
 from phasetune.lora import (
     LoraSpec,
     MergeSpec,
@@ -18,7 +19,6 @@ from phasetune.lora import (
     parse_peft_section,
     progressive_lora,
 )
-from phasetune.schedule import resolve_schedule
 
 UNITS = [["head\\..*"], ["blocks\\.2\\..*"], ["blocks\\.1\\..*"], ["blocks\\.0\\..*"], ["embed\\..*"]]
 

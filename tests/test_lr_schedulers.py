@@ -10,7 +10,7 @@ from torch.optim import lr_scheduler as lrs
 from torch.optim.swa_utils import SWALR
 
 from helpers import lr_approx
-from phasetune.param_groups import add_groups
+from phasetune.core.param_groups import add_groups
 
 SCHEDULERS = {
     "LambdaLR": lambda o: lrs.LambdaLR(o, lambda e: 0.9**e),

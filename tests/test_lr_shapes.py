@@ -7,9 +7,9 @@ import torch
 
 from helpers import Net, lr_approx
 from phasetune import ScheduledFinetuning, generate_schedule
+from phasetune.core.param_groups import add_groups
+from phasetune.core.recipes import phase_lr_shape
 from phasetune.lr_shapes import WarmupLinearDecay
-from phasetune.param_groups import add_groups
-from phasetune.recipes import phase_lr_shape
 
 
 def sgd(*lrs: float) -> tuple[torch.optim.Optimizer, list[torch.nn.Parameter]]:

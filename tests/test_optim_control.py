@@ -10,7 +10,7 @@ import torch
 
 from helpers import ToyModule, trainer
 from phasetune import ConfigurationError, FinetuningScheduler
-from phasetune.param_groups import PHASE_KEY
+from phasetune.core.param_groups import PHASE_KEY
 
 COSINE_STEP = {
     "lr_scheduler_init": {"class_path": "torch.optim.lr_scheduler.CosineAnnealingLR", "init_args": {"T_max": 8}},

@@ -11,12 +11,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import float32_drift
+from phasetune.core.schedule import diff_fingerprints, param_shapes, resolve_schedule
 from phasetune.errors import ScheduleError
 from phasetune.prefix_cache import INDEX_KEY, IndexedDataset, PrefixCacheError
 from phasetune.prefix_phases import PrefixCachePhases
 from phasetune.run import PhaseRun
 from phasetune.run_types import RunEnv, RunOptions
-from phasetune.schedule import diff_fingerprints, param_shapes, resolve_schedule
 
 
 class Stack(nn.Module):

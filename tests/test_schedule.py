@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from phasetune import ScheduleError, resolve_schedule
-from phasetune.schedule import diff_fingerprints
+from phasetune.core.schedule import diff_fingerprints
 
 NAMES = [
     "model.embed.weight",

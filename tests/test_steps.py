@@ -15,9 +15,9 @@ from helpers import ToyModule, dataset, float32_drift, trainer
 from launch import launch
 from loop_runs import RESTARTS, STEP_VAL_LOSSES, STEPS, step_loop_run, trajectory_point
 from phasetune import FinetuningScheduler, FTSEarlyStopping, ScheduleError
-from phasetune.engine import PhaseEngine
+from phasetune.core.engine import PhaseEngine
+from phasetune.core.schedule import resolve_schedule
 from phasetune.loop import ScheduledFinetuning
-from phasetune.schedule import resolve_schedule
 from phasetune.step_events import StepEvents
 
 NAMES = ["model.head.weight", "model.head.bias", "model.embed.weight"]

@@ -27,6 +27,22 @@ ALIASES: dict[str, str] = {
     "phasetune._dist": "phasetune.util.dist",
     "phasetune.io": "phasetune.util.files",
     "phasetune.report": "phasetune.util.text",
+    # core: the torch-only schedule logic
+    "phasetune.schedule": "phasetune.core.schedule",
+    "phasetune.schedule_validation": "phasetune.core.schedule_validation",
+    "phasetune.specs": "phasetune.core.specs",
+    "phasetune.generate": "phasetune.core.generate",
+    "phasetune.recipes": "phasetune.core.recipes",
+    "phasetune.engine": "phasetune.core.engine",
+    "phasetune.param_groups": "phasetune.core.param_groups",
+    "phasetune.transitions": "phasetune.core.transitions",
+    "phasetune.thaw": "phasetune.core.thaw",
+    # run: PhaseRun and what it is built from (its names are all on phasetune.run itself)
+    "phasetune.run_types": "phasetune.run",
+    "phasetune.run_view": "phasetune.run.view",
+    "phasetune.run_audit": "phasetune.run.audit_glue",
+    "phasetune.step_events": "phasetune.run.step_events",
+    "phasetune.snapshot_store": "phasetune.run.snapshot_store",
 }
 
 

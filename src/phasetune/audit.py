@@ -47,7 +47,7 @@ from phasetune.audit_result import (  # re-exported: the audit's public names li
     AuditResult,
     Finding,
 )
-from phasetune.param_groups import PHASE_KEY, is_no_decay
+from phasetune.core.param_groups import PHASE_KEY, is_no_decay
 from phasetune.sharding import optim_state
 from phasetune.util import dist
 from phasetune.util.text import covering_modules, few
@@ -72,7 +72,7 @@ class PhaseAudit:
     """Audits the phases an engine runs (see the module docstring).
 
     Args:
-        engine: the :class:`~phasetune.engine.PhaseEngine` (its ``params``, schedule and depth).
+        engine: the :class:`~phasetune.core.engine.PhaseEngine` (its ``params``, schedule and depth).
         options: failure policy.
         model: the model as trained: a ``DistributedDataParallel`` (its reducer is checked) or a module holding
             FSDP1 units (their FlatParameters are checked); may be set later (``audit.model = ...``).

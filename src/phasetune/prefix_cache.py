@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from phasetune.generate import find_blocks
+from phasetune.core.generate import find_blocks
 from phasetune.prefix_index import (  # re-exported: the cache's public names live here too
     INDEX_KEY,
     IndexedCollate,
@@ -42,7 +42,7 @@ EVAL_NOTE = "prefix in eval mode: dropout off, BatchNorm statistics frozen"
 # ---------------------------------------------------------------------------------------- where the prefix ends
 def find_prefix_end(model: nn.Module, trainable: Iterable[str] | None = None) -> str:
     """The deepest module, among the repeated blocks of the generated block order
-    (:func:`phasetune.generate.find_blocks`) and the model's direct children (a stem), whose parameters are all
+    (:func:`phasetune.core.generate.find_blocks`) and the model's direct children (a stem), whose parameters are all
     registered before the first trainable one (``trainable``: names; default: those with ``requires_grad``)."""
     names = [n for n, _ in model.named_parameters()]
     train = set(trainable) if trainable is not None else {n for n, p in model.named_parameters() if p.requires_grad}

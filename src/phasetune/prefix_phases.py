@@ -23,6 +23,8 @@ from typing import Any
 from torch import nn
 
 from phasetune.compile_support import is_compiled
+from phasetune.core.schedule import Schedule
+from phasetune.core.schedule_validation import parse_prefix_cache
 from phasetune.prefix_cache import (
     EVAL_NOTE,
     INDEX_KEY,
@@ -33,8 +35,6 @@ from phasetune.prefix_cache import (
     strip_indices,
 )
 from phasetune.prefix_store import _size
-from phasetune.schedule import Schedule
-from phasetune.schedule_validation import parse_prefix_cache
 
 DEFAULT_LIMIT_MB = 1024
 

@@ -7,12 +7,12 @@ FTS's examples wrap it in a LightningModule:
 - with FTS 2.14.1's rule, restated here: an entry that is a parameter name is taken as is, otherwise it is a regex
   matched with ``re.match`` (anchored at the start only, so a prefix matches); an entry matching nothing is an
   error; phases must be disjoint;
-- with :func:`phasetune.schedule.resolve_schedule` (whole-name match).
+- with :func:`phasetune.core.schedule.resolve_schedule` (whole-name match).
 
 and prints, per schedule, whether both accept it and train the same parameters in every phase, else what differs
 and phasetune's exact error or notes. phasetune keeps its promise for a schedule when both train the same
 parameters, or when it refuses an entry FTS would read as a prefix with a problem naming the form that gives FTS's
-set (an entry whose whole-name and prefix matches differ; see ``phasetune.schedule_validation``). Run from the
+set (an entry whose whole-name and prefix matches differ; see ``phasetune.core.schedule_validation``). Run from the
 repository root with the project's environment (exit status 1 when a schedule breaks the promise)::
 
     .venv/bin/python -m tests.fts_reference.schedule_compat
@@ -88,8 +88,8 @@ def fts_resolve(raw: Mapping[Any, Any], names: Sequence[str]) -> tuple[dict[int,
 
 def check(path: Path, kind: str) -> list[str]:
     """Report lines for one schedule file."""
+    from phasetune.core.schedule import resolve_schedule
     from phasetune.errors import ScheduleError
-    from phasetune.schedule import resolve_schedule
 
     shapes = model_shapes(kind)
     names = list(shapes)

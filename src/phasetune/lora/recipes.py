@@ -1,6 +1,6 @@
 """LoRA recipes: ordinary raw schedules (a ``peft`` section plus phases) over a model's block units.
 
-Both take the units :func:`phasetune.generate.block_units` finds on the model *before* injection (the head,
+Both take the units :func:`phasetune.core.generate.block_units` finds on the model *before* injection (the head,
 then the repeated blocks from the top down, then the stem) and name adapters by the names they will have
 after it (``<block>.<...>.lora_A.<adapter>.weight``), so the phases decide where adapters go.
 
@@ -11,7 +11,7 @@ after it (``<block>.<...>.lora_A.<adapter>.weight``), so the phases decide where
   the base weights (``merge_lora``) and trains the top ``full_blocks`` blocks' base weights (peft #1331:
   LoRA first, some full layers later).
 
-Options shared with :func:`phasetune.recipes.apply_recipe`: ``lr``, ``phase_steps`` / ``total_steps``,
+Options shared with :func:`phasetune.core.recipes.apply_recipe`: ``lr``, ``phase_steps`` / ``total_steps``,
 ``warmup_fraction``, ``steps_per_epoch`` (same meaning). The LoRA options: ``r``, ``alpha``, ``dropout``,
 ``adapter_dtype``, ``adapter_name`` (the ``peft`` section's keys) and ``leaf``, a regex over the last part
 of the names of the linear modules that get adapters (e.g. ``query|value``; default: every nn.Linear in the
@@ -25,7 +25,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from phasetune import recipes as _recipes
+from phasetune.core import recipes as _recipes
 from phasetune.lora.section import DEFAULT_ALPHA, DEFAULT_RANK, parse_peft_section
 
 LORA_RECIPES = ("progressive_lora", "lora_then_full")

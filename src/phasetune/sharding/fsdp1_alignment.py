@@ -163,7 +163,7 @@ def logical_skeleton(root: nn.Module, index: ParamIndex) -> nn.Module:
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import ActivationWrapper
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    from phasetune.generate import stand_in_tree
+    from phasetune.core.generate import stand_in_tree
 
     def unwrap(m: nn.Module) -> nn.Module:
         while isinstance(m, (FullyShardedDataParallel, ActivationWrapper)):

@@ -86,9 +86,9 @@ def split_optimizer_groups(
     """Split the optimizer's mixed groups in place: the first kind stays, the others become new groups at the end.
 
     New groups go through ``add(optimizer, groups, schedulers)`` (default
-    :func:`phasetune.param_groups.add_groups`, which extends each lr scheduler for them). Returns notes.
+    :func:`phasetune.core.param_groups.add_groups`, which extends each lr scheduler for them). Returns notes.
     """
-    from phasetune.param_groups import add_groups
+    from phasetune.core.param_groups import add_groups
 
     add = add or add_groups
     notes: list[str] = []

@@ -102,7 +102,7 @@ def logical_view(module: nn.Module) -> nn.Module:
     """
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import ActivationWrapper
 
-    from phasetune.generate import stand_in_tree
+    from phasetune.core.generate import stand_in_tree
 
     def unwrap(m: nn.Module) -> nn.Module:
         while isinstance(m, ActivationWrapper):

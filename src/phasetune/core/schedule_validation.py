@@ -1,7 +1,7 @@
 """Checking a raw schedule (a YAML file or a dict) against a model's parameter names.
 
 Every problem is collected, each naming its phase and key and saying what to write instead, so that
-:func:`phasetune.schedule.resolve_schedule` can raise them all at once before any training starts.
+:func:`phasetune.core.schedule.resolve_schedule` can raise them all at once before any training starts.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from typing import Any
 
 import yaml
 
-from phasetune import specs
+from phasetune.core import specs
+from phasetune.core.param_patterns import dot_hint, match_entry, quote
 from phasetune.util.files import DuplicateKeyError, load_yaml
 from phasetune.util.text import few
 
@@ -71,7 +72,7 @@ def check_phases(
 ) -> tuple[list[dict[str, Any]], list[str], list[str]]:
     """Check every phase of ``raw``; returns ``(phases, problems, notes)``.
 
-    Each of ``phases`` holds the keyword arguments of one :class:`~phasetune.schedule.Phase`; they are
+    Each of ``phases`` holds the keyword arguments of one :class:`~phasetune.core.schedule.Phase`; they are
     meaningful only when ``problems`` is empty. ``notes`` are warnings that do not stop a run.
     """
     problems: list[str] = []
@@ -137,13 +138,13 @@ def check_phases(
             if not isinstance(entry, str):
                 problems.append(f"{where}, key 'params': entry {entry!r} is a {type(entry).__name__}, not a string")
                 continue
-            hits, problem, note = _match_entry(entry, names, name_set)
+            hits, problem, note = match_entry(entry, names, name_set)
             if problem:
                 problems.append(f"{where}, key 'params': {problem}")
                 continue
-            loose = [n for n in hits if _dot_hint(entry, n)] if note is None and entry not in name_set else []
+            loose = [n for n in hits if dot_hint(entry, n)] if note is None and entry not in name_set else []
             if loose:
-                note = f"{_q(entry)} matches {few(loose)} too{_dot_hint(entry, loose[0])}"
+                note = f"{quote(entry)} matches {few(loose)} too{dot_hint(entry, loose[0])}"
             if note:
                 notes.append(f"{where}, key 'params': {note}")
             clashes: dict[tuple[int, str], list[str]] = {}
@@ -157,10 +158,10 @@ def check_phases(
             for (other, other_entry), clashing in clashes.items():
                 count = f"{len(clashing)} parameters" if len(clashing) > 1 else "parameter"
                 problems.append(
-                    f"{where}, key 'params': {count} {few(clashing)} (matched by {_q(entry)}) already in phase "
-                    f"{other} (matched by {_q(other_entry)}); a parameter may belong to one phase only"
-                    + _dot_hint(entry, clashing[0])
-                    + _dot_hint(other_entry, clashing[0])
+                    f"{where}, key 'params': {count} {few(clashing)} (matched by {quote(entry)}) already in phase "
+                    f"{other} (matched by {quote(other_entry)}); a parameter may belong to one phase only"
+                    + dot_hint(entry, clashing[0])
+                    + dot_hint(other_entry, clashing[0])
                 )
         resolved = [n for n in names if n in matched_here and owner.get(n) == idx]
 
@@ -244,77 +245,6 @@ def _as_float(value: Any) -> float | None:
         except ValueError:
             return None
     return None
-
-
-def _match_entry(entry: str, names: list[str], name_set: set[str]) -> tuple[list[str], str | None, str | None]:
-    """Resolve one ``params`` entry: ``(names, problem, note)``.
-
-    An exact parameter name is itself. Otherwise the entry is a regex matched against whole names; one that
-    matches no whole name but starts some is taken as finetuning-scheduler (FTS) takes it, as a prefix
-    (``re.match``), with a note naming the whole-name form. One whose whole-name and prefix matches differ
-    is refused: FTS would train the prefix set, and which one was meant cannot be told.
-    """
-    if entry in name_set:
-        return [entry], None, None
-    try:
-        pattern = re.compile(entry)
-    except re.error as e:
-        return [], f"{_q(entry)} is neither a parameter name nor a valid regex ({e})", None
-    hits = [n for n in names if pattern.fullmatch(n)]
-    prefixed = [n for n in names if pattern.match(n)]
-    if hits and len(prefixed) == len(hits):
-        return hits, None, None
-    if hits:
-        extra = [n for n in prefixed if n not in set(hits)]
-        return [], (
-            f"{_q(entry)} matches {len(hits)} parameter names as a whole but {len(prefixed)} as a prefix, as "
-            f"finetuning-scheduler reads it (also {few(extra)}); write {_q(_prefix_form(entry, prefixed, names))} "
-            f"for those {len(prefixed)} or {_q(_whole_form(entry))} for the {len(hits)} whole-name matches"
-        ), None
-    if prefixed:
-        form = _prefix_form(entry, prefixed, names)
-        note = (
-            f"{_q(entry)} matches no parameter name as a whole; taken as a prefix, as finetuning-scheduler does "
-            f"({len(prefixed)} parameters, e.g. {prefixed[0]!r}); write {_q(form)} to match them as a whole"
-        )
-        literal = entry.rstrip(".")
-        stray = [n for n in prefixed if not n.startswith(literal + ".")] if re.fullmatch(r"[\w.]+", literal) else []
-        if stray:
-            module_only = re.escape(literal) + r"\..*"
-            note += f" (it takes {few(stray, 1)} too; {_q(module_only)} takes module {literal!r} alone)"
-        return prefixed, None, note
-    close = difflib.get_close_matches(entry, names, n=1, cutoff=0.75)
-    tip = f"; did you mean {close[0]!r}?" if close else "; check the names with `phasetune schedule show` or model.named_parameters()"
-    return [], f"{_q(entry)} matches no parameter{tip}", None
-
-
-def _prefix_form(entry: str, prefixed: list[str], names: list[str]) -> str:
-    """A regex whose whole-name matches are exactly the names ``entry`` matches as a prefix."""
-    simple = entry + ("*" if entry.endswith(".") else ".*")
-    if "|" not in entry and [n for n in names if re.fullmatch(simple, n)] == prefixed:
-        return simple
-    return f"(?:{entry}).*"
-
-
-def _whole_form(entry: str) -> str:
-    """A regex that matches the same names as a prefix as ``entry`` does as a whole."""
-    return f"(?:{entry})$" if "|" in entry else f"{entry}$"
-
-
-def _q(text: str) -> str:
-    """Quote a schedule entry as the user wrote it (``repr`` would double regex backslashes)."""
-    return f"'{text}'"
-
-
-def _dot_hint(entry: str, name: str) -> str:
-    """Explain the common trap where an unescaped '.' lets 'layer.1.*' match 'layer.10.weight'."""
-    literal = re.sub(r"\.\*$", "", entry)
-    if name == literal:  # an exact name: no other name is involved
-        return ""
-    if re.fullmatch(r"[\w.]+", literal) and "." in literal and not name.startswith(literal + "."):
-        escaped = re.escape(literal) + r"\..*"
-        return f" (note: '.' in a regex matches any character, so {_q(entry)} also matches {name!r}; write {_q(escaped)})"
-    return ""
 
 
 def _parse_new_optimizer(raw: Any, where: str, idx: int, problems: list[str]) -> specs.ClassSpec | None:

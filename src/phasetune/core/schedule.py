@@ -12,7 +12,7 @@ A schedule is a mapping of phase index to phase settings, written in YAML or giv
       prefix_cache: true                   # optional: cache the frozen prefix's outputs (phasetune.prefix_phases)
 
 Phase k trains the parameters of phases 0..k. :func:`resolve_schedule` reads and checks a schedule (the
-checks live in :mod:`phasetune.schedule_validation`) and raises one :class:`~phasetune.errors.ScheduleError`
+checks live in :mod:`phasetune.core.schedule_validation`) and raises one :class:`~phasetune.errors.ScheduleError`
 that names the phase and key of every problem.
 """
 
@@ -27,9 +27,9 @@ from typing import Any
 
 import yaml
 
-from phasetune import specs
+from phasetune.core import specs
+from phasetune.core.schedule_validation import check_phases, load_schedule_source
 from phasetune.errors import ScheduleError
-from phasetune.schedule_validation import check_phases, load_schedule_source
 from phasetune.util.files import atomic_write_text
 from phasetune.util.text import few
 

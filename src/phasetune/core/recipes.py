@@ -1,7 +1,7 @@
 """Recipes: lrs, lr shapes and phase lengths laid over a generated phase structure.
 
 A recipe takes the model's *units* (the head, then one repeated block per unit from the top down, then the
-stem, as :func:`phasetune.generate.block_units` finds them) and returns an ordinary raw schedule: real
+stem, as :func:`phasetune.core.generate.block_units` finds them) and returns an ordinary raw schedule: real
 ``lr`` values per phase, real ``new_lr_scheduler`` entries, ``max_transition_epoch`` where the phase
 lengths are known. Nothing is hidden: the file it writes is the whole story, and can be edited.
 
@@ -136,7 +136,7 @@ def default_notes(optimizer_lr: float | None, overridden: Iterable[str] = ()) ->
         u = f" ({optimizer_lr:g})"
     else:
         u = f" (not the optimizer's {optimizer_lr:g}: a fixed head lr did better on validation)"
-    lines = [f"default settings (phasetune.recipes.DEFAULT_RULE), from {DEFAULT_RULE_SOURCE}:",
+    lines = [f"default settings (phasetune.core.recipes.DEFAULT_RULE), from {DEFAULT_RULE_SOURCE}:",
              f"  head phase: {r['head_fraction']:.0%} of the run's optimizer steps (head_fraction "
              f"{r['head_fraction']:g}), at {_rule_text(r['head'])}{u}",
              f"  body phase: the repeated blocks (transformer layers) at lr {_rule_text(r['body'])}; the stem (embeddings) "

@@ -11,7 +11,7 @@ Structural styles:
 Repeated blocks are modules whose class is listed in the model's ``_no_split_modules`` (Hugging Face
 models set it), else children of a ``ModuleList``/``Sequential`` that share a class and own parameters.
 
-Recipes (:mod:`phasetune.recipes`) lay lrs, per-phase lr shapes and phase lengths over the block-wise
+Recipes (:mod:`phasetune.core.recipes`) lay lrs, per-phase lr shapes and phase lengths over the block-wise
 structure: ``"lpft"`` (the default, :data:`DEFAULT_STYLE`) and ``"discriminative"``, and ``"blocks"`` itself
 takes their options (``lr``, ``phase_steps``, ...). ``generate_schedule(model, style, **options)`` serves
 them all.
@@ -27,13 +27,13 @@ from typing import Any, Literal
 
 from torch import nn
 
-from phasetune import recipes
+from phasetune.core import recipes
 from phasetune.errors import ConfigurationError
 from phasetune.util.text import whole_modules
 
 Style = Literal["blocks", "pairs", "lpft", "discriminative"]
 STYLES = ("blocks", "pairs", "lpft", "discriminative")
-#: the style used when none is given: ``"lpft"``, with :data:`phasetune.recipes.DEFAULT_RULE`'s settings in an
+#: the style used when none is given: ``"lpft"``, with :data:`phasetune.core.recipes.DEFAULT_RULE`'s settings in an
 #: implicit schedule (:func:`generate_implicit`)
 DEFAULT_STYLE: Style = "lpft"
 
@@ -43,7 +43,7 @@ def generate_schedule(model: nn.Module, style: Style = DEFAULT_STYLE, params_per
     """Return a raw schedule dict (phase -> ``{"params": [...], ...}``) for ``model``.
 
     ``style`` is one of :data:`STYLES` (see the module docstring); ``params_per_phase`` is the ``"pairs"``
-    style's; ``options`` are a recipe's (:data:`phasetune.recipes.OPTIONS`), accepted by every style but
+    style's; ``options`` are a recipe's (:data:`phasetune.core.recipes.OPTIONS`), accepted by every style but
     ``"pairs"``. The result is what ``resolve_schedule`` takes and ``Schedule.dump`` writes.
     """
     names = [n for n, _ in model.named_parameters()]
@@ -241,7 +241,7 @@ def generate_implicit(structure: nn.Module, options: Any, facts: RunFacts | None
     """The schedule a run generates from ``structure`` when the user gives none (``options``: a
     :class:`phasetune.RunOptions`): ``options.schedule_style`` over the run's step budget (``facts.total_steps``,
     unless ``schedule_options`` sets ``total_steps`` or ``phase_steps``), with the default settings of
-    :func:`phasetune.recipes.default_settings` under the ``lpft`` style, ``schedule_options`` overriding them, and
+    :func:`phasetune.core.recipes.default_settings` under the ``lpft`` style, ``schedule_options`` overriding them, and
     ``reinit_optim_cfg`` / ``reinit_lr_cfg`` in every later phase. ``parameters_only``: the phases' parameters
     without lengths or lr shapes (what a front end freezes to before the budget is known)."""
     facts = facts or RunFacts()

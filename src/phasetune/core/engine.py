@@ -2,7 +2,7 @@
 
 It freezes and thaws, builds each phase's parameter groups, installs the optimizers and lr schedulers
 phases ask for, and replays transitions when a run resumes. It knows nothing about Lightning or about
-*when* to transition (see :mod:`phasetune.transitions`); the Lightning callback and the plain-loop
+*when* to transition (see :mod:`phasetune.core.transitions`); the Lightning callback and the plain-loop
 :class:`~phasetune.loop.ScheduledFinetuning` both drive it.
 """
 
@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from phasetune import param_groups as pg
-from phasetune import specs, thaw
-from phasetune.schedule import Phase, Schedule
+from phasetune.core import param_groups as pg
+from phasetune.core import specs, thaw
+from phasetune.core.schedule import Phase, Schedule
 
 _MISSING = object()
 #: group keys that are bookkeeping (phasetune's, or torch's per-optimizer flags), not hyperparameters to carry
@@ -53,7 +53,7 @@ class Transition:
 
 
 class PhaseEngine:
-    """Applies a :class:`~phasetune.schedule.Schedule` to ``params`` (logical name -> parameter).
+    """Applies a :class:`~phasetune.core.schedule.Schedule` to ``params`` (logical name -> parameter).
 
     Args:
         schedule: the resolved schedule.
