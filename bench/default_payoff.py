@@ -82,7 +82,7 @@ class _Costs:
     """CPU and wall time of the training steps, and the process's peak memory while training."""
 
     def __init__(self) -> None:
-        from phasetune.memory import PeakMemory
+        from phasetune.features.peak_memory import PeakMemory
 
         self.cpu = self.wall = 0.0
         self.step_cpu: list[float] = []  # each step's CPU time (the first steps pay for lazy set-up)

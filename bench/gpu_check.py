@@ -75,7 +75,7 @@ class Clock:
     """Peak device memory and step times of each epoch (= phase part) of a run."""
 
     def __init__(self, device: torch.device) -> None:
-        from phasetune.memory import PeakMemory
+        from phasetune.features.peak_memory import PeakMemory
 
         self.peak, self.device = PeakMemory(device), device
         self.epochs: list[dict[str, Any]] = []
@@ -229,7 +229,7 @@ def run_prefix_cache(config: Any, size: dict[str, Any], device: torch.device) ->
     from transformers import LlamaForCausalLM
 
     from phasetune import ScheduledFinetuning
-    from phasetune.prefix_cache import IndexedDataset
+    from phasetune.features.prefix_cache.cache import IndexedDataset
 
     ids = data(config, {**size, "steps": size["cache_steps"]})
     torch.manual_seed(0)

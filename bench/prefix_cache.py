@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from phasetune import resolve_schedule
-from phasetune.prefix_cache import IndexedCollate, IndexedDataset, PrefixCache, find_prefix_end
+from phasetune.features.prefix_cache.cache import IndexedCollate, IndexedDataset, PrefixCache, find_prefix_end
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEDULE = ROOT / "examples" / "rotten_tomatoes" / "schedule.yaml"

@@ -92,8 +92,8 @@ def run_one(cfg: dict[str, Any]) -> dict[str, Any]:
     from examples.rotten_tomatoes.data import model_dir, pad_batch
     from phasetune import ScheduledFinetuning
     from phasetune.core.recipes import phase_lr_shape
+    from phasetune.features.peak_memory import PeakMemory
     from phasetune.lr_shapes import WarmupLinearDecay
-    from phasetune.memory import PeakMemory
 
     torch.set_num_threads(cfg.get("threads", 2))
     transformers.logging.set_verbosity_error()

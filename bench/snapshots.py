@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from phasetune import FinetuningScheduler
-from phasetune.snapshots import take_snapshot
+from phasetune.features.snapshots import take_snapshot
 from phasetune.util.files import atomic_torch_save
 
 

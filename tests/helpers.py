@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from phasetune.prefix_cache import IndexedDataset
+from phasetune.features.prefix_cache.cache import IndexedDataset
 
 D_IN, D_MODEL, N_CLASSES = 8, 16, 2
 

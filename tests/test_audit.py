@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from phasetune import PhaseEngine, resolve_schedule
-from phasetune.audit import AuditError, AuditOptions, PhaseAudit, group_names
+from phasetune.features.audit.phase_audit import AuditError, AuditOptions, PhaseAudit, group_names
 from phasetune.loop import ScheduledFinetuning
 from plain_models import SCHEDULE, TinyLM, data
 

@@ -18,8 +18,8 @@ from torch import nn
 
 from helpers import float32_drift
 from phasetune import PhaseEngine, resolve_schedule
-from phasetune.audit import PhaseAudit
-from phasetune.compile_support import RecompileCounter, is_compiled, reserve_recompiles
+from phasetune.features.audit.phase_audit import PhaseAudit
+from phasetune.features.compile_support import RecompileCounter, is_compiled, reserve_recompiles
 from phasetune.loop import ScheduledFinetuning
 from plain_models import SCHEDULE, TinyLM, data
 

@@ -10,7 +10,7 @@ from helpers import SCHEDULE_3, Net, lr_approx
 from phasetune import PhaseEngine, resolve_schedule
 from phasetune.core.param_groups import PHASE_KEY
 from phasetune.core.thaw import apply_frozen_batchnorm_mode
-from phasetune.snapshots import Snapshot, restore_snapshot, take_snapshot
+from phasetune.features.snapshots import Snapshot, restore_snapshot, take_snapshot
 
 
 class Wrapped(nn.Module):

@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
-import phasetune.rng
+import phasetune.features.random_state
 from helpers import SCHEDULE_3, DropoutToyModule, NoisyData, assert_bit_equal, dataset, trainer
 from phasetune import ConfigurationError, FinetuningScheduler, FTSCheckpoint, FTSEarlyStopping
 
@@ -71,7 +71,7 @@ def test_lightning_resume_from_every_epoch_checkpoint_is_bit_equal_with_shufflin
 
 def test_lightning_resume_without_the_random_state_differs(tmp_path, reference, monkeypatch):
     root, expected = reference
-    monkeypatch.setattr(phasetune.rng, "restore_checkpoint_state", lambda *a, **k: None)
+    monkeypatch.setattr(phasetune.features.random_state, "restore_checkpoint_state", lambda *a, **k: None)
     params, _ = fit(tmp_path, ckpt_path=root / "ckpts" / "epoch=5.ckpt")
     assert any(not torch.equal(params[n], expected[n]) for n in expected)  # exact: the control differs
 
@@ -125,7 +125,7 @@ def test_a_sampler_generator_of_its_own_comes_back_with_the_checkpoint(tmp_path,
     assert min(resumed.losses) == 25  # 4 steps an epoch: epoch 6 on
     assert resumed.losses == {k: v for k, v in expected.losses.items() if k >= 25}  # exact: each step's loss
     # the control: without it the resumed sampler starts from its seed and repeats epoch 0's order
-    monkeypatch.setattr(phasetune.rng, "loader_generators", lambda loaders: [])
+    monkeypatch.setattr(phasetune.features.random_state, "loader_generators", lambda loaders: [])
     control = Losses()
     fit(tmp_path / "control", ckpt, module_cls=OwnGeneratorModule, losses=control)
     assert control.losses[25] != expected.losses[25]

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-import phasetune.rng
+import phasetune.features.random_state
 from helpers import assert_bit_equal
 from phasetune import ConfigurationError, FSDP2Strategy, ScheduledFinetuning
 from plain_models import SCHEDULE as PLAIN_SCHEDULE
@@ -128,7 +128,7 @@ def test_plain_loop_resume_brings_back_the_loaders_own_generator(caplog):
 
 def test_plain_loop_resume_without_the_random_state_differs(plain_reference, monkeypatch):
     expected, saved = plain_reference
-    monkeypatch.setattr(phasetune.rng, "restore_checkpoint_state", lambda *a, **k: None)
+    monkeypatch.setattr(phasetune.features.random_state, "restore_checkpoint_state", lambda *a, **k: None)
     model, ft = plain_resume(saved[2])
     plain_epochs(model, ft, range(3, len(VALUES)))
     assert any(not torch.equal(p, expected[n]) for n, p in model.named_parameters())  # exact: the control differs
@@ -200,5 +200,5 @@ def test_the_plain_loop_refuses_another_number_of_processes_unless_asked_to_rese
     assert ft.depth == 2 and "re-seeded" in caplog.text
     first = torch.rand(1)
     ft.run.restore_random_state()  # nothing left: restored once
-    phasetune.rng.reseed(state["rng"], 0)
+    phasetune.features.random_state.reseed(state["rng"], 0)
     assert torch.equal(torch.rand(1), first)  # exact, deterministic: the same seed from the same saved state

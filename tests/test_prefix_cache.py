@@ -1,4 +1,4 @@
-"""The frozen-prefix output cache (phasetune.prefix_cache): an uncached phase's numbers (to the rounding of rows
+"""The frozen-prefix output cache (phasetune.features.prefix_cache.cache): an uncached phase's numbers (to the rounding of rows
 computed in other batches), or refused."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from helpers import float32_drift
 from launch import launch
-from phasetune.prefix_cache import (
+from phasetune.features.prefix_cache.cache import (
     INDEX_KEY,
     IndexedCollate,
     IndexedDataset,

@@ -18,11 +18,11 @@ from helpers import PrefixSpills as Spills
 from helpers import float32_drift, trainer
 from helpers import prefix_data as data
 from phasetune import ConfigurationError, FinetuningScheduler
+from phasetune.features.prefix_cache.cache import IndexedDataset, strip_indices
 from phasetune.hf import PhasetuneTrainer, PhasetuneTrainerCallback
 from phasetune.lightning.sharded import ShardedStrategyAdapter
 from phasetune.lightning.summary import summary_table
 from phasetune.loop import ScheduledFinetuning
-from phasetune.prefix_cache import IndexedDataset, strip_indices
 from phasetune.run import PhaseRun, RunEnv
 
 pytestmark = pytest.mark.usefixtures("plain_process")  # Hugging Face Trainers here run as one plain process

@@ -1,4 +1,4 @@
-"""The prefix cache as a per-phase schedule option (phasetune.prefix_phases): the key's checks, the controller
+"""The prefix cache as a per-phase schedule option (phasetune.features.prefix_cache.phases): the key's checks, the controller
 driven around a real PhaseRun, and agreement with the same run with the prefix in eval mode and no cache
 (numerical: a cached row was computed in another batch)."""
 
@@ -7,16 +7,16 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
+from phasetune.run_types import RunEnv, RunOptions
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import float32_drift
 from phasetune.core.schedule import diff_fingerprints, param_shapes, resolve_schedule
 from phasetune.errors import ScheduleError
-from phasetune.prefix_cache import INDEX_KEY, IndexedDataset, PrefixCacheError
-from phasetune.prefix_phases import PrefixCachePhases
+from phasetune.features.prefix_cache.cache import INDEX_KEY, IndexedDataset, PrefixCacheError
+from phasetune.features.prefix_cache.phases import PrefixCachePhases
 from phasetune.run import PhaseRun
-from phasetune.run_types import RunEnv, RunOptions
 
 
 class Stack(nn.Module):

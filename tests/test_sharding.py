@@ -257,7 +257,7 @@ def _sharded_net(mesh, thawed: tuple[str, ...]) -> Net:
 
 
 def test_snapshots_of_sharded_parameters_hold_local_shards_and_restore_dtensor_state(pg):
-    from phasetune.snapshots import Snapshot, restore_snapshot, take_snapshot
+    from phasetune.features.snapshots import Snapshot, restore_snapshot, take_snapshot
 
     net = _sharded_net(pg, ("head",))
     params = dict(net.head.named_parameters())

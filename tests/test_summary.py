@@ -10,8 +10,8 @@ from lightning.pytorch.loggers import CSVLogger
 
 from helpers import ToyModule, trainer
 from phasetune import FinetuningScheduler, FTSEarlyStopping
+from phasetune.features.peak_memory import KIND_LABELS, PeakMemory
 from phasetune.lightning.summary import ValidationHistory, plot_phases, summary_table
-from phasetune.memory import KIND_LABELS, PeakMemory
 from phasetune.run import PhaseRecord
 from phasetune.util.text import covering_modules, fmt_bytes, fmt_count, format_table
 

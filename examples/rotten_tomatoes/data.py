@@ -217,8 +217,8 @@ class RottenTomatoes(pl.LightningDataModule):
                           collate_fn=functools.partial(pad_batch, pad_id=self.pad_id))
 
     def train_dataloader(self) -> DataLoader:
-        if self.index_samples:  # batches gain "sample_index" (see phasetune.prefix_cache)
-            from phasetune.prefix_cache import IndexedCollate, IndexedDataset
+        if self.index_samples:  # batches gain "sample_index" (see phasetune.features.prefix_cache.cache)
+            from phasetune.features.prefix_cache.cache import IndexedCollate, IndexedDataset
 
             return DataLoader(IndexedDataset(self.sets["train"]), batch_size=self.batch_size, shuffle=True,
                               collate_fn=IndexedCollate(functools.partial(pad_batch, pad_id=self.pad_id)))

@@ -11,17 +11,22 @@ from __future__ import annotations
 from typing import Any
 
 from phasetune import _aliases  # first: installs the finder that keeps old module paths importing
-from phasetune.audit import AuditError, AuditOptions, PhaseAudit, group_names
 from phasetune.core.engine import PhaseEngine, Transition
 from phasetune.core.generate import generate_schedule
 from phasetune.core.schedule import Phase, Schedule, resolve_schedule
 from phasetune.core.transitions import PatienceTracker, phase_end_reason
 from phasetune.errors import ConfigurationError, PhasetuneError, ScheduleError, ScheduleGenerated
+from phasetune.features.audit import AuditError, AuditOptions, PhaseAudit, group_names
+from phasetune.features.prefix_cache import (
+    IndexedCollate,
+    IndexedDataset,
+    PrefixCache,
+    PrefixCachePhases,
+    find_prefix_end,
+)
+from phasetune.features.snapshots import Snapshot, restore_snapshot, take_snapshot
 from phasetune.lr_shapes import WarmupLinearDecay
-from phasetune.prefix_cache import IndexedCollate, IndexedDataset, PrefixCache, find_prefix_end
-from phasetune.prefix_phases import PrefixCachePhases
 from phasetune.run import PhaseRecord, PhaseRun, RunEnv, RunOptions
-from phasetune.snapshots import Snapshot, restore_snapshot, take_snapshot
 
 __version__ = "0.1.0.dev0"
 

@@ -37,6 +37,18 @@ ALIASES: dict[str, str] = {
     "phasetune.param_groups": "phasetune.core.param_groups",
     "phasetune.transitions": "phasetune.core.transitions",
     "phasetune.thaw": "phasetune.core.thaw",
+    # features: what a run can switch on
+    "phasetune.audit": "phasetune.features.audit.phase_audit",
+    "phasetune.audit_probes": "phasetune.features.audit.probes",
+    "phasetune.audit_result": "phasetune.features.audit.result",
+    "phasetune.prefix_cache": "phasetune.features.prefix_cache.cache",
+    "phasetune.prefix_index": "phasetune.features.prefix_cache.index",
+    "phasetune.prefix_store": "phasetune.features.prefix_cache.store",
+    "phasetune.prefix_phases": "phasetune.features.prefix_cache.phases",
+    "phasetune.snapshots": "phasetune.features.snapshots",
+    "phasetune.rng": "phasetune.features.random_state",
+    "phasetune.compile_support": "phasetune.features.compile_support",
+    "phasetune.memory": "phasetune.features.peak_memory",
     # run: PhaseRun and what it is built from (its names are all on phasetune.run itself)
     "phasetune.run_types": "phasetune.run",
     "phasetune.run_view": "phasetune.run.view",

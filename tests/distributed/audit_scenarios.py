@@ -16,7 +16,7 @@ from torch import nn
 
 from launch import write_report
 from phasetune import PhaseEngine, resolve_schedule
-from phasetune.audit import AuditError, PhaseAudit
+from phasetune.features.audit.phase_audit import AuditError, PhaseAudit
 from phasetune.sharding.fsdp1_alignment import ParamIndex
 
 warnings.simplefilter("ignore")
@@ -168,7 +168,7 @@ def compile_scenario() -> dict:
 
     DDP wraps the compiled module: ``torch.compile`` of the DDP module itself builds no graph on torch 2.13 (dynamo
     breaks the graph at DDP's forward and skips the module inside), so it would run eagerly."""
-    from phasetune.compile_support import RecompileCounter, compiled_graphs
+    from phasetune.features.compile_support import RecompileCounter, compiled_graphs
 
     finals, report = [], {}
     for backend in (None, "aot_eager"):

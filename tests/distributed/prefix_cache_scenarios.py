@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from launch import digest, write_report
-from phasetune.prefix_cache import IndexedDataset, PrefixCache
+from phasetune.features.prefix_cache.cache import IndexedDataset, PrefixCache
 
 torch.set_num_threads(1)
 OUT = Path(sys.argv[1])

@@ -144,7 +144,7 @@ def lightning_fit() -> Callable[..., dict[str, Any]]:
 
 
 def lightning_scenarios(out: Path, one_device_ckpt: Path) -> dict[str, Any]:
-    import phasetune.rng
+    import phasetune.features.random_state
     from phasetune.lightning.sharded import read_callback_state
 
     fit = lightning_fit()
@@ -181,12 +181,12 @@ def lightning_scenarios(out: Path, one_device_ckpt: Path) -> dict[str, Any]:
     # 1 -> 2: a ModelParallel checkpoint saved by one process goes on here, re-seeded (DCP reshards the state)
     report["fsdp2"]["from_one_device"] = fit("fsdp2", out, "fsdp2_from_one", one_device_ckpt, resume_rng="reseed")
     # the control: a resume that leaves the generators where the new process has them
-    restore = phasetune.rng.restore_checkpoint_state
-    phasetune.rng.restore_checkpoint_state = lambda *a, **k: None
+    restore = phasetune.features.random_state.restore_checkpoint_state
+    phasetune.features.random_state.restore_checkpoint_state = lambda *a, **k: None
     try:
         report["fsdp2"]["without_random_state"] = fit("fsdp2", out, "fsdp2_norng", out / "fsdp2_ref" / "epoch=2.ckpt")
     finally:
-        phasetune.rng.restore_checkpoint_state = restore
+        phasetune.features.random_state.restore_checkpoint_state = restore
     return report
 
 

@@ -9,7 +9,7 @@ A schedule is a mapping of phase index to phase settings, written in YAML or giv
     1:
       params: [model.encoder.layer.11.*]
       lr: 1.0e-5                           # optional; default: the callback's base_max_lr
-      prefix_cache: true                   # optional: cache the frozen prefix's outputs (phasetune.prefix_phases)
+      prefix_cache: true                   # optional: cache the frozen prefix's outputs (phasetune.features.prefix_cache.phases)
 
 Phase k trains the parameters of phases 0..k. :func:`resolve_schedule` reads and checks a schedule (the
 checks live in :mod:`phasetune.core.schedule_validation`) and raises one :class:`~phasetune.errors.ScheduleError`

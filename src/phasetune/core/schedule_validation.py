@@ -333,7 +333,7 @@ def parse_prefix_cache(raw: Any, where: str, names: list[str], trained: set[str]
                        problems: list[str]) -> dict[str, Any] | None:
     """A phase's ``prefix_cache`` (``true``, ``false`` or a mapping of :data:`PREFIX_CACHE_KEYS`) as ``None``
     (off) or a dict of the keys given; checks what parameter names alone can tell (``trained``: the names
-    phases 0..k train). The model-level checks are :class:`phasetune.prefix_phases.PrefixCachePhases`'s."""
+    phases 0..k train). The model-level checks are :class:`phasetune.features.prefix_cache.phases.PrefixCachePhases`'s."""
     key = f"{where}, key 'prefix_cache'"
     if raw is None or raw is False:
         return None

@@ -1,12 +1,12 @@
-"""Tensor, DDP and FSDP1 probes for :mod:`phasetune.audit` (torch only).
+"""Tensor, DDP and FSDP1 probes for :mod:`phasetune.features.audit.phase_audit` (torch only).
 
-- :func:`_fingerprints` and :func:`_grad_stats`: per-tensor sums and norms (float64) of this rank's piece
+- :func:`fingerprints` and :func:`grad_stats`: per-tensor sums and norms (float64) of this rank's piece
   (:func:`_local`: a DTensor's local shard) of a parameter and of its gradient;
-- :func:`_find_ddp` and :func:`_reducer_misses`: the ``DistributedDataParallel`` wrapping a model and the
+- :func:`find_ddp` and :func:`reducer_misses`: the ``DistributedDataParallel`` wrapping a model and the
   trainable parameters its reducer does not average (read through private DDP API, see there);
-- :func:`_fsdp1_flat_params`: the FSDP1 ``FlatParameter`` holding each original parameter
+- :func:`fsdp1_flat_params`: the FSDP1 ``FlatParameter`` holding each original parameter
   (``use_orig_params=True`` units);
-- :func:`_state_init_step`: whether an optimizer step only creates optimizer state (a checkpoint's).
+- :func:`state_init_step`: whether an optimizer step only creates optimizer state (a checkpoint's).
 
 None of them is a collective: the audit gathers their results in its one ``all_gather_object``.
 """
@@ -29,7 +29,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return to_local() if callable(to_local) else t
 
 
-def _fingerprints(tensors: Sequence[torch.Tensor]) -> list[tuple[float, float]]:
+def fingerprints(tensors: Sequence[torch.Tensor]) -> list[tuple[float, float]]:
     """Per tensor (this rank's piece): sum and 2-norm in float64, read back with one sync per device."""
     rows: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
     with torch.no_grad():
@@ -45,7 +45,7 @@ def _fingerprints(tensors: Sequence[torch.Tensor]) -> list[tuple[float, float]]:
     return out
 
 
-def _grad_stats(tensors: Sequence[torch.Tensor]) -> list[tuple[str, float, float]]:
+def grad_stats(tensors: Sequence[torch.Tensor]) -> list[tuple[str, float, float]]:
     """Per tensor: ("empty" | "none" | "ok", L1 norm of this rank's gradient, its sum) in float64."""
     out: list[tuple[str, float, float]] = []
     present: list[tuple[int, torch.Tensor]] = []
@@ -65,7 +65,7 @@ def _grad_stats(tensors: Sequence[torch.Tensor]) -> list[tuple[str, float, float
     return out
 
 
-def _state_init_step(optimizer: Any) -> bool:
+def state_init_step(optimizer: Any) -> bool:
     """Whether the step under way only creates optimizer state: ``torch.distributed.checkpoint``'s
     ``get_optimizer_state_dict`` of a never-stepped optimizer steps it with every lr set to 0 over zero gradients
     (a checkpoint saved before the phase's first step). Checked only when every lr is 0."""
@@ -75,7 +75,7 @@ def _state_init_step(optimizer: Any) -> bool:
     return all(p.grad is None or not bool(_local(p.grad).any()) for g in groups for p in g["params"])
 
 
-def _find_ddp(model: nn.Module | None) -> Any:
+def find_ddp(model: nn.Module | None) -> Any:
     if model is None:
         return None
     from torch.nn.parallel import DistributedDataParallel
@@ -83,7 +83,7 @@ def _find_ddp(model: nn.Module | None) -> Any:
     return next((m for m in model.modules() if isinstance(m, DistributedDataParallel)), None)
 
 
-def _reducer_misses(ddp: Any, tensors: Mapping[str, torch.Tensor]) -> list[str]:
+def reducer_misses(ddp: Any, tensors: Mapping[str, torch.Tensor]) -> list[str]:
     """Names in ``tensors`` (trainable) that ``ddp``'s reducer does not average.
 
     The reducer takes the parameters requiring grad when DDP is built. torch exposes its parameter count only in
@@ -103,7 +103,7 @@ def _reducer_misses(ddp: Any, tensors: Mapping[str, torch.Tensor]) -> list[str]:
     return [n for n, p in tensors.items() if id(p) not in held]
 
 
-def _fsdp1_flat_params(model: nn.Module) -> dict[int, torch.Tensor]:
+def fsdp1_flat_params(model: nn.Module) -> dict[int, torch.Tensor]:
     """id(original parameter) -> the FSDP1 FlatParameter holding it (``use_orig_params=True`` units only)."""
     from phasetune.sharding.fsdp1_alignment import FLAT_PARAM, fsdp_units
 

@@ -28,15 +28,16 @@ from typing import Any
 from torch import nn
 from torch.optim import Optimizer
 
-from phasetune.audit_probes import (
-    _find_ddp,
-    _fingerprints,
-    _fsdp1_flat_params,
-    _grad_stats,
-    _reducer_misses,
-    _state_init_step,
+from phasetune.core.param_groups import PHASE_KEY, is_no_decay
+from phasetune.features.audit.probes import (
+    find_ddp,
+    fingerprints,
+    fsdp1_flat_params,
+    grad_stats,
+    reducer_misses,
+    state_init_step,
 )
-from phasetune.audit_result import (  # re-exported: the audit's public names live here too
+from phasetune.features.audit.result import (  # re-exported: the audit's public names live here too
     CAUSES,
     FIRST_STEP,
     RESUME,
@@ -47,7 +48,6 @@ from phasetune.audit_result import (  # re-exported: the audit's public names li
     AuditResult,
     Finding,
 )
-from phasetune.core.param_groups import PHASE_KEY, is_no_decay
 from phasetune.sharding import optim_state
 from phasetune.util import dist
 from phasetune.util.text import covering_modules, few
@@ -65,7 +65,7 @@ class _Armed:
     stage: str
     handles: list[Any] = field(default_factory=list)
     before: dict[str, tuple[float, float]] | None = None
-    skip: bool = False  # the step under way is not a training step (see _state_init_step)
+    skip: bool = False  # the step under way is not a training step (see state_init_step)
 
 
 class PhaseAudit:
@@ -77,7 +77,7 @@ class PhaseAudit:
         model: the model as trained: a ``DistributedDataParallel`` (its reducer is checked) or a module holding
             FSDP1 units (their FlatParameters are checked); may be set later (``audit.model = ...``).
         info, warn: where the pass line and a warned failure go (default: the ``phasetune`` logger, rank 0).
-        recompiles: a :class:`phasetune.compile_support.RecompileCounter` whose count since the transition is
+        recompiles: a :class:`phasetune.features.compile_support.RecompileCounter` whose count since the transition is
             reported with the first step's result.
         on_result: called with every result (a transition's, then its first step's), e.g. to put the summary
             into the phase's history record.
@@ -186,12 +186,12 @@ class PhaseAudit:
         if optim_state.in_placeholder_step():  # a checkpoint save/load's placeholder step, not training
             return
         armed = self._armed
-        if armed is not None and armed.before is None and _state_init_step(optimizer):
+        if armed is not None and armed.before is None and state_init_step(optimizer):
             armed.skip = True
             return
         if armed is not None and armed.before is None:  # values as the step finds them (before a closure runs)
             names = armed.check + armed.frozen
-            armed.before = dict(zip(names, _fingerprints([self.engine.params[n] for n in names])))
+            armed.before = dict(zip(names, fingerprints([self.engine.params[n] for n in names])))
 
     def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         if optim_state.in_placeholder_step():
@@ -214,9 +214,9 @@ class PhaseAudit:
         trainable = list(engine.trainable())
         params = engine.params
         names = armed.check + armed.frozen
-        after = dict(zip(names, _fingerprints([params[n] for n in names])))
+        after = dict(zip(names, fingerprints([params[n] for n in names])))
         moved = [n for n in names if after[n] != armed.before[n]]  # type: ignore[index]
-        grads = dict(zip(armed.check, _grad_stats([params[n] for n in armed.check])))
+        grads = dict(zip(armed.check, grad_stats([params[n] for n in armed.check])))
         lrs, lr_findings, notes = self._lrs(optimizer, armed.schedulers)
         payload = {
             "local": self._structure(optimizer, trainable, first_step=True),
@@ -230,7 +230,7 @@ class PhaseAudit:
         findings = _merge_local([g["local"] for g in gathered])
         flagged = {n for f in findings for n in f.params}
         moved_any = {n for g in gathered for n in g["moved"]}
-        ddp = _find_ddp(self.model)
+        ddp = find_ddp(self.model)
         by_cause: dict[str, list[str]] = {}
         for n in armed.check:
             if n in flagged:
@@ -283,13 +283,13 @@ class PhaseAudit:
                 found.setdefault(cause, []).append(n)
         flagged = {n for names in found.values() for n in names}
         rest = {n: params[n] for n in trainable if n not in flagged}
-        ddp = _find_ddp(self.model)
+        ddp = find_ddp(self.model)
         if ddp is not None:
-            misses = _reducer_misses(ddp, rest)
+            misses = reducer_misses(ddp, rest)
             if misses:
                 found["not_in_reducer"] = misses
         if first_step and self.model is not None:
-            flat_of = _fsdp1_flat_params(self.model)
+            flat_of = fsdp1_flat_params(self.model)
             frozen_flat = [n for n, p in rest.items() if id(p) in flat_of and not flat_of[id(p)].requires_grad]
             if frozen_flat:
                 found["flat_frozen"] = frozen_flat

@@ -1,4 +1,4 @@
-"""Sample indices for the frozen-prefix cache (:mod:`phasetune.prefix_cache`): datasets and collation that attach
+"""Sample indices for the frozen-prefix cache (:mod:`phasetune.features.prefix_cache.cache`): datasets and collation that attach
 each sample's index to it, reading and dropping them from a batch, and the check that a dataset's inputs are
 deterministic (no random augmentation), without which a stored prefix output could differ from a fresh one."""
 
@@ -68,7 +68,7 @@ def batch_indices(batch: Any) -> torch.Tensor:
         return batch[1]
     raise PrefixCacheError(
         f"the batch ({type(batch).__name__}) carries no sample indices: wrap the training dataset in "
-        f"phasetune.prefix_cache.IndexedDataset (and a custom collate_fn in IndexedCollate) so each batch has "
+        f"phasetune.features.prefix_cache.cache.IndexedDataset (and a custom collate_fn in IndexedCollate) so each batch has "
         f"'{INDEX_KEY}' (dict batches) or is (batch, indices)"
     )
 

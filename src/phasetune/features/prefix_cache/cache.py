@@ -10,7 +10,7 @@ holding a trainable parameter, a batch without indices, a dataset with random au
 output it cannot key by sample, and a stored output that differs from a fresh one are errors. Entries live
 in RAM up to ``limit_bytes``, beyond that in memory-mapped files, deleted at :meth:`PrefixCache.close`. Only
 training-mode forwards use the cache; evaluation passes through. Each process caches what it sees (DDP).
-Per phase, from a schedule's ``prefix_cache`` key: :mod:`phasetune.prefix_phases`.
+Per phase, from a schedule's ``prefix_cache`` key: :mod:`phasetune.features.prefix_cache.phases`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from phasetune.core.generate import find_blocks
-from phasetune.prefix_index import (  # re-exported: the cache's public names live here too
+from phasetune.features.prefix_cache.index import (  # re-exported: the cache's public names live here too
     INDEX_KEY,
     IndexedCollate,
     IndexedDataset,
@@ -34,7 +34,15 @@ from phasetune.prefix_index import (  # re-exported: the cache's public names li
     check_deterministic,
     strip_indices,
 )
-from phasetune.prefix_store import _build, _dims, _size, _Store, _Template, _tensors, _widths
+from phasetune.features.prefix_cache.store import (
+    StandIn,
+    Store,
+    batch_dims,
+    build_tree,
+    mask_widths,
+    size_text,
+    tensors_in,
+)
 
 EVAL_NOTE = "prefix in eval mode: dropout off, BatchNorm statistics frozen"
 
@@ -64,7 +72,7 @@ def find_prefix_end(model: nn.Module, trainable: Iterable[str] | None = None) ->
 
 # ---------------------------------------------------------------------------------------- output trees
 def _flatten(obj: Any, leaves: list[torch.Tensor], where: str) -> Any:
-    """A spec of ``obj``'s structure (rebuilt by :func:`phasetune.prefix_store._build`); its tensors are
+    """A spec of ``obj``'s structure (rebuilt by :func:`phasetune.features.prefix_cache.store.build_tree`); its tensors are
     appended to ``leaves``."""
     if isinstance(obj, torch.Tensor):
         leaves.append(obj)
@@ -117,7 +125,7 @@ class PrefixCache:
             check_deterministic(dataset)
         self.mask_key, self.rtol, self.atol = mask_key, rtol, atol
         self.batches_served = self.batches_computed = 0
-        self._store = _Store(limit_bytes, spill_dir, chunk_bytes)
+        self._store = Store(limit_bytes, spill_dir, chunk_bytes)
         self._check_frozen(self._modules[self.prefix_end].named_parameters(prefix=self.prefix_end))
         self._handles: list[Any] = []
         self._replaced: dict[str, Any] = {}  # modules whose forward the cache replaced: their own instance forward
@@ -125,7 +133,7 @@ class PrefixCache:
         self._batch: tuple[list[int], int | None, list[int] | None] = ([], None, None)  # indices, width, lengths
         #: outermost prefix modules in forward order, known after the first training forward
         self.prefix: list[str] = []
-        self._templates: dict[str, _Template] = {}
+        self._templates: dict[str, StandIn] = {}
         self._boundary: tuple[Any, list[bool], list[tuple[int, ...]], list[torch.device]] | None = None
         self._prefix_modules: list[nn.Module] = []
         self._prefix_params: list[tuple[str, torch.Tensor]] = []
@@ -189,7 +197,7 @@ class PrefixCache:
         """One line for the phase log: where the prefix ends, that it runs in eval mode, what the cache holds."""
         s = self._store
         return (f"prefix cache up to {self.prefix_end} ({EVAL_NOTE}): {len(s)} samples, "
-                f"{_size(s.ram_bytes + s.pending_bytes)} in RAM, {_size(s.disk_bytes)} on disk; "
+                f"{size_text(s.ram_bytes + s.pending_bytes)} in RAM, {size_text(s.disk_bytes)} on disk; "
                 f"{self.batches_served} batches served from it, {self.batches_computed} computed")
 
     def memory(self) -> dict[str, int]:
@@ -236,7 +244,7 @@ class PrefixCache:
                 f"model (or call cache.next_batch(batch) before the forward, or pass {INDEX_KEY}=... to the model); "
                 f"under the Hugging Face Trainer set remove_unused_columns=False, which otherwise drops {INDEX_KEY!r}")
         indices, mask = [int(i) for i in got[0]], got[1]
-        self._batch = (indices, *_widths(mask, len(indices)))
+        self._batch = (indices, *mask_widths(mask, len(indices)))
         if not self._prefix_modules:  # the first training forward (or one after a refused one): find the prefix
             self._start_recording()
             self._mode = "fill"
@@ -263,7 +271,7 @@ class PrefixCache:
             self.batches_served += 1
             if not self._nan_checked:
                 self._nan_checked = True
-                if any(t.is_floating_point() and bool(torch.isnan(t).any()) for t in _tensors(output)):
+                if any(t.is_floating_point() and bool(torch.isnan(t).any()) for t in tensors_in(output)):
                     skipped = [n for n in self.prefix if n != self.prefix_end]
                     raise PrefixCacheError(
                         f"the first forward served from the prefix cache gave NaN: a module after {self.prefix_end!r} "
@@ -320,7 +328,7 @@ class PrefixCache:
                     leaves: list[torch.Tensor] = []
                     spec = _flatten(out, leaves, name)
                     batch, width = len(self._batch[0]), self._batch[1]
-                    self._templates[name] = _Template(spec, [(_dims(t, batch, width), t.dtype, t.device) for t in leaves])
+                    self._templates[name] = StandIn(spec, [(batch_dims(t, batch, width), t.dtype, t.device) for t in leaves])
 
         for name, m in self._modules.items():
             if name:
@@ -400,7 +408,7 @@ class PrefixCache:
             else:
                 t = torch.stack([r[k] for r in rows])
             leaves.append(t.to(device, non_blocking=True))
-        return _build(spec, leaves)
+        return build_tree(spec, leaves)
 
     def _check_frozen(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
         bad = [n for n, p in named if p.requires_grad]

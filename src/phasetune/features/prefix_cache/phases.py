@@ -1,7 +1,7 @@
 """The frozen-prefix cache as a per-phase schedule option (torch only).
 
 A phase's ``prefix_cache`` key (or a front end's ``prefix_cache={phase: value}`` argument) asks for a
-:class:`~phasetune.prefix_cache.PrefixCache` during that phase. :class:`PrefixCachePhases` checks every phase's
+:class:`~phasetune.features.prefix_cache.cache.PrefixCache` during that phase. :class:`PrefixCachePhases` checks every phase's
 setting against the model before training and gives front ends four calls::
 
     caches = PrefixCachePhases(run.schedule, model, spill_dir=log_dir, dataset=train_set)
@@ -22,10 +22,10 @@ from typing import Any
 
 from torch import nn
 
-from phasetune.compile_support import is_compiled
 from phasetune.core.schedule import Schedule
 from phasetune.core.schedule_validation import parse_prefix_cache
-from phasetune.prefix_cache import (
+from phasetune.features.compile_support import is_compiled
+from phasetune.features.prefix_cache.cache import (
     EVAL_NOTE,
     INDEX_KEY,
     PrefixCache,
@@ -34,7 +34,7 @@ from phasetune.prefix_cache import (
     find_prefix_end,
     strip_indices,
 )
-from phasetune.prefix_store import _size
+from phasetune.features.prefix_cache.store import size_text
 
 DEFAULT_LIMIT_MB = 1024
 
@@ -53,7 +53,7 @@ class PrefixCachePhases:
             checked as the schedule key is.
         sharded: the sharding strategy the front end runs under (e.g. ``"FSDP2"``), refused with a cache on.
         compiled: the front end compiles the model (``torch.compile`` is also detected on the model itself).
-        mask_key: the batch's padding-mask key (see :class:`~phasetune.prefix_cache.PrefixCache`).
+        mask_key: the batch's padding-mask key (see :class:`~phasetune.features.prefix_cache.cache.PrefixCache`).
         chunk_bytes: size of each spill file.
         info: where the phase lines go.
     """
@@ -129,7 +129,7 @@ class PrefixCachePhases:
                                  mask_key=self.mask_key, dataset=self.dataset,
                                  deterministic_inputs=setting.get("deterministic_inputs", False),
                                  chunk_bytes=self.chunk_bytes).activate()
-        self.info(f"phase {depth}: prefix cache up to {self.prefix_ends[depth]} ({EVAL_NOTE}); up to {_size(limit)} "
+        self.info(f"phase {depth}: prefix cache up to {self.prefix_ends[depth]} ({EVAL_NOTE}); up to {size_text(limit)} "
                   f"in RAM, the rest under {self.spill_dir or 'the temp dir'}")
 
     def before_batch(self, batch: Any) -> Any:

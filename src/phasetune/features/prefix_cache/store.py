@@ -1,12 +1,12 @@
-"""Storage of cached prefix outputs for :mod:`phasetune.prefix_cache` (torch and numpy only).
+"""Storage of cached prefix outputs for :mod:`phasetune.features.prefix_cache.cache` (torch and numpy only).
 
-- :class:`_Store`: the per-sample entries, in RAM up to a byte limit, beyond it gathered into chunk files
+- :class:`Store`: the per-sample entries, in RAM up to a byte limit, beyond it gathered into chunk files
   (written whole, then renamed) under a spill directory and read back through copy-on-write memory maps;
-  the files are deleted by :meth:`_Store.clear`;
-- the output trees: :func:`_build` rebuilds a module's output (tensors, tuples, lists, dicts, named tuples,
-  dataclasses) from the spec ``prefix_cache._flatten`` makes, :class:`_Template` builds a no-memory stand-in for
-  a skipped prefix module's output for another batch (:func:`_dims` records its shape), :func:`_widths`
-  reads a right-padded padding mask, :func:`_tensors` walks an output's tensors; :func:`_size` formats bytes.
+  the files are deleted by :meth:`Store.clear`;
+- the output trees: :func:`build_tree` rebuilds a module's output (tensors, tuples, lists, dicts, named tuples,
+  dataclasses) from the spec ``cache._flatten`` makes, :class:`StandIn` builds a no-memory stand-in for
+  a skipped prefix module's output for another batch (:func:`batch_dims` records its shape), :func:`mask_widths`
+  reads a right-padded padding mask, :func:`tensors_in` walks an output's tensors; :func:`size_text` formats bytes.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from phasetune.util import dist
 
 
 # ---------------------------------------------------------------------------------------- storage
-class _Store:
+class Store:
     """Per-sample tensors: in RAM up to ``limit_bytes``; beyond it gathered into chunks of ``chunk_bytes``, each
     written whole to a file under ``spill_dir`` (temp + rename) and read back through a copy-on-write memory map."""
 
@@ -108,7 +108,7 @@ class _Store:
             self.dir = None
 
 
-def _size(n: int) -> str:
+def size_text(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -117,20 +117,20 @@ def _size(n: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------- output trees
-def _build(spec: Any, leaves: list[torch.Tensor]) -> Any:
+def build_tree(spec: Any, leaves: list[torch.Tensor]) -> Any:
     kind, body = spec
     if kind == "T":
         return leaves[body]
     if kind == "C":
         return body
     if isinstance(body, list):
-        items = [_build(s, leaves) for s in body]
+        items = [build_tree(s, leaves) for s in body]
         return kind(*items) if hasattr(kind, "_fields") else kind(items)
-    items = {k: _build(s, leaves) for k, s in body.items()}
+    items = {k: build_tree(s, leaves) for k, s in body.items()}
     return kind(**items) if dataclasses.is_dataclass(kind) else kind(items)
 
 
-def _dims(t: torch.Tensor, batch: int, width: int | None) -> list[Any]:
+def batch_dims(t: torch.Tensor, batch: int, width: int | None) -> list[Any]:
     """Shape of ``t`` with the batch size as ``"B"`` and (dim 1) the mask width as ``"W"``."""
     out: list[Any] = list(t.shape)
     if out and out[0] == batch:
@@ -141,7 +141,7 @@ def _dims(t: torch.Tensor, batch: int, width: int | None) -> list[Any]:
 
 
 @dataclasses.dataclass
-class _Template:
+class StandIn:
     """How to build a stand-in for a skipped prefix module's output for another batch."""
 
     spec: Any
@@ -153,10 +153,10 @@ class _Template:
             shape = [batch if d == "B" else width if d == "W" else d for d in dims]
             fill = math.nan if dtype.is_floating_point else 0  # NaN: a suffix reading a stand-in fails loudly
             made.append(torch.full((), fill, dtype=dtype, device=device).expand(shape))  # no memory, no time
-        return _build(self.spec, made)
+        return build_tree(self.spec, made)
 
 
-def _widths(mask: Any, batch: int) -> tuple[int | None, list[int] | None]:
+def mask_widths(mask: Any, batch: int) -> tuple[int | None, list[int] | None]:
     """Width of a ``[batch, width]`` padding mask and each row's length (``None`` unless every row is right-padded)."""
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] != batch:
         return None, None
@@ -168,12 +168,12 @@ def _widths(mask: Any, batch: int) -> tuple[int | None, list[int] | None]:
     return width, lengths if right else None
 
 
-def _tensors(obj: Any) -> Iterable[torch.Tensor]:
+def tensors_in(obj: Any) -> Iterable[torch.Tensor]:
     if isinstance(obj, torch.Tensor):
         yield obj
     elif isinstance(obj, (tuple, list)):
         for o in obj:
-            yield from _tensors(o)
+            yield from tensors_in(o)
     elif isinstance(obj, Mapping):
         for o in obj.values():
-            yield from _tensors(o)
+            yield from tensors_in(o)

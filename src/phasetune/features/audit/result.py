@@ -1,4 +1,4 @@
-"""What a thaw audit found (:mod:`phasetune.audit`): the probable causes it names, its result and its options."""
+"""What a thaw audit found (:mod:`phasetune.features.audit.phase_audit`): the probable causes it names, its result and its options."""
 
 from __future__ import annotations
 
