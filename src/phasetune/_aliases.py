@@ -49,6 +49,8 @@ ALIASES: dict[str, str] = {
     "phasetune.rng": "phasetune.features.random_state",
     "phasetune.compile_support": "phasetune.features.compile_support",
     "phasetune.memory": "phasetune.features.peak_memory",
+    # front ends
+    "phasetune.seeds": "phasetune.lightning.seed_tables",  # results over seeds, for `phasetune fit --seeds`
     # run: PhaseRun and what it is built from (its names are all on phasetune.run itself)
     "phasetune.run_types": "phasetune.run",
     "phasetune.run_view": "phasetune.run.view",

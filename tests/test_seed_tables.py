@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from phasetune.seeds import SeedRun, mean_sd, metrics_table, paired_table
+from phasetune.lightning.seed_tables import SeedRun, mean_sd, metrics_table, paired_table
 
 RUNS = [
     SeedRun("scheduled", 0, {"test_acc": 0.80}, wall_time=6.0, peak_memory=600),

@@ -3,7 +3,7 @@
 One seed moves fine-tuning metrics about as much as a change of method does, so comparisons are made
 over several seeds and paired: each seed's scheduled run is compared with the baseline run of the same
 seed (same classifier init, same data order), and the mean and sd of those differences are reported.
-``phasetune fit --seeds N`` and ``bench/quality.py`` print these tables.
+``phasetune fit --seeds N`` (:mod:`phasetune.lightning.fit_command`) prints these tables.
 """
 
 from __future__ import annotations
