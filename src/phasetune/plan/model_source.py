@@ -16,11 +16,15 @@ transformers is imported only when a config is given.
 
 from __future__ import annotations
 
+import copy
+import difflib
+import functools
 import importlib
+import inspect
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,13 +74,19 @@ def model_source(
     inputs: Inputs | str | None = None,
     loss: Callable[[Any], torch.Tensor] | str | None = None,
     name_prefix: str = "",
+    model_kwargs: Mapping[str, Any] | None = None,
 ) -> ModelSource:
     """A :class:`ModelSource` for ``model`` (a config path, ``PretrainedConfig``, ``"module:factory"`` or callable).
 
     ``name_prefix`` (e.g. ``"model"``) nests the model under that attribute path, so parameter names match a
-    schedule written for a ``LightningModule`` that holds the model as ``self.model``.
+    schedule written for a ``LightningModule`` that holds the model as ``self.model``. ``model_kwargs``: keyword
+    arguments of the factory (``factory(**model_kwargs)``), or config fields that replace the config's
+    (``{"num_hidden_layers": 2}``).
     """
     problems: list[str] = []
+    if model_kwargs is not None and not (isinstance(model_kwargs, Mapping) and all(isinstance(k, str) for k in model_kwargs)):
+        raise ConfigurationError(f"model_kwargs must be a dict of keyword arguments, got {model_kwargs!r}")
+    kwargs = dict(model_kwargs or {})
     make = _callable(inputs, "inputs", problems) if isinstance(inputs, str) else inputs
     loss_fn = _callable(loss, "loss", problems) if isinstance(loss, str) else loss
     if name_prefix and not all(p.isidentifier() for p in name_prefix.split(".")):
@@ -84,13 +94,18 @@ def model_source(
     source: ModelSource | None = None
     config = _as_config(model, problems)
     if config is not None:
-        source = _hf_source(config, str(model) if isinstance(model, (str, os.PathLike)) else f"a {type(config).__name__}")
+        description = str(model) if isinstance(model, (str, os.PathLike)) else f"a {type(config).__name__}"
+        if kwargs:
+            config = _override(config, kwargs, description, problems)
+            description += f" with {_call_args(kwargs)}"
+        source = _hf_source(config, description) if not problems else None
     elif isinstance(model, str) and _FACTORY.match(model):
         factory = _callable(model, "model", problems)
         if factory is not None:
-            source = ModelSource(factory, None, _default_loss, model)
+            source = ModelSource(_bind(factory, kwargs, problems), None, _default_loss, f"{model}({_call_args(kwargs)})" if kwargs else model)
     elif callable(model) and not isinstance(model, nn.Module):
-        source = ModelSource(model, None, _default_loss, f"{getattr(model, '__qualname__', repr(model))}()")
+        name = getattr(model, "__qualname__", repr(model))
+        source = ModelSource(_bind(model, kwargs, problems), None, _default_loss, f"{name}({_call_args(kwargs)})")
     elif not problems:
         problems.append(
             f"model must be a Hugging Face config directory or config.json, a PretrainedConfig, 'module:factory' or a "
@@ -110,6 +125,42 @@ def model_source(
 
 
 # ---------------------------------------------------------------------------------------------- factories
+
+
+def _call_args(kwargs: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+
+
+def _bind(factory: Callable[..., nn.Module], kwargs: Mapping[str, Any], problems: list[str]) -> Callable[[], nn.Module]:
+    """``factory`` with ``kwargs`` bound (a picklable partial; the factory itself when there are none); a call its
+    signature refuses is a problem, named before anything is built."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # a builtin without a signature: the call will tell
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(**kwargs)
+        except TypeError as e:
+            known = [n for n, p in signature.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+            problems.append(f"model_kwargs: {getattr(factory, '__qualname__', factory)}() cannot take them ({e}); its "
+                            f"keyword arguments: {', '.join(known) or 'none'}")
+    return functools.partial(factory, **kwargs) if kwargs else factory
+
+
+def _override(config: Any, kwargs: Mapping[str, Any], description: str, problems: list[str]) -> Any:
+    """A copy of ``config`` with the fields of ``kwargs`` replaced; a field the config lacks is a problem."""
+    unknown = [k for k in kwargs if not hasattr(config, k)]
+    for k in unknown:
+        close = difflib.get_close_matches(k, list(config.to_dict()), n=2)
+        problems.append(f"model_kwargs {k!r}: {description} has no such field" + (
+            f"; did you mean {', '.join(map(repr, close))}?" if close else ""))
+    if unknown:
+        return config
+    config = copy.deepcopy(config)
+    for k, v in kwargs.items():
+        setattr(config, k, v)
+    return config
 
 
 def _callable(path: str, what: str, problems: list[str]) -> Callable[..., Any] | None:

@@ -11,6 +11,7 @@ into advice.
 from __future__ import annotations
 
 import difflib
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import fields, replace
@@ -46,22 +47,38 @@ def plan_memory(
     inputs: Callable[[int, int], Any] | str | None = None,
     loss: Callable[[Any], torch.Tensor] | str | None = None,
     setup: PlanSetup | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    progress: Callable[[str], None] | None = None,
     **settings: Any,
 ) -> MemoryPlan:
     """Plan the memory of each phase of ``schedule`` for ``model`` (see :class:`PlanSetup` for ``settings``).
 
     ``schedule``: a YAML path or dict as a run takes it (None: phasetune's generated default). ``model``: a
     Hugging Face config directory or ``config.json``, a ``PretrainedConfig``, ``"module:factory"`` or a
-    zero-argument callable (see :func:`phasetune.plan.model_source.model_source`). Raises
+    callable, called with ``model_kwargs`` (for a config: fields that replace the config's; see
+    :func:`phasetune.plan.model_source.model_source`). Raises
     :class:`~phasetune.errors.ConfigurationError` (settings, model) or :class:`~phasetune.errors.ScheduleError`
-    listing every problem before any simulation.
+    listing every problem before any simulation. ``progress`` is called with one line per finished stage (the
+    model built and sharded, each phase, each phase planned again with checkpointing): an 8B model takes minutes.
     """
-    setup = _setup(setup, settings)
-    source = model_source(model, inputs=inputs, loss=loss, name_prefix=setup.name_prefix)
+    problems: list[str] = []
+    try:
+        setup = _setup(setup, settings)
+    except ConfigurationError as e:  # the model's problems too, then all at once
+        problems, setup = e.problems, PlanSetup()
+    try:
+        source = model_source(model, inputs=inputs, loss=loss, name_prefix=str(settings.get("name_prefix", setup.name_prefix)),
+                              model_kwargs=model_kwargs)
+    except ConfigurationError as e:
+        problems += e.problems
+    if problems:
+        raise ConfigurationError(problems)
     start = time.perf_counter()
     with fake_world(setup.world_size) as mesh, tensor_mode(setup):
-        plan = _Planner(source, setup, mesh, schedule).run()
+        plan = _Planner(source, setup, mesh, schedule, progress).run()
     plan.seconds = time.perf_counter() - start
+    plan.schedule = ("the generated default" if schedule is None else
+                     str(schedule) if isinstance(schedule, (str, os.PathLike)) else f"a {type(schedule).__name__}")
     return plan
 
 
@@ -98,8 +115,10 @@ def _setup(setup: PlanSetup | None, settings: Mapping[str, Any]) -> PlanSetup:
 
 
 class _Planner:
-    def __init__(self, source: ModelSource, setup: PlanSetup, mesh: Any, schedule: Any) -> None:
+    def __init__(self, source: ModelSource, setup: PlanSetup, mesh: Any, schedule: Any,
+                 progress: Callable[[str], None] | None = None) -> None:
         self.source, self.setup, self.mesh, self.raw_schedule = source, setup, mesh, schedule
+        self.progress = progress or (lambda line: None)
         self.notes: list[str] = []
         self.failure: PassFailed | None = None
         self.prefix_ends: dict[int, str | None] = {}
@@ -144,6 +163,9 @@ class _Planner:
                 raise
             self.failure = PassFailed("(building and sharding the model)", e)  # shapes only, from the meta device
             sim = self._shapes_only()
+        units = f", {len(sim.sharding.units)} units" if sim.sharding.units else ""
+        self.progress(f"built {sim.label} as rank 0 of {setup.world_size} ({setup.strategy}{units}); "
+                      f"{len(self.schedule)} phases to plan")
         strategy = setup.strategy if sim.sharding.units or setup.strategy != "fsdp1" else "fsdp2"
         states = StatePlanner(sim.shapes, strategy, setup.world_size,
                               fsdp1_root=sim.runner if strategy == "fsdp1" else None)
@@ -250,6 +272,7 @@ class _Planner:
             phase.peak = phase.forward_backward_peak
         if setup.budget is not None:
             phase.headroom = setup.budget - phase.peak
+        self.progress(f"phase {k} planned ({k + 1} of {len(self.schedule)}, {phase.source})")
         return phase
 
     def _simulate(self, sim: Model, phase: PhaseMemory, fixed: int) -> None:
@@ -313,6 +336,7 @@ class _Planner:
         except ConfigurationError:
             return
         for phase in failing:
+            self.progress(f"phase {phase.phase} does not fit: planning it again with every block checkpointed")
             thaw(sim, set(self.schedule.params_through(phase.phase)))
             fixed = phase.optimizer + phase.breakdown.get("ddp_buckets", 0)
             try:

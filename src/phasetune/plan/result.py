@@ -91,6 +91,7 @@ class MemoryPlan:
     notes: list[str] = field(default_factory=list)
     units: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    schedule: str = ""  # the schedule planned: its path, "a dict", or "the generated default"
 
     @property
     def fits(self) -> bool | None:
@@ -116,22 +117,35 @@ class MemoryPlan:
         setup["fsdp_default_kwargs"] = _plain(setup["fsdp_default_kwargs"])
         return {
             "model": self.model,
+            "schedule": self.schedule,
             "n_params": self.n_params,
             "setup": setup,
             "budget": self.budget,
             "fits": self.fits,
             "phases": [asdict(p) for p in self.phases],
             "advice": list(self.advice),
+            "problems": self.problems(),
             "notes": list(self.notes),
             "units": list(self.units),
             "seconds": round(self.seconds, 2),
         }
 
-    def table(self, unit: str | None = None) -> str:
-        """The plan as a text table (GiB, or MiB for small models; ``unit`` forces one)."""
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MemoryPlan:
+        """The plan :meth:`to_dict` gave (read back from JSON): a recorded plan prints the same table again."""
+        setup = dict(data["setup"])
+        if setup.get("block_classes") is not None:
+            setup["block_classes"] = tuple(setup["block_classes"])
+        phases = [PhaseMemory(**{**p, "host": HostMemory(**p["host"])}) for p in data["phases"]]
+        return cls(PlanSetup(**setup), data["model"], data["n_params"], phases, data["budget"], list(data["advice"]),
+                   list(data["notes"]), list(data["units"]), data["seconds"], data.get("schedule", ""))
+
+    def table(self, unit: str | None = None, timing: bool = True) -> str:
+        """The plan as a text table (GiB, or MiB for small models; ``unit`` forces one). ``timing=False`` leaves
+        out how long planning took, the one line that differs between two plans of the same run."""
         from phasetune.plan.table import format_plan
 
-        return format_plan(self, unit)
+        return format_plan(self, unit, timing)
 
     def __str__(self) -> str:
         return self.table()

@@ -30,7 +30,7 @@ def describe_setup(plan: MemoryPlan) -> str:
             f"{s.micro_batch} x {s.seq_len} tokens{accum}" + ("".join(f", {x}" for x in extras)))
 
 
-def format_plan(plan: MemoryPlan, unit: str | None = None) -> str:
+def format_plan(plan: MemoryPlan, unit: str | None = None, timing: bool = True) -> str:
     """Render ``plan`` (see :meth:`phasetune.plan.MemoryPlan.table`)."""
     biggest = max([p.peak for p in plan.phases] + [1])
     unit = unit or ("GiB" if biggest >= GiB else "MiB")
@@ -76,8 +76,10 @@ def format_plan(plan: MemoryPlan, unit: str | None = None) -> str:
     for title, items in (("advice", plan.advice), ("notes", plan.notes)):
         if items:
             lines += ["", f"{title}:"] + [f"  - {x}" for x in items]
-    lines += ["", f"planned in {plan.seconds:.1f} s; units: {', '.join(u or '<root>' for u in plan.units[:4])}"
-              + (f" ... ({len(plan.units)} in all)" if len(plan.units) > 4 else "")]
+    if plan.units or timing:
+        units = (f"units: {', '.join(u or '<root>' for u in plan.units[:4])}"
+                 + (f" ... ({len(plan.units)} in all)" if len(plan.units) > 4 else "")) if plan.units else ""
+        lines += ["", "; ".join(x for x in ((f"planned in {plan.seconds:.1f} s" if timing else ""), units) if x)]
     return "\n".join(lines)
 
 
