@@ -14,6 +14,7 @@ leaves out. Torch only; transformers is imported when a config is given.
 """
 
 from phasetune.plan.advice import best_pair
+from phasetune.plan.fit_check import check_fit, model_for_plan
 from phasetune.plan.model_source import ModelSource, model_source
 from phasetune.plan.planner import plan_memory, plan_memory_isolated
 from phasetune.plan.result import HostMemory, MemoryPlan, PhaseMemory
@@ -29,6 +30,8 @@ __all__ = [
     "Shard",
     "StepMemory",
     "best_pair",
+    "check_fit",
+    "model_for_plan",
     "model_source",
     "optimizer_settings",
     "plan_memory",
