@@ -35,6 +35,8 @@ phasetune schedule generate MODEL [--recipe NAME] [--lr LR] [--lr_decay F]
                            [--steps_per_epoch N] [--include_stem true|false] [--blocks_per_phase N] [--output FILE]
 phasetune schedule check [SCHEDULE] MODEL
 phasetune schedule show [SCHEDULE] MODEL
+phasetune schedule plan [SCHEDULE] (--model-dir PATH | --model module:factory) [--world-size N] ...
+                        (the memory of each phase, before launch: see 'phasetune schedule plan --help')
 
 MODEL is one of --config CONFIG (a `phasetune fit` config; its model is built, weights included, to read
 parameter names), --model-dir PATH (a Hugging Face model folder, loaded offline) or --model module:Class.
@@ -67,7 +69,7 @@ RECIPE_OPTIONS = ("lr", "lr_decay", "phase_steps", "total_steps", "head_fraction
 def _schedule_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="phasetune schedule", usage=SCHEDULE_HELP,
                                      description="Generate, check or show a fine-tuning schedule for a model.")
-    sub = parser.add_subparsers(dest="action", required=True, metavar="{generate,check,show}")
+    sub = parser.add_subparsers(dest="action", required=True, metavar="{generate,check,show,plan}")
     gen = sub.add_parser("generate", prog="phasetune schedule generate",
                          help="write a schedule generated from the model's structure")
     gen.add_argument("--recipe", "--style", dest="style", choices=generate.STYLES, default=None,
@@ -105,6 +107,7 @@ def _schedule_parser() -> argparse.ArgumentParser:
                            help="a Hugging Face model folder (save_pretrained), loaded offline")
         model.add_argument("--model", dest="model_class", metavar="module:Class",
                            help="a model class whose Class() builds the model")
+    sub.add_parser("plan", help="the memory of each phase per rank, before launch (phasetune.lightning.plan_command)")
     return parser
 
 
@@ -204,7 +207,11 @@ def _schedule_source(args: argparse.Namespace, target: _Target) -> tuple[Any, st
 
 
 def schedule_main(argv: Sequence[str]) -> int:
-    """``phasetune schedule generate|check|show``; returns the exit code."""
+    """``phasetune schedule generate|check|show|plan``; returns the exit code."""
+    if list(argv[:1]) == ["plan"]:
+        from phasetune.lightning.plan_command import plan_main
+
+        return plan_main(argv[1:])
     args, overrides = _schedule_parser().parse_known_args(list(argv))
     if args.config is None and overrides:
         raise UsageError(f"unrecognized arguments: {' '.join(overrides)} (config overrides need --config)")
