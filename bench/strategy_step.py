@@ -187,7 +187,7 @@ def checkpoints(args) -> list[dict]:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     from phasetune import ScheduledFinetuning
-    from phasetune.strategy.checkpoint_dirs import dir_bytes
+    from phasetune.loop.strategy.checkpoint_dirs import dir_bytes
 
     last = args.layers - 1
     schedule = {
@@ -236,7 +236,7 @@ def worker(args) -> None:
     import logging
 
     logging.getLogger("phasetune").setLevel(logging.WARNING)
-    from phasetune.strategy.distributed import init_distributed
+    from phasetune.loop.strategy.distributed import init_distributed
 
     init_distributed()
     if args.part == "timing":

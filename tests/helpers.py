@@ -274,8 +274,8 @@ class PrefixSpills(pl.Callback):
 
     def on_fit_start(self, trainer, pl_module):
         assert "on_train_batch_start" in vars(self.fts)  # the per-batch hook exists in a fit that caches
-        self.fts._caches.chunk_bytes = 256
+        self.fts.caches.chunk_bytes = 256
 
     def on_train_epoch_end(self, trainer, pl_module):
         if trainer.current_epoch == self.at_epoch:
-            self.files = len(self.fts._caches.cache.spill_files())
+            self.files = len(self.fts.caches.cache.spill_files())

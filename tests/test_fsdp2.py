@@ -87,6 +87,15 @@ def test_sharded_run_agrees_with_the_single_process_run(ranks, single_process):
     assert max_diff(ranks[0]["main"]["final"], final) <= SIX_EPOCHS
 
 
+def test_a_bf16_mixed_precision_run_thaws_units_frozen_at_the_first_forward_and_trains_them(ranks):
+    names = phase_names(1)
+    for rank in ranks:
+        bf16 = rank["bf16"]
+        assert "error" not in bf16, bf16.get("error")
+        assert [e["depth"] for e in bf16["epochs"]] == [0, 0, 1]
+        assert any(bf16["final"][n] != bf16["epochs"][2]["params"][n] for n in names)  # exact: it trained once thawed
+
+
 def test_plan_shards_each_block_the_norm_and_the_head_then_the_root_and_hints_at_the_root_unit(ranks):
     main = ranks[0]["main"]
     assert main["plan"] == {

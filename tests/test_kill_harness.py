@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from kill_harness import KILLED, assert_equal, hidden, load, train, visible
-from phasetune.strategy import list_checkpoints
-from phasetune.strategy.checkpoint_dirs import is_checkpoint
+from phasetune.loop.strategy import list_checkpoints
+from phasetune.loop.strategy.checkpoint_dirs import is_checkpoint
 
 STEPS_PER_EPOCH = 4
 PLAIN_PHASES = [(0, 1, True), (1, 2, True), (2, 3, False)]

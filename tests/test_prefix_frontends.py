@@ -17,13 +17,14 @@ from helpers import PrefixNet as Net
 from helpers import PrefixSpills as Spills
 from helpers import float32_drift, trainer
 from helpers import prefix_data as data
-from phasetune import ConfigurationError, FinetuningScheduler
+from phasetune import ConfigurationError, FinetuningScheduler, FTSEarlyStopping
+from phasetune.features.prefix_cache import PrefixCachePhases
 from phasetune.features.prefix_cache.cache import IndexedDataset, strip_indices
 from phasetune.hf import PhasetuneTrainer, PhasetuneTrainerCallback
 from phasetune.lightning.sharded import ShardedStrategyAdapter
 from phasetune.lightning.summary import summary_table
 from phasetune.loop import ScheduledFinetuning
-from phasetune.run import PhaseRun, RunEnv
+from phasetune.run import Patience, PhaseRun, RunEnv
 
 pytestmark = pytest.mark.usefixtures("plain_process")  # Hugging Face Trainers here run as one plain process
 
@@ -73,7 +74,7 @@ def test_lightning_a_cached_phase_trains_as_the_uncached_phase_with_its_prefix_i
     assert line in summary_table(fts.history).splitlines()
     assert spills.files > 0
     no_spill_folders(tmp_path / "cached")
-    assert fts._caches is None and "on_train_batch_start" not in vars(fts)  # hooks gone with the fit
+    assert fts.caches is None and "on_train_batch_start" not in vars(fts)  # hooks gone with the fit
     assert all(m.training for m in cached.modules())
 
 
@@ -129,6 +130,12 @@ def test_loop_a_cached_phase_trains_as_the_uncached_phase_with_its_prefix_in_eva
     assert "2 batches served from it, 4 computed" in ft.history[0].prefix_cache
     assert ft.history[1].prefix_cache is None
     no_spill_folders(tmp_path)
+
+
+def test_loop_prefix_cache_argument_must_be_a_mapping():
+    model = Net(None)
+    with pytest.raises(ConfigurationError, match=r"prefix_cache must map phase indices to True, False or .* got list"):
+        ScheduledFinetuning(SCHEDULE, model, torch.optim.SGD(model.parameters(), lr=0.1), prefix_cache=[0])
 
 
 def test_loop_a_resume_says_nothing_of_the_unused_cache_its_constructor_started(tmp_path, caplog):
@@ -188,3 +195,62 @@ def test_hf_refuses_the_cache_when_the_trainer_drops_unused_columns(tmp_path):
         hf_run(tmp_path, True, remove_unused_columns=True)
     assert len(e.value.problems) == 1
     assert "remove_unused_columns=True" in str(e.value) and "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------- one order everywhere
+TRANSITION_ORDER = ["leave cache", "transition", "install", "reset patience", "audit", "enter cache"]
+
+
+@pytest.fixture
+def events(monkeypatch) -> list[str]:
+    """What each front end does at a transition, in the order it happens (recorded around the real calls)."""
+    seen: list[str] = []
+
+    def record(cls: type, name: str, label: str, when=lambda *args, **kwargs: True) -> None:
+        original = getattr(cls, name)
+
+        def wrapper(self, *args, **kwargs):
+            if when(*args, **kwargs):
+                seen.append(label)
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, name, wrapper)
+
+    record(PrefixCachePhases, "leave", "leave cache", when=lambda history=None: bool(history))  # not enter's own
+    record(PrefixCachePhases, "enter", "enter cache")
+    record(PhaseRun, "transition", "transition")
+    record(PhaseRun, "audit_phase", "audit")
+    for host in (FinetuningScheduler, PhasetuneTrainerCallback, ScheduledFinetuning):
+        record(host, "install", "install")
+    for patience in (Patience, FTSEarlyStopping):
+        record(patience, "start_phase", "reset patience")
+    return seen
+
+
+def first_transition(seen: list[str]) -> list[str]:
+    start = seen.index("transition") - 1
+    return seen[start: seen.index("enter cache", start) + 1]
+
+
+class ValidatedModule(Module):
+    """The Lightning prefix module with a validation loss, so that FTSEarlyStopping (Lightning's patience) runs."""
+
+    def validation_step(self, batch, batch_idx):
+        (x, y), _ = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
+
+    def val_dataloader(self):
+        return self.train_dataloader()
+
+
+def test_every_front_end_runs_a_transition_in_one_order(tmp_path, events):
+    fts = FinetuningScheduler(CACHED, restore_best=False)
+    trainer(tmp_path / "lightning", [fts, FTSEarlyStopping(monitor="val_loss", patience=10)], max_epochs=3,
+            enable_checkpointing=False).fit(ValidatedModule())
+    lightning = first_transition(events)
+    events.clear()
+    hf_run(tmp_path / "hf", True)
+    hf = first_transition(events)
+    events.clear()
+    loop_run(True, tmp_path / "loop")
+    assert lightning == hf == first_transition(events) == TRANSITION_ORDER

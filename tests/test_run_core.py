@@ -22,7 +22,7 @@ from loop_runs import (
     step_loop_run,
     trajectory_point,
 )
-from phasetune import ConfigurationError, FinetuningScheduler, FTSCheckpoint, FTSEarlyStopping
+from phasetune import ConfigurationError, FinetuningScheduler, FTSCheckpoint, FTSEarlyStopping, RunOptions
 from phasetune.loop import ScheduledFinetuning
 
 EPOCH_SCHEDULE = {k: v | {"max_transition_epoch": k + 1} for k, v in SCHEDULE_3.items()}
@@ -69,12 +69,15 @@ def test_the_callback_and_the_loop_run_the_same_trajectory(tmp_path, restore_bes
 
 def test_both_front_ends_have_the_same_defaults():
     import inspect
+    from dataclasses import fields
 
     lit = inspect.signature(FinetuningScheduler).parameters
     loop = inspect.signature(ScheduledFinetuning).parameters
-    shared = set(lit) & set(loop)
+    knobs = {f.name: f.default for f in fields(RunOptions)}  # the loop takes them as options= (or keywords)
     assert {"max_depth", "base_max_lr", "restore_best", "epoch_transitions_only", "schedule_style",
-            "enforce_phase0_params", "snapshot_storage"} <= shared
+            "enforce_phase0_params", "snapshot_storage"} <= set(knobs) <= set(lit)
+    assert {n: lit[n].default for n in knobs} == knobs
+    shared = set(lit) & set(loop)
     assert {n: lit[n].default for n in shared} == {n: loop[n].default for n in shared}
 
 

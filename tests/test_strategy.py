@@ -19,9 +19,9 @@ from torch import nn
 from helpers import float32_drift
 from launch import launch
 from phasetune import ConfigurationError, FSDP2Strategy, ScheduledFinetuning
-from phasetune.strategy import block_plan, list_checkpoints
-from phasetune.strategy import checkpoint_dirs as checkpoint
-from phasetune.strategy.unit_plan import unit_dtype_problems
+from phasetune.loop.strategy import block_plan, list_checkpoints
+from phasetune.loop.strategy import checkpoint_dirs as checkpoint
+from phasetune.loop.strategy.unit_plan import unit_dtype_problems
 from plain_models import SCHEDULE, TinyLM
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "plain_pytorch.md"
@@ -94,6 +94,12 @@ def test_bf16_computes_in_bfloat16_and_keeps_float32_master_weights(train):
     r = both(train[1], "nonfinite")
     assert r["bf16_logits"] == "torch.bfloat16" and r["bf16_params"] == "torch.float32"
     assert r["bf16_stepped"] and r["bf16_norm_finite"]
+
+
+def test_bf16_thaws_a_unit_frozen_at_the_first_forward_and_trains_it(train):
+    for r in (rank["nonfinite"] for rank in train[1]):
+        assert "bf16_thaw_error" not in r, r.get("bf16_thaw_error")
+        assert r["bf16_thaw_depth"] == 1 and r["bf16_thaw_trained"]
 
 
 def test_offload_round_trips_optimizer_state_exactly(train):

@@ -32,7 +32,7 @@ __version__ = "0.1.0.dev0"
 
 _LAZY = {
     "ScheduledFinetuning": "phasetune.loop",
-    "FSDP2Strategy": "phasetune.strategy",
+    "FSDP2Strategy": "phasetune.loop.strategy",
     "FinetuningScheduler": "phasetune.lightning.callback",
     "FTSEarlyStopping": "phasetune.lightning.early_stopping",
     "FTSCheckpoint": "phasetune.lightning.fts_checkpoint",

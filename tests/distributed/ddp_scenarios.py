@@ -158,7 +158,7 @@ def prefix_fit(name: str, cached: bool) -> dict:
         "cache_lines": [r.prefix_cache for r in fts.history],
         "spill_files": spills.files if spills else None,
         "spill_folders_left": len(list((OUT / name).rglob(f"prefix-cache-rank{t.global_rank}-*"))),
-        "hooks_left": fts._caches is not None or "on_train_batch_start" in vars(fts),
+        "hooks_left": fts.caches is not None or "on_train_batch_start" in vars(fts),
         "all_in_train_mode": all(m.training for m in module.modules()),
     }
 

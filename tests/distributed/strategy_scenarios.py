@@ -25,7 +25,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from launch import write_report
 from phasetune import FSDP2Strategy, ScheduledFinetuning
-from phasetune.strategy import list_checkpoints
+from phasetune.loop.strategy import list_checkpoints
 from plain_models import SCHEDULE, TinyLM, data, full_params
 
 warnings.simplefilter("ignore")
@@ -168,6 +168,24 @@ def nonfinite_and_bf16() -> dict:
     st16.backward(F.cross_entropy(logits.float(), y[mine]), m16)
     out.update(bf16_logits=str(logits.dtype), bf16_stepped=st16.optimizer_step(opt16, m16),
                bf16_params={str(p.dtype) for p in m16.parameters()}.pop(), bf16_norm_finite=st16.last_grad_norm < 1e9)
+    # a thaw under bf16: layers.3 is frozen at the first forward (torch 2.13 fixes a unit's gradient dtypes then) and
+    # thawed after one step, where the loop refreshes the units (refresh_unit_dtypes); then it trains
+    with st16.init_model_context():
+        m2 = TinyLM()
+    m2 = st16.prepare_model(m2)
+    ft = ScheduledFinetuning({0: {"params": ["head.*"], "max_transition_step": 1},
+                              1: {"params": [r"layers\.3\..*"], "lr": 1e-2}}, m2, st16.create_optimizer(m2, lr=1e-2))
+    thawed = {n: p for n, p in full_params(m2).items() if n.startswith("layers.3.")}
+    try:
+        for _ in range(2):
+            st16.backward(F.cross_entropy(m2(ids[mine]).float(), y[mine]), m2)
+            st16.optimizer_step(ft.optimizer, m2)
+            ft.step_end()
+        after = {n: p for n, p in full_params(m2).items() if n.startswith("layers.3.")}
+        out.update(bf16_thaw_depth=ft.depth, bf16_thaw_trained=not exact(thawed, after))
+    except RuntimeError as e:  # what torch raises without the refresh
+        out.update(bf16_thaw_error=str(e))
+    ft.close()
     return out
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from phasetune.schedule import Schedule
+from phasetune.core.schedule import Schedule
 
 #: ``optim`` choices whose optimizers do not train through param groups that can be added later: GaLore and
 #: APOLLO group parameters by target module when built, LOMO/AdaLomo update inside the backward pass.

@@ -22,8 +22,8 @@ from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch.nn.parallel import DistributedDataParallel
 
 from phasetune.errors import ConfigurationError
-from phasetune.io import atomic_torch_save, partial_path, remove_leftovers
 from phasetune.lightning import _compat, messages
+from phasetune.util.files import atomic_torch_save, partial_path, remove_leftovers
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl

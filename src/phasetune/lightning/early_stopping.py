@@ -138,6 +138,11 @@ class FTSEarlyStopping(EarlyStopping):
         self.stopped_epoch = 0
         self.phase_done = False
         self.phase_done_epoch = None
+
+    def start_phase(self) -> None:
+        """What :meth:`phasetune.run.PhaseRun.advance` calls at a transition (:meth:`reset_for_phase`)."""
+        self.reset_for_phase()
+
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state.update(phase_done=self.phase_done, phase_done_epoch=self.phase_done_epoch)

@@ -31,12 +31,12 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
-from phasetune import _dist
 from phasetune.errors import ConfigurationError
 from phasetune.lightning import _compat
 from phasetune.lightning.adapters import register_adapter
 from phasetune.lightning.sharded import ShardedStrategyAdapter
 from phasetune.sharding import fsdp1_alignment as fsdp1
+from phasetune.util import dist as _dist
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl

@@ -127,9 +127,12 @@ class ModelParallelStrategyAdapter(ShardedStrategyAdapter):
         """Free gathered parameters so the next forward gathers the restored and thawed ones.
 
         Units with ``reshard_after_forward=False`` (the root by default) stay gathered after a validation
-        forward; restore-best writes the sharded parameters, so the gathered copies would be stale.
+        forward; restore-best writes the sharded parameters, so the gathered copies would be stale. Under a
+        ``mp_policy``, units frozen at their first forward learn the thawed parameters' gradient dtypes
+        (:func:`phasetune.sharding.plan.refresh_unit_dtypes`; torch 2.13 fixes them at the first forward).
         """
         fsdp_plan.reshard_all(trainer.lightning_module)
+        fsdp_plan.refresh_unit_dtypes(trainer.lightning_module)
 
     # -- checks ---------------------------------------------------------------------------------------
     def check(self, fts: Any, trainer: pl.Trainer) -> list[str]:

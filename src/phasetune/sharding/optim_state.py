@@ -10,7 +10,7 @@ holds every parameter, so ``dcp.load`` fails on each key the checkpoint lacks. N
 ``DefaultLoadPlanner(allow_partial_load=True)`` (it loads, but leaves torch's placeholders as real state,
 which changes the next Adam step) makes a resume exact.
 
-phasetune's one policy, used by the Lightning FSDP2 adapter and by :class:`~phasetune.strategy.FSDP2Strategy`:
+phasetune's one policy, used by the Lightning FSDP2 adapter and by :class:`~phasetune.loop.strategy.FSDP2Strategy`:
 a checkpoint holds exactly the state the optimizer had -- :func:`no_placeholder_state` keeps torch from
 inventing any at save -- and a load first shapes the optimizer like the checkpoint
 (:func:`shaped_like_checkpoint`): parameters with saved state get placeholders for the load to overwrite,

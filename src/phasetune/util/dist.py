@@ -2,7 +2,7 @@
 
 Without an initialised ``torch.distributed`` process group (or with a group of one) the process is rank 0
 of 1 and every collective is a no-op, so single-process code paths need no special case. Setting up the
-process group itself is :func:`phasetune.strategy.distributed.init_distributed`'s job.
+process group itself is :func:`phasetune.loop.strategy.distributed.init_distributed`'s job.
 """
 
 from __future__ import annotations

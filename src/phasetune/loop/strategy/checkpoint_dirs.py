@@ -20,9 +20,9 @@ from typing import Any
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from phasetune import _dist
-from phasetune._dist import barrier, broadcast_object
-from phasetune.io import (
+from phasetune.util import dist as _dist
+from phasetune.util.dist import barrier, broadcast_object
+from phasetune.util.files import (
     TRASH_PREFIX,
     atomic_torch_save,
     atomic_write_text,

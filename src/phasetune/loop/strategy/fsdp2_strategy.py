@@ -6,8 +6,8 @@ homogeneous optimizer groups, gradient accumulation, one global gradient norm fo
 checkpoints with rotation, full-weights export and optimizer-state offload. It drives nothing by itself:
 the loop stays yours (see ``docs/plain_pytorch.md``).
 
-The class holds the training step; its units without a plan come from :mod:`phasetune.strategy.unit_plan`,
-what its checkpoints hold from :mod:`phasetune.strategy.checkpoint_io`.
+The class holds the training step; its units without a plan come from :mod:`phasetune.loop.strategy.unit_plan`,
+what its checkpoints hold from :mod:`phasetune.loop.strategy.checkpoint_io`.
 """
 
 from __future__ import annotations
@@ -28,17 +28,22 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.fsdp import FSDPModule
 from torch.optim import Optimizer
 
-from phasetune._dist import barrier
 from phasetune.errors import ConfigurationError
-from phasetune.io import PARTIAL_PREFIX, remove_leftovers, remove_path, replace_path
-from phasetune.report import few
+from phasetune.loop.strategy import checkpoint_io, optim_offload
+from phasetune.loop.strategy.distributed import DistEnv, init_distributed
+from phasetune.loop.strategy.materialize import (
+    has_meta_params,
+    materialize,
+    materialize_problems,
+    params_on_meta,
+)
+from phasetune.loop.strategy.unit_plan import block_plan, unit_dtype_problems
 from phasetune.sharding import clip_grad_norm_, grad_norm, save_full_model, split_groups
 from phasetune.sharding.names import root_name
 from phasetune.sharding.plan import apply_plan, match_plan, parse_plan, strategy_defaults
-from phasetune.strategy import checkpoint_io, optim_offload
-from phasetune.strategy.distributed import DistEnv, init_distributed
-from phasetune.strategy.materialize import has_meta_params, materialize, materialize_problems, params_on_meta
-from phasetune.strategy.unit_plan import block_plan, unit_dtype_problems
+from phasetune.util.dist import barrier
+from phasetune.util.files import PARTIAL_PREFIX, remove_leftovers, remove_path, replace_path
+from phasetune.util.text import few
 
 log = logging.getLogger("phasetune")
 

@@ -1,6 +1,6 @@
 """The FSDP2 units of a model without an ``fsdp_plan``: one per transformer block, plus embeddings and head.
 
-:func:`block_plan` writes the plan :meth:`~phasetune.strategy.FSDP2Strategy.prepare_model` applies when given
+:func:`block_plan` writes the plan :meth:`~phasetune.loop.strategy.FSDP2Strategy.prepare_model` applies when given
 ``block_classes`` (or none: the model's ``_no_split_modules``); :func:`unit_dtype_problems` checks a plan's
 units before any sharding, since FSDP2 gathers each unit as one dtype.
 """

@@ -1,4 +1,5 @@
-"""Where the run's current restore-best snapshot lives, and how checkpoints find it (torch only).
+"""Restore-best: where the run's current snapshot lives, how checkpoints find it, and how a phase's best state is
+taken and restored (:func:`take_snapshot`, :func:`restore_best`; torch only).
 
 - ``snapshot_storage="memory"``: in CPU memory; a checkpoint holds it inline, except when each rank holds
   shards of its own (sharded strategies) and only rank 0's state is saved (Lightning): then each rank writes
@@ -9,12 +10,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from phasetune import snapshots
-from phasetune.run_types import RunEnv
+from torch.optim import Optimizer
+
+from phasetune.features import snapshots
+from phasetune.run.host import RunEnv
+from phasetune.run.records import PhaseRecord
+
+if TYPE_CHECKING:
+    from phasetune.run.phase_run import PhaseRun
 
 
 class SnapshotStore:
@@ -73,3 +80,56 @@ class SnapshotStore:
             self.snapshot = snap
         else:
             self._file = None
+
+
+def take_snapshot(
+    run: PhaseRun, epoch: int, step: int | None, value: float, optimizer: Optimizer | None, schedulers: Sequence[Any]
+) -> None:
+    run.store.put(snapshots.take_snapshot(
+        depth=run.depth,
+        epoch=epoch,
+        step=epoch if step is None else step,
+        value=value,
+        params=run.engine.trainable(),
+        buffers=run.env.named_buffers(),
+        optimizer=optimizer,
+        schedulers=schedulers,
+    ))
+
+
+def restore_best(run: PhaseRun, rec: PhaseRecord, optimizer: Optimizer, schedulers: Sequence[Any]) -> str:
+    """Restore the ending phase's best state if asked; return how the transition line describes it."""
+    if not run.options.restore_best:
+        return "kept the last state (restore_best=False)"
+    snap = run.snapshot
+    # a phase without a single check of the metric (a short step-capped phase) is not rolled back
+    if (snap is None or snap.depth != run.depth or rec.best_value is None) and run._checks == 0:
+        return (f"kept the last state (no validation ran in phase {run.depth} before it ended, so there was "
+                "nothing to judge it by)")
+    if snap is None or snap.depth != run.depth or rec.best_value is None:
+        run.env.warn(
+            f"restore_best: no best state was recorded in phase {run.depth} (is {run.monitor or 'the metric'!r} "
+            "reported after validation, and does the phase last until one?); continuing from the current state"
+        )
+        return "kept the last state (no best state was recorded)"
+    problems = snapshots.restore_snapshot(
+        snap,
+        params=run.engine.trainable(),
+        buffers=run.env.named_buffers(),
+        optimizer=optimizer,
+        schedulers=schedulers,
+        copy_into=run.env.copy_into,
+        keep_lr_schedule=True,
+    )
+    if problems:
+        run.env.warn(
+            f"restore_best in phase {run.depth} could not restore the best state of epoch {snap.epoch} exactly: "
+            + "; ".join(problems) + ". The phase continues from a partly restored state; check that the model, "
+            "optimizer and lr schedulers were not replaced or regrouped during the phase."
+        )
+        return f"restoring the best state failed ({len(problems)} problem(s), see the warning)"
+    rec.restored_best = True
+    where = f"{run.monitor}={snap.value:.4g} at epoch {snap.epoch}"
+    if snap.epoch < rec.start_epoch:  # the phase's baseline: it never beat the run's best
+        return f"phase {run.depth} did not beat the best {where}: rolled back to the state it started from"
+    return f"restored the best state ({where})"

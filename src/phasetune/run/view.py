@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from phasetune.core.schedule import Schedule
+    from phasetune.features.prefix_cache.phases import PrefixCachePhases
+    from phasetune.features.snapshots import Snapshot
     from phasetune.run import PhaseRecord, PhaseRun
-    from phasetune.schedule import Schedule
-    from phasetune.snapshots import Snapshot
 
 
 class RunView:
@@ -44,6 +45,11 @@ class RunView:
     def thawed_params(self) -> list[str]:
         """Names of the parameters trained in the current phase (phases 0..depth)."""
         return self.run.thawed_params if self.run else []
+
+    @property
+    def caches(self) -> PrefixCachePhases | None:
+        """The frozen-prefix cache of the phases that ask for one (None: no phase caches, or no run)."""
+        return self.run.caches if self.run else None
 
     @property
     def snapshot(self) -> Snapshot | None:

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-from phasetune._dist import rank
 from phasetune.sharding.names import logical_name
+from phasetune.util.dist import rank
 
 
 @contextlib.contextmanager

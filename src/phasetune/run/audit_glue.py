@@ -14,8 +14,9 @@ from typing import Any
 from torch import nn
 from torch.optim import Optimizer
 
-from phasetune import compile_support
-from phasetune.audit import RESUME, AuditOptions, AuditResult, PhaseAudit, group_names
+from phasetune.features import compile_support
+from phasetune.features.audit import AuditOptions, AuditResult, PhaseAudit, group_names
+from phasetune.features.audit.result import RESUME
 
 #: optimizer steps into a phase after which an audit still waiting for the phase's first step warns
 STEPPED_WATCH = 10

@@ -1,9 +1,9 @@
-"""What :meth:`FSDP2Strategy.save_ckpt <phasetune.strategy.FSDP2Strategy.save_ckpt>` and ``load_ckpt`` write
+"""What :meth:`FSDP2Strategy.save_ckpt <phasetune.loop.strategy.FSDP2Strategy.save_ckpt>` and ``load_ckpt`` write
 and read: the model and optimizer through DCP, lr schedulers, step counters, the fine-tuning loop's state,
 RNG states and the caller's ``client_state``.
 
 The directory they live in (atomic writes, finding the latest complete one, rotation) is
-:mod:`phasetune.strategy.checkpoint_dirs`'s; optimizer state covering only some parameters is
+:mod:`phasetune.loop.strategy.checkpoint_dirs`'s; optimizer state covering only some parameters is
 :mod:`phasetune.sharding.optim_state`'s.
 """
 
@@ -28,13 +28,13 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.optim import Optimizer
 
-from phasetune import rng
-from phasetune._dist import barrier
 from phasetune.errors import ConfigurationError
+from phasetune.features import random_state as rng
+from phasetune.loop.strategy import checkpoint_dirs as ckpt
+from phasetune.loop.strategy.distributed import DistEnv
 from phasetune.sharding import optim_state
 from phasetune.sharding.names import logical_name
-from phasetune.strategy import checkpoint_dirs as ckpt
-from phasetune.strategy.distributed import DistEnv
+from phasetune.util.dist import barrier
 
 log = logging.getLogger("phasetune")
 
@@ -109,7 +109,7 @@ def load(
     load_optimizer_states: bool,
     load_lr_scheduler_states: bool,
 ) -> Loaded:
-    """Load the checkpoint :func:`~phasetune.strategy.checkpoint_dirs.resolve` picks into ``model``, the
+    """Load the checkpoint :func:`~phasetune.loop.strategy.checkpoint_dirs.resolve` picks into ``model``, the
     optimizer and schedulers (``finetuning``'s, after it replayed its saved phase) and this process's RNGs."""
     path = ckpt.resolve(load_dir, tag)
     if path is None:

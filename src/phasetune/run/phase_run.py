@@ -1,18 +1,18 @@
 """One scheduled fine-tuning run, whichever front end drives it (torch only).
 
-:class:`PhaseRun` owns everything a run needs around the :class:`~phasetune.engine.PhaseEngine`: the
+:class:`PhaseRun` owns everything a run needs around the :class:`~phasetune.core.engine.PhaseEngine`: the
 schedule resolved against the model, the history of phases, the restore-best snapshots, the per-phase
-clocks, the checkpoint state and the end-of-epoch decision. A front end (the Lightning callback, the
-plain-loop :class:`~phasetune.loop.ScheduledFinetuning`) maps its hooks onto these calls and says where
-it runs through a :class:`RunEnv`; the knobs both share are one :class:`RunOptions`::
+clocks, the checkpoint state (:mod:`phasetune.run.checkpoint`) and when a phase ends; and it drives the run: a
+front end (the Lightning callback, the Hugging Face callback, the plain loop) implements a small
+:class:`~phasetune.run.Host` and calls the run-level sequence of :mod:`phasetune.run.sequence` at its framework's
+moments; it says where it runs through a :class:`~phasetune.run.RunEnv`, and the knobs every front end shares
+are one :class:`~phasetune.run.RunOptions`::
 
     run = PhaseRun(schedule, params, shapes, options=RunOptions(), env=RunEnv(...), model=model)
-    run.fit_optimizer(optimizer, schedulers)          # phase 0 over exactly phase 0's parameters
-    run.start(epoch=0, step=0)
-    ... after each validation: run.observe(value, epoch=..., step=..., optimizer=..., schedulers=...)
-    ... before each epoch:     decision = run.decide(next_epoch, early_stopping_done)
-                               if decision and decision.transition: run.transition(...)
-    ... after each optimizer step: if decision := run.step_end(global_step): run.transition(..., step=...)
+    run.prepare(host); run.begin(host, epoch=0, step=0); run.begin_training(host, epoch=0, step=0)
+    ... after each optimizer step:  if decision := run.step_end(step): run.advance(host, ..., reason=decision.reason)
+    ... after each evaluation:      run.end_evaluation(host, value, epoch=..., step=...)
+    ... at the end:                 run.finish(epoch=..., step=..., reason=...)
 """
 
 from __future__ import annotations
@@ -21,42 +21,40 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from phasetune import compile_support, generate, rng, run_audit, snapshots, step_events, thaw, transitions
-from phasetune.audit import AuditResult
-from phasetune.engine import PhaseEngine, Transition
+from phasetune.core import generate, thaw, transitions
+from phasetune.core.engine import PhaseEngine, Transition
+from phasetune.core.param_groups import Phase0Report
+from phasetune.core.schedule import Schedule, resolve_schedule
 from phasetune.errors import ConfigurationError
-from phasetune.memory import PeakMemory
-from phasetune.param_groups import Phase0Report
-from phasetune.report import covering_modules, fmt_count
-from phasetune.run_types import (
-    Decision,
-    PhaseRecord,
-    RunEnv,
-    RunOptions,
-    implicit_resume_hint,
-    phase_of,
-    state_problem,
-)
-from phasetune.schedule import Schedule, diff_fingerprints, resolve_schedule
-from phasetune.snapshot_store import SnapshotStore
+from phasetune.features import compile_support, snapshots
+from phasetune.features import random_state as rng
+from phasetune.features.audit import AuditResult
+from phasetune.features.peak_memory import PeakMemory
+from phasetune.run import audit_glue, step_events
+from phasetune.run.checkpoint import STATE_FORMAT, RunCheckpoint
+from phasetune.run.host import RunEnv
+from phasetune.run.options import RunOptions
+from phasetune.run.patience import PhaseStopper
+from phasetune.run.records import Decision, PhaseRecord, phase_of
+from phasetune.run.sequence import RunSequence
+from phasetune.run.snapshot_store import SnapshotStore, restore_best, take_snapshot
+from phasetune.util.text import covering_modules, fmt_count
+
+if TYPE_CHECKING:
+    from phasetune.features.prefix_cache.phases import PrefixCachePhases
 
 log = logging.getLogger("phasetune")
 if not logging.getLogger().hasHandlers() and not log.handlers:  # transition lines show without logging setup
     log.addHandler(logging.StreamHandler())
     log.setLevel(logging.INFO)
 
-#: format of :meth:`PhaseRun.state_dict`; format 1 (phasetune 0.1 callback and loop) is still read
-STATE_FORMAT = 2
-
-
-class PhaseRun:
+class PhaseRun(RunSequence, RunCheckpoint):
     """A run of a schedule over ``params`` (logical name -> tensor that trains it).
 
     Args:
@@ -139,8 +137,13 @@ class PhaseRun:
         self._events = step_events.StepEvents()
         self._next_event = step_events.NEVER  # the first optimizer step at which step_end has work to do
         #: the thaw audit (None: ``options.audit="off"``); front ends run it through :meth:`audit_phase`
-        self.audit = run_audit.build(self, model)
-        self.lr_names = run_audit.LrNames(self.engine)
+        self.audit = audit_glue.build(self, model)
+        self.lr_names = audit_glue.LrNames(self.engine)
+        #: the early stopping a transition restarts (:class:`~phasetune.run.Patience` for the loop and the Trainer
+        #: callback, saved with the run; ``FTSEarlyStopping`` under Lightning, saved by Lightning)
+        self.patience: PhaseStopper | None = None
+        #: the frozen-prefix cache of the phases that ask for one (see :meth:`use_prefix_cache`)
+        self.caches: PrefixCachePhases | None = None
         self._give_back_recompiles: Callable[[], None] = lambda: None
 
     # ------------------------------------------------------------------ read-only state
@@ -159,6 +162,11 @@ class PhaseRun:
     @property
     def is_final(self) -> bool:
         return self.engine.is_final
+
+    @property
+    def depth_remaining(self) -> int:
+        """Phases left after the current one (within ``max_depth``)."""
+        return self.engine.depth_remaining
 
     @property
     def snapshot(self) -> snapshots.Snapshot | None:
@@ -316,7 +324,7 @@ class PhaseRun:
         self.best = (agreed, epoch, self.depth)
         # the final phase has no transition after it, so its best state would never be restored
         if self.options.restore_best and not self.is_final:
-            self._take_snapshot(epoch, step, agreed, optimizer, schedulers)
+            take_snapshot(self, epoch, step, agreed, optimizer, schedulers)
         return agreed
 
     def _better(self, value: float, than: float) -> bool:
@@ -330,7 +338,7 @@ class PhaseRun:
         rec = self.history[-1]
         rec.end_epoch, rec.end_step, rec.end_reason = epoch, step, reason
         self._close_clock()
-        restore_note = self._restore_best(rec, optimizer, schedulers)
+        restore_note = restore_best(self, rec, optimizer, schedulers)
         t = self.engine.advance(optimizer, schedulers)
         self._apply_bn_mode()
         self.store.clear()
@@ -338,7 +346,7 @@ class PhaseRun:
             # the state a phase starts from is the run's best so far (frozen parameters have not moved since):
             # a phase that never beats it is rolled back to it
             value, best_epoch, _ = self.best
-            self._take_snapshot(best_epoch, step, value, t.optimizer, [t.new_scheduler] if t.new_scheduler else schedulers)
+            take_snapshot(self, best_epoch, step, value, t.optimizer, [t.new_scheduler] if t.new_scheduler else schedulers)
         self.history.append(self._new_record(t.depth, epoch, step))
         self._checks = 0
         self._start_clock()
@@ -362,7 +370,9 @@ class PhaseRun:
         return t
 
     def finish(self, *, epoch: int, step: int | None, reason: str) -> None:
-        """Close the last phase's record (once) and its clock; warn when the schedule did not run to its end."""
+        """End the run: drop the prefix cache, close the last phase's record (once) and its clock, give back what the
+        run holds (:meth:`release`); warn when the schedule did not run to its end."""
+        self.close_caches()
         self.release()
         if not self.history:
             return
@@ -379,144 +389,6 @@ class PhaseRun:
             else:
                 advice = "the run stopped before the step budget its implicit schedule was generated for"
             self.env.warn(f"training ended in {phase_of(self.depth, self.final_depth)}: {rec.end_reason}; {advice}")
-
-    # ------------------------------------------------------------------ restore-best
-    def _take_snapshot(
-        self, epoch: int, step: int | None, value: float, optimizer: Optimizer | None, schedulers: Sequence[Any]
-    ) -> None:
-        self.store.put(snapshots.take_snapshot(
-            depth=self.depth,
-            epoch=epoch,
-            step=epoch if step is None else step,
-            value=value,
-            params=self.engine.trainable(),
-            buffers=self.env.named_buffers(),
-            optimizer=optimizer,
-            schedulers=schedulers,
-        ))
-
-    def _restore_best(self, rec: PhaseRecord, optimizer: Optimizer, schedulers: Sequence[Any]) -> str:
-        """Restore the ending phase's best state if asked; return how the transition line describes it."""
-        if not self.options.restore_best:
-            return "kept the last state (restore_best=False)"
-        snap = self.snapshot
-        # a phase without a single check of the metric (a short step-capped phase) is not rolled back
-        if (snap is None or snap.depth != self.depth or rec.best_value is None) and self._checks == 0:
-            return (f"kept the last state (no validation ran in phase {self.depth} before it ended, so there was "
-                    "nothing to judge it by)")
-        if snap is None or snap.depth != self.depth or rec.best_value is None:
-            self.env.warn(
-                f"restore_best: no best state was recorded in phase {self.depth} (is {self.monitor or 'the metric'!r} "
-                "reported after validation, and does the phase last until one?); continuing from the current state"
-            )
-            return "kept the last state (no best state was recorded)"
-        problems = snapshots.restore_snapshot(
-            snap,
-            params=self.engine.trainable(),
-            buffers=self.env.named_buffers(),
-            optimizer=optimizer,
-            schedulers=schedulers,
-            copy_into=self.env.copy_into,
-            keep_lr_schedule=True,
-        )
-        if problems:
-            self.env.warn(
-                f"restore_best in phase {self.depth} could not restore the best state of epoch {snap.epoch} exactly: "
-                + "; ".join(problems) + ". The phase continues from a partly restored state; check that the model, "
-                "optimizer and lr schedulers were not replaced or regrouped during the phase."
-            )
-            return f"restoring the best state failed ({len(problems)} problem(s), see the warning)"
-        rec.restored_best = True
-        where = f"{self.monitor}={snap.value:.4g} at epoch {snap.epoch}"
-        if snap.epoch < rec.start_epoch:  # the phase's baseline: it never beat the run's best
-            return f"phase {self.depth} did not beat the best {where}: rolled back to the state it started from"
-        return f"restored the best state ({where})"
-
-    # ------------------------------------------------------------------ checkpoint state
-    def state_dict(self, *, random_state: bool = False, generators: Sequence[torch.Generator] = ()) -> dict[str, Any]:
-        """Everything needed to continue the run exactly (with this rank's snapshot or a reference to it).
-
-        ``random_state``: include the random state of this rank (``env.state_saved_per_rank``) or of every
-        rank (gathered: a collective every rank calls), restored by :meth:`resume`; front ends whose
-        trainer saves it itself (Hugging Face) leave it out. ``generators``: the training loader's own
-        (:func:`phasetune.rng.loader_generators`), saved with it.
-        """
-        self._close_clock()
-        state: dict[str, Any] = {
-            "format": STATE_FORMAT,
-            "depth": self.depth,
-            "fingerprint": self.engine.schedule.fingerprint(),
-            "history": [asdict(r) for r in self.history],
-            "monitor": self.monitor,
-            "mode": self.mode,
-            "best": None if self.best is None else list(self.best),
-        }
-        state.update(self.store.state())
-        if random_state:
-            state["rng"] = self.random.checkpoint_state(gather=not self.env.state_saved_per_rank, generators=generators)
-        return state
-
-    def check_state(self, state: Mapping[str, Any], where: Any = None) -> None:
-        """Refuse checkpoint state this run cannot continue, naming what differs and what to do."""
-        refused = state_problem(state, where, monitor=self.monitor, mode=self.mode, env=self.env,
-                                resume_rng=self.options.resume_rng, state_format=STATE_FORMAT)
-        if refused:
-            raise ConfigurationError(refused)
-
-    def resume(
-        self, state: Mapping[str, Any], optimizer: Optimizer, schedulers: Sequence[Any], where: Any = None,
-        *, defer_random_state: bool = False, mid_epoch: bool = False, generators: Sequence[torch.Generator] = (),
-    ) -> tuple[Optimizer, list[Any], dict[str, Any] | None]:
-        """Continue a saved run: rebuild the saved phase (thawed set, groups, optimizer, scheduler) before
-        the optimizer state is loaded, and restore the history, snapshot and random state.
-
-        ``defer_random_state``: the front end restores the random state around the creation of its first data
-        iterator (``self.random.before_data_iterator`` / ``after_data_iterator``): the loader may draw from the
-        generators as it is built, and a ``mid_epoch`` checkpoint's run had created its iterator before saving.
-        ``generators``: the training loader's own, restored now with the rest (not deferred).
-
-        Returns the optimizer, the lr schedulers and, when a phase replaced the scheduler, its config fields.
-        """
-        self.check_state(state, where)
-        src = f" from {where}" if where is not None else ""
-        if self.depth != 0:
-            raise ConfigurationError("resume needs a run that has not transitioned yet; build a new one to resume")
-        blocking, benign = diff_fingerprints(state["fingerprint"], self.engine.schedule.fingerprint())
-        if blocking:
-            details = "".join(f"\n  - {b}" for b in blocking)
-            raise ConfigurationError(
-                f"cannot resume{src}: the checkpoint was trained with a different schedule or model:{details}\n"
-                "resume with the schedule and model the checkpoint was saved with, or start a new fit without it"
-                + (implicit_resume_hint(state["fingerprint"]) if self.implicit is not None else "")
-            )
-        for b in benign:
-            self.env.warn(f"resuming with a changed schedule value: {b}; later phases use the current value")
-        depth = int(state["depth"])
-        if depth > self.final_depth:
-            raise ConfigurationError(
-                f"the checkpoint was saved in phase {depth}, beyond max_depth={self.options.max_depth} (last phase "
-                f"{self.final_depth}); raise max_depth to at least {depth} to resume it"
-            )
-        scheds: list[Any] = list(schedulers)
-        cfg = None
-        if depth > 0:
-            optimizer, scheds, cfg = self.engine.replay(depth, optimizer, schedulers)
-            self._apply_bn_mode()
-        self.history = [PhaseRecord.from_state(r) for r in state.get("history", [])]
-        best = state.get("best")
-        if best is None:  # format 1 kept per-phase bests only: the run's best is the best of them
-            seen = [(r.best_value, r.best_epoch, r.depth) for r in self.history if r.best_value is not None]
-            best = min(seen) if self.mode == "min" and seen else max(seen) if seen else None
-        self.best = None if best is None else (float(best[0]), int(best[1]), int(best[2]))
-        self.store.load(state, depth)
-        if state.get("rng") is not None:  # last: nothing after it in a resume may draw from the generators
-            self.random.resume(state["rng"], src, defer=defer_random_state, mid_epoch=mid_epoch, generators=generators)
-        self.env.info(f"resumed in {phase_of(depth, self.final_depth)} ({len(self.thawed_params)} trainable tensors)")
-        return optimizer, scheds, cfg
-
-    def restore_random_state(self) -> None:
-        """Restore the random state :meth:`resume` read (once; a no-op when there is none left)."""
-        self.random.restore()
 
     # ------------------------------------------------------------------ records and clocks
     def _apply_bn_mode(self) -> None:
@@ -545,4 +417,4 @@ class PhaseRun:
             rec.peak_memory_kind = self._memory.kind  # type: ignore[union-attr]
 
 
-__all__ = ["Decision", "PhaseRecord", "PhaseRun", "RunEnv", "RunOptions"]
+__all__ = ["STATE_FORMAT", "PhaseRun"]

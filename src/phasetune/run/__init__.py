@@ -1,0 +1,26 @@
+"""The run: one scheduled fine-tuning run and the sequence that drives it, whichever front end hosts it (torch only).
+
+- :class:`PhaseRun` (:mod:`~phasetune.run.phase_run`): the schedule, engine, history, restore-best, clocks; the
+  run-level sequence (:mod:`~phasetune.run.sequence`) and checkpoint state (:mod:`~phasetune.run.checkpoint`);
+- :class:`RunOptions` (:mod:`~phasetune.run.options`): the knobs every front end shares;
+- :class:`Host` and :class:`RunEnv` (:mod:`~phasetune.run.host`): what a front end does for the run, and where it runs;
+- :class:`Patience` (:mod:`~phasetune.run.patience`): early stopping for front ends without their own;
+- :class:`PhaseRecord`, :class:`Decision` (:mod:`~phasetune.run.records`): what the run reports;
+- :class:`RunView` (:mod:`~phasetune.run.view`): the read-only properties every front end shows.
+"""
+
+from phasetune.run.checkpoint import STATE_FORMAT
+from phasetune.run.host import Host, RunEnv
+from phasetune.run.options import RunOptions, prefix_cache_problems
+from phasetune.run.patience import NON_FINITE, Patience
+from phasetune.run.phase_run import PhaseRun, log
+from phasetune.run.records import Decision, PhaseRecord, phase_of
+from phasetune.run.sequence import ALREADY_COMPLETE, metric_missing
+from phasetune.run.state_checks import implicit_resume_hint, state_problem
+from phasetune.run.view import RunView
+
+__all__ = [
+    "ALREADY_COMPLETE", "NON_FINITE", "STATE_FORMAT", "Decision", "Host", "Patience", "PhaseRecord", "PhaseRun",
+    "RunEnv", "RunOptions", "RunView", "implicit_resume_hint", "log", "metric_missing", "phase_of",
+    "prefix_cache_problems", "state_problem",
+]
