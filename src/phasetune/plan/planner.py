@@ -145,7 +145,7 @@ class _Planner:
             return None
         if setting.get("prefix_end"):
             return str(setting["prefix_end"])
-        from phasetune.prefix_cache import PrefixCacheError, find_prefix_end
+        from phasetune.features.prefix_cache.cache import PrefixCacheError, find_prefix_end
 
         try:
             return find_prefix_end(model, self.schedule.params_through(k))
@@ -194,7 +194,7 @@ class _Planner:
 
     def _shapes_only(self) -> Model:
         """The model on the meta device, unsharded: enough for the schedule and the model states from shapes."""
-        from phasetune.generate import find_blocks
+        from phasetune.core.generate import find_blocks
         from phasetune.sharding.names import logical_name
 
         try:
@@ -215,7 +215,7 @@ class _Planner:
 
     def _optimizer(self, k: int) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
         """The optimizer phase ``k`` steps with: the setup's, or the last ``new_optimizer`` up to ``k``."""
-        from phasetune.specs import import_class
+        from phasetune.core.specs import import_class
 
         cls, kwargs = self.setup.optimizer_class, self.setup.optimizer_args()
         for j in range(k + 1):
@@ -347,7 +347,7 @@ class _Planner:
 
 
 def _default_limit_mb() -> int:
-    from phasetune.prefix_phases import DEFAULT_LIMIT_MB
+    from phasetune.features.prefix_cache.phases import DEFAULT_LIMIT_MB
 
     return DEFAULT_LIMIT_MB
 

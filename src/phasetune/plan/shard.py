@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from phasetune.core.generate import find_blocks
 from phasetune.errors import ConfigurationError
-from phasetune.generate import find_blocks
 from phasetune.plan.setup import PlanSetup
 from phasetune.sharding.names import module_path
 from phasetune.sharding.plan import (

@@ -94,7 +94,7 @@ def build(source: ModelSource, setup: PlanSetup, mesh: Any,
     ``prepare`` sees the model before sharding (logical names, original classes: where a schedule is resolved)
     and returns the parameter names to leave trainable.
     """
-    from phasetune.generate import find_blocks
+    from phasetune.core.generate import find_blocks
 
     model = source.build()
     if setup.dtype != torch.float32:

@@ -9,7 +9,7 @@ each operator and shape is seen (the propagation is cached afterwards, so the er
 before). See ``docs/memory_plan.md`` for a reproduction.
 
 What phasetune does instead: build plain fake tensors with this rank's *local* shard shapes, grouped the way
-the run groups them (one group per phase, split by dtype: :func:`phasetune.param_groups.phase_groups` and
+the run groups them (one group per phase, split by dtype: :func:`phasetune.core.param_groups.phase_groups` and
 :func:`phasetune.sharding.groups.split_groups`), give each a gradient, and run torch's own optimizer on
 them twice under the tracker: the first step creates the state, the second is the steady-state step whose
 peak the run sees (all state present, one group's temporaries at a time). No DTensor is involved, so nothing
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from phasetune.param_groups import phase_groups
+from phasetune.core.param_groups import phase_groups
 from phasetune.plan.tracker import PlainTracker
 from phasetune.sharding.groups import split_groups
 
