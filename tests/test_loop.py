@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from phasetune import ConfigurationError, ScheduleError
+from phasetune import ConfigurationError, RunOptions, ScheduleError
 from phasetune.core.param_groups import PHASE_KEY
 from phasetune.loop import ScheduledFinetuning
 from plain_models import SCHEDULE, TinyLM, data
@@ -179,6 +179,18 @@ def test_schedules_name_parameters_without_the_segments_wrappers_insert():
     assert "layers.0.lin.weight" in ft.schedule[2].params
     implicit = ScheduledFinetuning(None, model, torch.optim.SGD(model.parameters(), lr=0.1))
     assert "layers.0.lin.weight" in implicit.schedule.params_through(implicit.final_depth)
+
+
+def test_the_shared_options_come_as_one_runoptions_or_as_keywords_and_a_misspelt_one_is_named():
+    model = TinyLM()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ft = ScheduledFinetuning(SCHEDULE, model, opt, options=RunOptions(restore_best=False), max_depth=1)
+    assert (ft.run.options.restore_best, ft.run.options.max_depth) == (False, 1)  # the keyword overrides options
+    with pytest.raises(ConfigurationError, match="unknown ScheduledFinetuning argument 'patiense'; did you mean "
+                                                 "'patience'"):
+        ScheduledFinetuning(SCHEDULE, TinyLM(), opt, patiense=2)
+    with pytest.raises(ConfigurationError, match=r"options=\.\.\.\) takes a phasetune.RunOptions, got dict"):
+        ScheduledFinetuning(SCHEDULE, TinyLM(), opt, options={"restore_best": False})
 
 
 def test_bad_arguments_are_reported_together_before_anything_changes():

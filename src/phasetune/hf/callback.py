@@ -64,7 +64,7 @@ class PhasetuneTrainerCallback(RunView, TrainerCallback):
                  options: RunOptions | None = None, patience: int = 3, min_delta: float = 0.0,
                  check_finite: bool = True, no_decay: Sequence[str] | None = None,
                  prefix_cache: Mapping[int, Any] | None = None, **knobs: Any) -> None:
-        self.options = RunOptions.merged(options, knobs, "PhasetuneTrainerCallback")
+        self.options = RunOptions.merged(options, knobs, type(self).__init__)
         problems = self.options.problems(explicit_schedule=schedule is not None) + Patience.problems(patience)
         problems += prefix_cache_problems(prefix_cache)
         if problems:

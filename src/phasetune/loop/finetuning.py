@@ -1,30 +1,22 @@
 """Scheduled fine-tuning in your own training loop (no Lightning).
 
 :class:`ScheduledFinetuning` is a :class:`~phasetune.run.Host` of :class:`~phasetune.run.PhaseRun`, which drives the
-run as under Lightning and the Hugging Face Trainer: it freezes the model to phase 0, fits your optimizer to it
-and, when you report the end of an epoch with :meth:`~ScheduledFinetuning.step`, decides whether the phase is
-over (its ``max_transition_epoch``, or no improvement of the metric you pass for ``patience`` epochs) and thaws
-the next phase, adding its parameter groups to your optimizer and lr scheduler::
+run as under Lightning and the Hugging Face Trainer::
 
     ft = ScheduledFinetuning("schedule.yaml", model, optimizer, lr_scheduler)
     for epoch in range(max_epochs):
-        train_one_epoch(model, ft.optimizer)
-        ft.step(epoch, metric=validate(model))
+        train_one_epoch(model, ft.optimizer)     # with ft.step_end() after each optimizer step for step caps
+        ft.step(epoch, metric=validate(model))   # may thaw the next phase: always use ft.optimizer, ft.lr_scheduler
         if ft.done:
             break
 
-Phases with a ``max_transition_step`` end between two optimizer steps: report each optimizer step with
-:meth:`~ScheduledFinetuning.step_end` (after ``optimizer.step()`` and the lr scheduler's ``step()``), and
-re-read ``ft.optimizer`` / ``ft.lr_scheduler`` after it returns a transition. A phase may install a new optimizer
-or lr scheduler: always use ``ft.optimizer`` and ``ft.lr_scheduler``. :meth:`~ScheduledFinetuning.state_dict`
-goes into checkpoints (``FSDP2Strategy.save_ckpt`` takes the object itself and restores it before the optimizer
-state, which needs the saved phase's groups to exist).
+:meth:`~ScheduledFinetuning.state_dict` goes into checkpoints (``FSDP2Strategy.save_ckpt`` takes the object itself
+and restores it before the optimizer state, which needs the saved phase's groups to exist).
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -65,18 +57,16 @@ class ScheduledFinetuning(RunView):
             :meth:`step` (:class:`phasetune.run.Patience`).
         no_decay: parameter-name substrings whose parameters get ``weight_decay=0`` groups in every phase.
         snapshot_dir: where ``snapshot_storage="disk"`` writes its files (default: the working directory).
-        prefix_cache: phase index -> ``True`` / ``False`` / ``{prefix_end, limit_mb, deterministic_inputs}``:
-            sets or overrides the phases' ``prefix_cache`` key (docs/prefix_cache.md); a phase that caches needs
-            :meth:`before_batch` before each training forward and an ``IndexedDataset`` training set.
-        train_dataset: the training dataset, checked for random transforms when a phase caches.
+        prefix_cache, train_dataset: phase index -> ``True`` / ``False`` / ``{prefix_end, limit_mb, ...}`` sets or
+            overrides the phases' ``prefix_cache`` key (docs/prefix_cache.md; call :meth:`before_batch` before each
+            training forward); the ``IndexedDataset`` training set, checked for random transforms.
         train_loader: the training data loader (or a list / dict of them): the generators its samplers keep of
             their own are saved by :meth:`state_dict` and restored by :meth:`load_state_dict`. Build it first.
         spill_dir: where cache entries beyond a phase's ``limit_mb`` go (default: the system temp dir).
         total_steps, max_epochs: the run's optimizer steps, or epochs (x ``len(train_loader)``): the budget of an
             implicit schedule (only with ``schedule=None``).
 
-    The thaw audit (``audit="raise"``) checks each phase at its start and after its first ``optimizer.step()``
-    and raises :class:`~phasetune.AuditError` naming what did not take effect. :meth:`lrs` names each group's lr.
+    The thaw audit (``audit="raise"``) raises :class:`~phasetune.AuditError` naming what did not take effect.
     """
 
     def __init__(
@@ -101,11 +91,7 @@ class ScheduledFinetuning(RunView):
         max_epochs: int | None = None,
         **knobs: Any,
     ) -> None:
-        if "base_lr" in knobs:
-            warnings.warn("ScheduledFinetuning(base_lr=...) is now base_max_lr=..., the Lightning callback's name; "
-                          "base_lr will be removed", DeprecationWarning, stacklevel=2)
-            knobs["base_max_lr"] = knobs.pop("base_lr")
-        options = RunOptions.merged(options, knobs, "ScheduledFinetuning")
+        options = RunOptions.merged(options, knobs, type(self).__init__)
         problems = options.problems(explicit_schedule=schedule is not None) + Patience.problems(patience, mode)
         if not isinstance(optimizer, Optimizer):
             problems.append(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -113,20 +99,18 @@ class ScheduledFinetuning(RunView):
         if problems:
             raise ConfigurationError(problems)
         self.model, self.optimizer, self.train_loader = model, optimizer, train_loader
-        scheds = [] if lr_scheduler is None else lr_scheduler if isinstance(lr_scheduler, (list, tuple)) else [lr_scheduler]
-        self.schedulers: list[Any] = list(scheds)
-        #: optimizer steps of the fit so far, as counted or given by :meth:`step_end` (None: never called)
-        self.global_step: int | None = None
+        self.schedulers: list[Any] = [] if lr_scheduler is None else list(lr_scheduler) if isinstance(
+            lr_scheduler, (list, tuple)) else [lr_scheduler]
+        self.global_step: int | None = None  # the fit's optimizer steps, counted or given by step_end (None: none)
         self._epoch = 0  # the epoch being trained: one after the last one step() reported
-        # names as written in the model, without the segments wrappers insert (activation checkpointing)
-        params = {logical_name(n): p for n, p in model.named_parameters()}
+        params = {logical_name(n): p for n, p in model.named_parameters()}  # without wrappers' segments
         env = RunEnv(named_buffers=lambda: dict(model.named_buffers()), snapshot_dir=None if snapshot_dir is None
                      else str(snapshot_dir), device=next((p.device for p in params.values()), None),
                      rank_local_snapshots=True, state_saved_per_rank=True)  # each rank saves its own state
         self.run = PhaseRun(
             schedule, params, {n: tuple(p.shape) for n, p in params.items()}, options=options, env=env,
             model=model, structure=logical_view(model),  # a stand-in of the unwrapped tree: logical names
-            no_decay=no_decay, group_splitter=_homogeneous, mode=mode,
+            no_decay=no_decay, group_splitter=lambda groups: split_groups(groups)[0], mode=mode,  # one dtype, one mesh
             facts=None if schedule is not None else loop_facts(optimizer, total_steps, max_epochs, train_loader),
         )
         self.run.patience = Patience(patience, min_delta, check_finite, mode)
@@ -169,12 +153,9 @@ class ScheduledFinetuning(RunView):
 
     # ------------------------------------------------------------------ the per-epoch and per-step calls
     def step(self, epoch: int, metric: float | torch.Tensor | None = None, global_step: int | None = None) -> Transition | None:
-        """Report the end of ``epoch`` (0-based) and, optionally, the monitored value measured after it.
-
-        Returns the :class:`~phasetune.core.engine.Transition` when the next phase starts with epoch ``epoch + 1``,
-        else None; sets :attr:`done` when the run has ended. Under ``torch.distributed`` every rank calls it; rank
-        0's ``metric`` decides for all. ``global_step`` (optional) is recorded in the history.
-        """
+        """Report the end of ``epoch`` (0-based) and the monitored value after it (rank 0's decides; every rank calls
+        it); returns the :class:`~phasetune.core.engine.Transition` when the next phase starts with epoch ``epoch + 1``,
+        else None; sets :attr:`done` when the run has ended. ``global_step`` goes into the history."""
         if self.done:
             return None
         self._epoch = epoch + 1
@@ -188,12 +169,8 @@ class ScheduledFinetuning(RunView):
         return batch if self.run.caches is None else self.run.caches.before_batch(batch)
 
     def step_end(self, global_step: int | None = None) -> Transition | None:
-        """Report an optimizer step (after ``optimizer.step()`` and the lr scheduler's ``step()``).
-
-        ``global_step``: the fit's optimizer steps so far (default: one more than the last call's). Returns the
-        :class:`~phasetune.core.engine.Transition` when the phase's ``max_transition_step`` is reached (use
-        ``ft.optimizer`` / ``ft.lr_scheduler`` again), else None. Every rank calls it alike.
-        """
+        """Report an optimizer step (after the optimizer's and the lr scheduler's ``step()``; ``global_step``: the
+        fit's steps so far, default one more); returns the Transition at a ``max_transition_step``, else None."""
         step = self.global_step = (self.global_step or 0) + 1 if global_step is None else global_step
         decision = self.run.step_end(step)
         if decision is None or self.done:
@@ -201,14 +178,12 @@ class ScheduledFinetuning(RunView):
         return self.run.advance(self, epoch=self._epoch, step=step, reason=decision.reason)
 
     def close(self) -> None:
-        """End a run that stopped before its schedule ended: drop the prefix cache (hooks, spill files) and the
-        audit's hooks. Ending with ``done`` does this itself."""
+        """End a run that stopped before ``done``: drop the prefix cache (hooks, spill files) and the audit's hooks."""
         self.run.close()
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue the schedule exactly (this rank's snapshot part and random state, the
-        loader's generators): call it where the run continues, e.g. after the epoch's validation."""
+        """Everything needed to continue exactly (this rank's snapshot and random state, the loader's generators)."""
         state = self.run.state_dict(random_state=True, generators=rng.loader_generators(self.train_loader))
         state.update(global_step=self.global_step, epoch=self._epoch)
         return state
@@ -222,8 +197,3 @@ class ScheduledFinetuning(RunView):
         self.run.restore(self, state, audit=True, generators=rng.loader_generators(self.train_loader))
         self.global_step, self._epoch = state.get("global_step"), int(state.get("epoch", self.run.history[-1].start_epoch))
         self.run.begin_training(self, epoch=self._epoch, step=self.global_step or 0)
-
-
-def _homogeneous(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Split phase groups so each holds one dtype and one device mesh (foreach/fused kernels need that)."""
-    return split_groups(groups)[0]

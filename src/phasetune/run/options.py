@@ -7,7 +7,9 @@ them here once.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import inspect
+import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -103,15 +105,23 @@ class RunOptions:
         return [f.name for f in fields(cls)]
 
     @classmethod
-    def merged(cls, options: RunOptions | None, keywords: Mapping[str, Any], owner: str) -> RunOptions:
-        """``options`` (default: the defaults) with the options given as keywords to ``owner`` (``base_lr`` is the
-        old name of ``base_max_lr``); an unknown keyword raises, naming it and the closest option."""
+    def merged(cls, options: RunOptions | None, keywords: Mapping[str, Any], owner: Callable[..., Any]) -> RunOptions:
+        """``options`` (default: the defaults) with the options given as keywords to ``owner`` (a front end's
+        ``__init__``; ``base_lr`` is the old name of ``base_max_lr``); an unknown keyword raises, naming it and the
+        closest of the options and ``owner``'s own arguments."""
+        name = owner.__qualname__.split(".")[0]
+        if "base_lr" in keywords:
+            warnings.warn(f"{name}(base_lr=...) is now base_max_lr=..., the Lightning callback's name; base_lr will be "
+                          "removed", DeprecationWarning, stacklevel=3)
+            keywords = {("base_max_lr" if k == "base_lr" else k): v for k, v in keywords.items()}
         known = cls.names()
-        unknown = [recipes.unknown_option(k, known, f"{owner} argument") for k in keywords if k not in known]
+        own = inspect.signature(owner).parameters
+        valid = known + [p for p in own if p != "options" and own[p].kind is inspect.Parameter.KEYWORD_ONLY]
+        unknown = [recipes.unknown_option(k, valid, f"{name} argument") for k in keywords if k not in known]
         if unknown:
             raise ConfigurationError(unknown)
         if options is not None and not isinstance(options, RunOptions):
-            raise ConfigurationError(f"{owner}(options=...) takes a phasetune.RunOptions, got {type(options).__name__}")
+            raise ConfigurationError(f"{name}(options=...) takes a phasetune.RunOptions, got {type(options).__name__}")
         return replace(options if options is not None else cls(), **keywords)
 
 
