@@ -38,8 +38,8 @@ phasetune schedule plan [SCHEDULE] (--model-dir PATH | --model module:factory) [
 
 PLAN_EPILOG = """\
 exit status: 0 every phase fits --device-gib (or none was given), 1 a phase will not fit (named on stderr),
-2 bad input. Example (Llama-3-8B on 8 GPUs of 80 GiB, 1.5-2 minutes on a laptop CPU):
-  phasetune schedule plan bench/plan_configs/llama3_8b_schedule.yaml --model-dir bench/plan_configs/llama3_8b.json
+2 bad input. Example (Llama-3-8B on 8 GPUs of 80 GiB; about 2 minutes of CPU time, 0.5 GiB of RAM):
+  phasetune schedule plan bench/plan_configs/llama3_8b_schedule.yaml --model-dir bench/plan_configs/llama3_8b.json \\
       --world-size 8 --mixed-precision bf16 --seq-len 2048 --micro-batch 2 --global-batch 32 --device-gib 80
 """
 
@@ -66,9 +66,9 @@ def plan_parser() -> argparse.ArgumentParser:
     d = PlanSetup()
     p = _Parser(prog="phasetune schedule plan", usage=PLAN_USAGE, epilog=PLAN_EPILOG,
                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                description="Plan the memory of every phase of a schedule, per rank, before launch: the model is built "
-                            "from its config under fake tensors (no weights, no GPU) and sharded by the run's own code. "
-                            "See docs/memory_plan.md.")
+                description="Plan the memory of every phase of a schedule, per rank, before launch: the model is built\n"
+                            "from its config under fake tensors (no weights, no GPU) and sharded by the run's own code.\n"
+                            "Each setting flag is the phasetune.plan.PlanSetup field of that name; see docs/memory_plan.md.")
     p.add_argument("schedule", nargs="?", metavar="SCHEDULE",
                    help="schedule YAML, as the run takes it (default: phasetune's generated default schedule)")
     g = p.add_argument_group("model (one of)")
