@@ -24,10 +24,10 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.pytorch.trainer.states import TrainerFn
 
 from phasetune.errors import ConfigurationError
-from phasetune.io import partial_path, remove_leftovers, replace_path
 from phasetune.lightning import _compat
 from phasetune.lightning.adapters import StrategyAdapter
 from phasetune.sharding import optim_state
+from phasetune.util.files import partial_path, remove_leftovers, replace_path
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl

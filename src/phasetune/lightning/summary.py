@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
-from phasetune.memory import KIND_LABELS
-from phasetune.report import fmt_bytes, fmt_count, fmt_seconds, fmt_value, format_table
+from phasetune.features.peak_memory import KIND_LABELS
+from phasetune.util.text import fmt_bytes, fmt_count, fmt_seconds, fmt_value, format_table
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
