@@ -57,6 +57,8 @@ ALIASES: dict[str, str] = {
     "phasetune.run_audit": "phasetune.run.audit_glue",
     "phasetune.step_events": "phasetune.run.step_events",
     "phasetune.snapshot_store": "phasetune.run.snapshot_store",
+    # loop: the plain-PyTorch front end and its FSDP2 strategy (phasetune.loop itself kept its path)
+    "phasetune.strategy": "phasetune.loop.strategy",
 }
 
 
