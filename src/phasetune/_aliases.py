@@ -84,12 +84,21 @@ class _AliasLoader(importlib.abc.Loader):
 
     def exec_module(self, module: ModuleType) -> None:
         old = module.__name__
-        warnings.warn(
-            f"{old} moved to {self.target}; import it from there ({old} will be removed in a later release)",
-            DeprecationWarning,
-            stacklevel=2,  # importlib's own frames are skipped: this names the line that imported `old`
-        )
+        _warn_importer(f"{old} moved to {self.target}; import it from there ({old} will be removed in a later release)")
         sys.modules[old] = importlib.import_module(self.target)
+
+
+def _warn_importer(message: str) -> None:
+    """A DeprecationWarning attributed to the line that imported the old path: the first frame outside importlib
+    (``import x``, ``importlib.import_module``, ``phasetune.x`` as an attribute, a pickle's class lookup), so the default filters
+    show it when that line is in ``__main__`` and a ``-W`` filter on the importing module applies."""
+    frame = sys._getframe(2)
+    while frame.f_back is not None and ("importlib" in frame.f_code.co_filename
+                                        or frame.f_globals.get("__name__") == "phasetune"):  # its __getattr__
+        frame = frame.f_back
+    g = frame.f_globals
+    warnings.warn_explicit(message, DeprecationWarning, frame.f_code.co_filename, frame.f_lineno,
+                           module=g.get("__name__", "<unknown>"), registry=g.setdefault("__warningregistry__", {}))
 
 
 class _AliasFinder(importlib.abc.MetaPathFinder):
