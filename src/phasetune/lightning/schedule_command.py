@@ -20,14 +20,14 @@ from typing import Any, NoReturn
 
 import torch
 
-from phasetune import generate
+from phasetune.core import generate
+from phasetune.core.schedule import Schedule, resolve_schedule
 from phasetune.errors import ConfigurationError, PhasetuneError, ScheduleError
 from phasetune.lightning.adapters import select_adapter
 from phasetune.lightning.callback import FinetuningScheduler
 from phasetune.lightning.fit_command import PhasetuneCLI
-from phasetune.report import covering_modules, fmt_count, format_table
-from phasetune.run_types import RunOptions
-from phasetune.schedule import Schedule, resolve_schedule
+from phasetune.run import RunOptions
+from phasetune.util.text import covering_modules, fmt_count, format_table
 
 SCHEDULE_HELP = """\
 phasetune schedule generate MODEL [--recipe NAME] [--lr LR] [--lr_decay F]
@@ -296,7 +296,7 @@ def _phase0_note(raw: dict[int, dict[str, Any]], steps_per_epoch: int | None) ->
         steps = first["max_transition_epoch"] * steps_per_epoch
     if steps < 0 or len(raw) == 1:
         return ["phase 0 trains with configure_optimizers' optimizer, lr and lr scheduler"]
-    from phasetune.recipes import DEFAULT_WARMUP_FRACTION, phase_lr_shape
+    from phasetune.core.recipes import DEFAULT_WARMUP_FRACTION, phase_lr_shape
 
     shape = phase_lr_shape(steps, DEFAULT_WARMUP_FRACTION)
     return ["phase 0 trains with configure_optimizers' optimizer and lr; for the same lr shape, return with it",

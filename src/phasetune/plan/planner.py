@@ -127,7 +127,8 @@ class _Planner:
     # -------------------------------------------------------------------------------------------- schedule
     def _prepare(self, model: nn.Module) -> set[str]:
         """Resolve the schedule on the unsharded model; note each phase's prefix-cache boundary."""
-        from phasetune import generate_schedule, resolve_schedule
+        from phasetune.core.generate import generate_schedule
+        from phasetune.core.schedule import resolve_schedule
         from phasetune.sharding.names import logical_name
 
         named = [(logical_name(n), p) for n, p in model.named_parameters()]
