@@ -39,10 +39,8 @@ def schedule_file(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def direct(schedule_file):
-    """The plan of ``SMALL`` on an 80 GiB device, from plan_memory itself. Without the micro-batch search: whether
-    its two passes line up can differ between the first plan of a process and later ones (torch caches per
-    shape), and with it one note, though not the numbers."""
-    return plan_memory(schedule_file, MODEL, device_gib=80, search_micro_batch=False, **SMALL_KWARGS)
+    """The plan of ``SMALL`` on an 80 GiB device, from plan_memory itself."""
+    return plan_memory(schedule_file, MODEL, device_gib=80, **SMALL_KWARGS)
 
 
 def plan_cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -56,7 +54,7 @@ def plan_cli(capsys, *args: str) -> tuple[int, str, str]:
 
 
 def test_the_table_is_plan_memorys_table_and_a_fitting_plan_exits_0(capsys, schedule_file, direct):
-    code, out, err = plan_cli(capsys, schedule_file, *SMALL, "--device-gib", "80", "--no-micro-batch-search")
+    code, out, err = plan_cli(capsys, schedule_file, *SMALL, "--device-gib", "80")
     assert code == EXIT_FITS
     # exact: the same code on the same inputs under fake tensors (no values, no timing in the table)
     assert out == direct.table(timing=False) + "\n"

@@ -17,6 +17,7 @@ beyond them from below, and the search stops when the bounds meet.
 from __future__ import annotations
 
 import contextlib
+import gc
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -154,6 +155,9 @@ def run_pass(model: Model, source: ModelSource, setup: PlanSetup, micro_batch: i
     hook = _prefix_hook(runner, prefix_end, prefix_bytes)
     last_module = _LastModule(runner)
     kept = 0
+    gc.collect()  # garbage of earlier passes freed now, not at a moment of this pass's timeline
+    collecting = gc.isenabled()
+    gc.disable()  # a cycle collection mid-pass frees tensors at moments two passes do not share
     try:
         with tracker, last_module:
             steps = micro_steps(setup)
@@ -168,6 +172,8 @@ def run_pass(model: Model, source: ModelSource, setup: PlanSetup, micro_batch: i
     except Exception as e:  # a model that does not run under fake tensors: the caller falls back
         raise PassFailed(last_module.name, e) from e
     finally:
+        if collecting:
+            gc.enable()
         if hook is not None:
             hook.remove()
         for p in runner.parameters():
