@@ -81,6 +81,18 @@ def test_both_front_ends_have_the_same_defaults():
     assert {n: lit[n].default for n in shared} == {n: loop[n].default for n in shared}
 
 
+def test_every_front_end_is_a_host_of_the_run():
+    import inspect
+
+    from phasetune.hf import PhasetuneTrainerCallback
+    from phasetune.run import Host
+
+    for host in (FinetuningScheduler, PhasetuneTrainerCallback, ScheduledFinetuning):
+        for name in ("optimizer_and_schedulers", "install", "trained_model"):
+            assert inspect.signature(getattr(host, name)).parameters.keys() == \
+                inspect.signature(getattr(Host, name)).parameters.keys(), (host.__name__, name)
+
+
 def test_the_final_phase_takes_no_snapshot_and_checkpoints_carry_none(tmp_path):
     _, fts, _ = lightning_run(tmp_path, restore_best=True)
     assert fts.curr_depth == 2 and fts.history[2].best_value is not None

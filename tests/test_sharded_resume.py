@@ -33,7 +33,7 @@ def resuming_adapter() -> tuple[ShardedStrategyAdapter, list[dict]]:
     resumed: list[dict] = []
     adapter = ShardedStrategyAdapter()
     adapter.trainer = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.FITTING))  # type: ignore[assignment]
-    adapter._fts = SimpleNamespace(engine=object(), state_key=KEY,
+    adapter._fts = SimpleNamespace(run=object(), state_key=KEY,
                                    resume_early=lambda state, mid_epoch=False: resumed.append(state))
     return adapter, resumed
 

@@ -177,8 +177,8 @@ class FSDPStrategyAdapter(ShardedStrategyAdapter):
         index = self.param_index()
         if index is None:
             return ["FSDPStrategyAdapter found no FullyShardedDataParallel root; is the strategy an FSDPStrategy?"]
-        engine = fts.engine
-        phase_of = {n: k for k, phase in enumerate(engine.schedule.phases) for n in phase.params}
+        run = fts.run
+        phase_of = {n: k for k, phase in enumerate(run.schedule.phases) for n in phase.params}
         problems = []
         if self.policy is not None and self.policy.plan is None:
             rank_zero_warn(
@@ -202,7 +202,7 @@ class FSDPStrategyAdapter(ShardedStrategyAdapter):
             )
         problems += fsdp1.root_problems(index)
         problems += fsdp1.alignment_problems(index, phase_of)
-        if engine.no_decay and not index.use_orig_params:
+        if run.no_decay and not index.use_orig_params:
             problems.append(
                 f"{type(trainer.lightning_module).__name__}.no_decay needs use_orig_params=True under FSDP: with "
                 "use_orig_params=False a unit's parameters share one FlatParameter and so one weight decay"
@@ -214,7 +214,7 @@ class FSDPStrategyAdapter(ShardedStrategyAdapter):
                 "does not synchronise their gradients, so they may train differently on each rank"
             )
         if index.use_orig_params:
-            self._report_phase0_shards(index, engine.schedule[0].params, trainer)
+            self._report_phase0_shards(index, run.schedule[0].params, trainer)
         return problems
 
     def _report_phase0_shards(self, index: fsdp1.ParamIndex, phase0: Any, trainer: pl.Trainer) -> None:

@@ -138,11 +138,11 @@ class ModelParallelStrategyAdapter(ShardedStrategyAdapter):
     def check(self, fts: Any, trainer: pl.Trainer) -> list[str]:
         """Dtype per unit (errors); homogeneous optimizer groups (split, with a note); root-unit memory hint."""
         self._fts = fts
-        engine = fts.engine
+        run = fts.run
         pl_module = trainer.lightning_module
         units = param_units(pl_module)
-        phase_of = {n: k for k in range(engine.final_depth + 1) for n in engine.schedule[k].params}
-        problems = dtype_problems(engine.params, units, phase_of)
+        phase_of = {n: k for k in range(run.final_depth + 1) for n in run.schedule[k].params}
+        problems = dtype_problems(run.params, units, phase_of)
         self._split_groups(fts, trainer)
         hint = root_unit_hint(units, phase_of, self.plan_report.root if self.plan_report else None)
         if hint and trainer.is_global_zero:
@@ -150,16 +150,16 @@ class ModelParallelStrategyAdapter(ShardedStrategyAdapter):
         return problems
 
     def _split_groups(self, fts: Any, trainer: pl.Trainer) -> None:
-        engine = fts.engine
-        name_of = engine.name_of
+        run = fts.run
+        name_of = run.name_of
         optimizer = trainer.optimizers[0]
         schedulers = [c.scheduler for c in trainer.lr_scheduler_configs]
         notes = [f"phase 0: {n}" for n in groups.split_optimizer_groups(optimizer, schedulers, name_of)]
-        for k in range(1, engine.final_depth + 1):
-            raw = engine.groups_for(k)
+        for k in range(1, run.final_depth + 1):
+            raw = run.groups_for(k)
             _, split_notes = groups.split_groups(raw, name_of, label=lambda i, k=k: f"phase {k} group {i}")
             notes.extend(split_notes)
-        engine.group_splitter = lambda gs: groups.split_groups(gs, name_of)[0]
+        run.split_groups_with(lambda gs: groups.split_groups(gs, name_of)[0])
         self.group_notes = notes
         if notes and trainer.is_global_zero:
             rank_zero_warn(

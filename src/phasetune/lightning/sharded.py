@@ -100,7 +100,7 @@ class ShardedStrategyAdapter(StrategyAdapter):
         state is refused here, before the strategy loads optimizer state that does not fit phase 0's groups.
         """
         trainer, fts = self.trainer, self._fts
-        if trainer is None or fts is None or fts.engine is None or trainer.state.fn != TrainerFn.FITTING:
+        if trainer is None or fts is None or fts.run is None or trainer.state.fn != TrainerFn.FITTING:
             return False
         fs, path = url_to_fs(str(checkpoint_path))
         if not fs.exists(path):

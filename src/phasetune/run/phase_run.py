@@ -178,6 +178,29 @@ class PhaseRun(RunSequence, RunCheckpoint):
         """Names of the parameters trained in the current phase (phases 0..depth)."""
         return self.engine.schedule.params_through(self.engine.depth)
 
+    # ------------------------------------------------------------------ what strategy adapters read and set
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        """Every parameter by its schedule name."""
+        return self.engine.params
+
+    @property
+    def name_of(self) -> dict[int, str]:
+        """A parameter's schedule name by ``id()`` of its tensor."""
+        return self.engine.name_of
+
+    @property
+    def no_decay(self) -> list[str] | None:
+        return self.engine.no_decay
+
+    def groups_for(self, depth: int) -> list[dict[str, Any]]:
+        """The parameter groups phase ``depth`` adds (before any split)."""
+        return self.engine.groups_for(depth)
+
+    def split_groups_with(self, splitter: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None) -> None:
+        """Apply ``splitter`` to each later phase's new groups (sharded strategies keep groups homogeneous)."""
+        self.engine.group_splitter = splitter
+
     # ------------------------------------------------------------------ setup
     def fit_optimizer(self, optimizer: Optimizer, schedulers: Sequence[Any], *, expected: bool = False) -> Phase0Report:
         """Make ``optimizer`` hold exactly phase 0's parameters (or only report, without enforcement).
