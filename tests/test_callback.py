@@ -25,7 +25,7 @@ from phasetune.core.engine import PhaseEngine
 from phasetune.core.param_groups import PHASE_KEY
 from phasetune.lightning.adapters import select_adapter
 from phasetune.run import PhaseRun
-from phasetune.step_events import StepEvents
+from phasetune.run.step_events import StepEvents
 
 EPOCH_SCHEDULE = {
     0: {"params": ["model.head.*"], "max_transition_epoch": 2},

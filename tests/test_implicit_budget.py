@@ -22,7 +22,7 @@ from phasetune.core import recipes
 from phasetune.core.generate import RunFacts, generate_implicit
 from phasetune.core.recipes import DEFAULT_RULE, default_settings, rule_lr, split_budget
 from phasetune.lightning.messages import PhasetuneWarning
-from phasetune.run_types import RunOptions
+from phasetune.run import RunOptions
 
 NO_BUDGET = "no step budget reached the implicit schedule"
 

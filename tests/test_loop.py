@@ -161,7 +161,7 @@ def test_phase_groups_are_split_so_each_holds_one_dtype():
 
 
 def test_importing_the_plain_pytorch_modules_does_not_import_lightning():
-    code = ("import sys, phasetune, phasetune.loop, phasetune.strategy, phasetune.sharding; "
+    code = ("import sys, phasetune, phasetune.loop, phasetune.loop.strategy, phasetune.sharding; "
             "from phasetune import FSDP2Strategy, ScheduledFinetuning; "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')); "
             "print(bad); sys.exit(1 if bad else 0)")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-from phasetune.run_types import RunEnv, RunOptions
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -16,7 +15,7 @@ from phasetune.core.schedule import diff_fingerprints, param_shapes, resolve_sch
 from phasetune.errors import ScheduleError
 from phasetune.features.prefix_cache.cache import INDEX_KEY, IndexedDataset, PrefixCacheError
 from phasetune.features.prefix_cache.phases import PrefixCachePhases
-from phasetune.run import PhaseRun
+from phasetune.run import PhaseRun, RunEnv, RunOptions
 
 
 class Stack(nn.Module):

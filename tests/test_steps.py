@@ -18,7 +18,7 @@ from phasetune import FinetuningScheduler, FTSEarlyStopping, ScheduleError
 from phasetune.core.engine import PhaseEngine
 from phasetune.core.schedule import resolve_schedule
 from phasetune.loop import ScheduledFinetuning
-from phasetune.step_events import StepEvents
+from phasetune.run.step_events import StepEvents
 
 NAMES = ["model.head.weight", "model.head.bias", "model.embed.weight"]
 
