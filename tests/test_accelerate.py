@@ -142,14 +142,16 @@ def test_ddp_transitions_rebuild_ddp_and_train_the_thawed_parameters_on_both_ran
     assert r0["params"] == r1["params"]  # exact: rank against rank (each trained on its half of every batch)
 
 
+@pytest.mark.numerical
+@pytest.mark.launched
 def test_ddp_follows_the_one_process_loops_trajectory(ranks):
     loop_module, _, loop_trajectory, _ = step_loop_run(STEPS)
     assert ranks[0]["run"]["trajectory"] == json.loads(json.dumps(loop_trajectory))
     for name, values in ranks[0]["run"]["params"].items():
         # numerical: 2 ranks average two means of 8 samples where the loop takes one mean of 16; 16 steps, sums of
-        # 16 terms, weights below 1
-        torch.testing.assert_close(torch.tensor(values, dtype=torch.float32), loop_module.state_dict()[name],
-                                   rtol=0, atol=float32_drift(16, 16), msg=lambda m, name=name: f"{name}: {m}")
+        # 16 terms, weights below 2 (the largest ends near 1.02)
+        torch.testing.assert_close(torch.tensor(values, dtype=torch.float64), loop_module.state_dict()[name].double().flatten(),
+                                   rtol=0, atol=float32_drift(16, 16, scale=2.0), msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_ddp_resume_from_save_state_in_phase_1_is_bit_equal_on_every_rank(ranks):
