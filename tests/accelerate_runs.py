@@ -53,7 +53,7 @@ def step_run(schedule: dict = STEPS, steps: int = 16, save_at: int | None = None
         ft.accelerator.load_state(str(resume))
     x, y = dataset(64, 0).tensors
     trajectory = []
-    for step in range(ft.global_step, steps):
+    for step in range(ft.global_step or 0, steps):
         trajectory.append(record(module, ft.optimizer))
         i = (step % 4) * 16
         train_step(ft, x[i:i + 16], y[i:i + 16])

@@ -102,11 +102,11 @@ def test_bad_input_is_named_with_its_fix_all_at_once_before_training():
     assert "model was already prepared by Accelerate; pass it before accelerator.prepare" in text
     assert "optimizer was already prepared by Accelerate" in text and "patience must be an integer >= 1" in text
     with pytest.raises(ConfigurationError) as e:
-        AcceleratedFinetuning(None, "cpu", module, "sgd")
+        AcceleratedFinetuning(None, "cpu", fresh := ToyModule(lr=0.1), "sgd")
     text = str(e.value)
-    assert "schedule is required" in text and "accelerator must be an accelerate.Accelerator, got str" in text
-    assert "optimizer must be a torch.optim.optimizer.Optimizer, got str" in text
-    assert all(p.requires_grad for p in module.parameters())  # nothing was frozen
+    assert "schedule is required" in text and "accelerator must be an accelerate.Accelerator" in text
+    assert "optimizer must be a torch.optim.Optimizer, got str" in text and "model" not in text
+    assert all(p.requires_grad for p in fresh.parameters())  # nothing was frozen
 
 
 def test_optimizer_steps_count_once_per_gradient_accumulation_cycle():
