@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from phasetune.loop.accelerated import STATE_FILE, AcceleratedFinetuning
 from phasetune.run import Host
 
 pytestmark = pytest.mark.usefixtures("plain_process")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -167,3 +169,23 @@ def test_without_the_ddp_rewrap_the_thawed_parameters_drift_apart_across_ranks(r
     # exact: rank against rank; the head was in DDP from the start, every tensor thawed later never had its
     # gradients averaged
     assert differ == {n for n in r0["params"] if not n.startswith("model.head.")}
+
+
+# ------------------------------------------------------------------------------------------------ the example
+def test_the_example_runs_its_three_phases_and_resumes_bit_equal_from_an_epoch_of_phase_2(tmp_path):
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.spec_from_file_location("accelerate_example", ROOT / "examples/accelerate/train.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    full = example.main(["--output_dir", str(tmp_path / "full")])
+    assert full[-1] == ("phases: 0 from step 0 to 20 (max_transition_step reached), 1 from step 20 to 64 "
+                        "(max_transition_epoch reached), 2 from step 64")
+    (tmp_path / "cut").mkdir()
+    for epoch in range(6):  # a run that stopped after epoch 5
+        shutil.copytree(tmp_path / f"full/epoch_{epoch}", tmp_path / f"cut/epoch_{epoch}")
+    resumed = example.main(["--output_dir", str(tmp_path / "cut"), "--resume"])
+    assert resumed == full[6:]
+    weights = "epoch_11/model.safetensors"  # exact: resume against the uninterrupted run, same machine and batches
+    assert (tmp_path / "cut" / weights).read_bytes() == (tmp_path / "full" / weights).read_bytes()
