@@ -75,7 +75,7 @@ def test_a_new_optimizer_and_scheduler_replace_the_prepared_ones_in_save_state(t
     _, ft, _ = accelerate_runs.step_run(RESTARTS)
     optimizer, schedulers = ft.optimizer_and_schedulers()
     assert isinstance(ft.optimizer, AcceleratedOptimizer) and isinstance(ft.lr_scheduler, AcceleratedScheduler)
-    assert schedulers == [ft.lr_scheduler.scheduler] and schedulers[0].optimizer is optimizer
+    assert schedulers[0].optimizer is optimizer  # phase 2's lr scheduler drives phase 2's optimizer
     assert [len(g["params"]) for g in ft.optimizer.param_groups] == [2, 4, 2]  # phase 2's optimizer holds all
     ft.accelerator.save_state(str(tmp_path))
     saved = sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".bin", ".safetensors"))
@@ -85,13 +85,11 @@ def test_a_new_optimizer_and_scheduler_replace_the_prepared_ones_in_save_state(t
 
 
 def test_load_state_of_a_folder_saved_without_phasetune_names_the_file(tmp_path):
-    module = ToyModule(lr=0.1)
-    accelerator = Accelerator(cpu=True)
-    accelerator.save_state(str(tmp_path / "plain"))  # nothing prepared: an empty but valid folder
+    Accelerator(cpu=True).save_state(str(tmp_path / "plain"))  # nothing prepared: a valid folder without our file
     _, ft = accelerate_runs.build(STEPS)
     with pytest.raises(ConfigurationError, match=f"has no {STATE_FILE}.*AcceleratedFinetuning"):
         ft.accelerator.load_state(str(tmp_path / "plain"))
-    del module
+    assert ft.depth == 0 and ft.global_step is None  # nothing was loaded
 
 
 def test_bad_input_is_named_with_its_fix_all_at_once_before_training():
@@ -172,20 +170,32 @@ def test_without_the_ddp_rewrap_the_thawed_parameters_drift_apart_across_ranks(r
 
 
 # ------------------------------------------------------------------------------------------------ the example
-def test_the_example_runs_its_three_phases_and_resumes_bit_equal_from_an_epoch_of_phase_2(tmp_path):
+@pytest.fixture(scope="module")
+def example(tmp_path_factory):
+    """examples/accelerate/train.py, loaded, and its lines and save_state folders of one uninterrupted run."""
     import importlib.util
-    import shutil
 
     spec = importlib.util.spec_from_file_location("accelerate_example", ROOT / "examples/accelerate/train.py")
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    full = example.main(["--output_dir", str(tmp_path / "full")])
-    assert full[-1] == ("phases: 0 from step 0 to 20 (max_transition_step reached), 1 from step 20 to 64 "
-                        "(max_transition_epoch reached), 2 from step 64")
-    (tmp_path / "cut").mkdir()
-    for epoch in range(6):  # a run that stopped after epoch 5
-        shutil.copytree(tmp_path / f"full/epoch_{epoch}", tmp_path / f"cut/epoch_{epoch}")
-    resumed = example.main(["--output_dir", str(tmp_path / "cut"), "--resume"])
-    assert resumed == full[6:]
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path_factory.mktemp("accelerate_example")
+    return module, module.main(["--output_dir", str(out)]), out
+
+
+def test_the_example_runs_its_three_phases(example):
+    _, lines, _ = example
+    assert len(lines) == 13 and lines[0].startswith("epoch 0: phase 0, 2 tensors train")
+    assert lines[-1] == ("phases: 0 from step 0 to 20 (max_transition_step reached), 1 from step 20 to 64 "
+                         "(max_transition_epoch reached), 2 from step 64")
+
+
+@pytest.mark.parametrize("stopped_after", [0, 3, 5], ids=["in_phase_0", "at_the_epoch_transition", "in_phase_2"])
+def test_the_example_resumes_bit_equal_from_its_last_epoch(example, tmp_path, stopped_after):
+    import shutil
+
+    module, lines, full = example
+    for epoch in range(stopped_after + 1):  # a run that stopped after that epoch
+        shutil.copytree(full / f"epoch_{epoch}", tmp_path / f"epoch_{epoch}")
+    assert module.main(["--output_dir", str(tmp_path), "--resume"]) == lines[stopped_after + 1:]
     weights = "epoch_11/model.safetensors"  # exact: resume against the uninterrupted run, same machine and batches
-    assert (tmp_path / "cut" / weights).read_bytes() == (tmp_path / "full" / weights).read_bytes()
+    assert (tmp_path / weights).read_bytes() == (full / weights).read_bytes()
