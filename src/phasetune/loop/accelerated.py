@@ -4,7 +4,7 @@
 ``step_end()`` after each optimizer step, ``step(epoch, metric=...)`` after each evaluation, ``done``) with an
 ``accelerate.Accelerator`` as the :class:`~phasetune.run.Host`: it freezes the model to phase 0 before
 ``accelerator.prepare`` (DDP registers only the parameters that require grad when it is built), passes a transition's
-optimizer, lr scheduler and rebuilt DDP through ``prepare``, and rides ``save_state`` / ``load_state``.
+optimizer, lr scheduler and rebuilt DDP through ``prepare``, and saves its state with ``save_state`` / ``load_state``.
 """
 
 from __future__ import annotations
