@@ -209,7 +209,7 @@ def test_resuming_from_a_sharded_checkpoint_directory_without_metadata_is_refuse
     (partial / "__0_0.distcp").write_bytes(b"\0" * 64)
     adapter = ShardedStrategyAdapter()
     adapter.trainer = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.FITTING))  # type: ignore[assignment]
-    adapter._fts = SimpleNamespace(engine=object(), state_key="FinetuningScheduler", resume_early=None)
+    adapter._fts = SimpleNamespace(run=object(), state_key="FinetuningScheduler", resume_early=None)
     with pytest.raises(ConfigurationError, match=r"epoch=3\.ckpt: it is a directory without meta\.pt, not a complete "
                                                  r"sharded checkpoint .* resume from an earlier checkpoint"):
         adapter.resume_from(partial)
