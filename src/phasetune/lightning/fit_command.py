@@ -30,13 +30,13 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
 from phasetune.errors import ConfigurationError
+from phasetune.features.peak_memory import KIND_LABELS, PeakMemory
 from phasetune.lightning import _compat, messages
 from phasetune.lightning.callback import FinetuningScheduler
+from phasetune.lightning.seed_tables import SeedRun, metrics_table, paired_table
 from phasetune.lightning.summary import ValidationHistory, metrics_line, plot_phases, summary_table
 from phasetune.lr_shapes import WarmupLinearDecay
-from phasetune.memory import KIND_LABELS, PeakMemory
-from phasetune.report import fmt_bytes, fmt_seconds, format_table
-from phasetune.seeds import SeedRun, metrics_table, paired_table
+from phasetune.util.text import fmt_bytes, fmt_seconds, format_table
 
 PLOT_NAME = "phases.png"
 
