@@ -32,6 +32,7 @@ __version__ = "0.1.0.dev0"
 
 _LAZY = {
     "ScheduledFinetuning": "phasetune.loop",
+    "AcceleratedFinetuning": "phasetune.loop.accelerated",
     "FSDP2Strategy": "phasetune.loop.strategy",
     "FinetuningScheduler": "phasetune.lightning.callback",
     "FTSEarlyStopping": "phasetune.lightning.early_stopping",
@@ -68,6 +69,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "AcceleratedFinetuning",
     "AuditError",
     "AuditOptions",
     "ConfigurationError",
