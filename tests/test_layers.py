@@ -33,14 +33,7 @@ LAYERS: list[tuple[str, set[str]]] = [
 LEVEL = {package: i for i, (_, packages) in enumerate(LAYERS) for package in packages}
 
 #: upward imports that stay for now, each with why and the fix; (importing module, imported module)
-ALLOWED_UPWARD: dict[tuple[str, str], str] = {
-    ("phasetune.lightning.messages", "phasetune"):
-        "imports the facade only for phasetune.__file__ (the package's folder, to tell phasetune's warnings from "
-        "the user's); Path(__file__).resolve().parents[1] is the same folder without the import",
-    ("phasetune.plan.shard", "phasetune.loop.strategy.unit_plan"):
-        "block_plan and unit_dtype_problems read only sharding.names and errors: they are sharding's, used by the "
-        "loop's FSDP2 strategy and by the plan; move unit_plan.py to sharding/ (e.g. sharding/units.py)",
-}
+ALLOWED_UPWARD: dict[tuple[str, str], str] = {}
 
 MAX_LINES = 450
 

@@ -21,7 +21,7 @@ from launch import launch
 from phasetune import ConfigurationError, FSDP2Strategy, ScheduledFinetuning
 from phasetune.loop.strategy import block_plan, list_checkpoints
 from phasetune.loop.strategy import checkpoint_dirs as checkpoint
-from phasetune.loop.strategy.unit_plan import unit_dtype_problems
+from phasetune.sharding.units import unit_dtype_problems
 from plain_models import SCHEDULE, TinyLM
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "plain_pytorch.md"

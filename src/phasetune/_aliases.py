@@ -59,6 +59,9 @@ ALIASES: dict[str, str] = {
     "phasetune.snapshot_store": "phasetune.run.snapshot_store",
     # loop: the plain-PyTorch front end and its FSDP2 strategy (phasetune.loop itself kept its path)
     "phasetune.strategy": "phasetune.loop.strategy",
+    # sharding: the FSDP2 unit plan of a model without an fsdp_plan (used by the loop's strategy and the plan)
+    "phasetune.loop.strategy.unit_plan": "phasetune.sharding.units",
+    "phasetune.strategy.unit_plan": "phasetune.sharding.units",
 }
 
 

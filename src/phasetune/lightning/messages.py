@@ -30,9 +30,8 @@ def _library_dirs() -> tuple[str, ...]:
     import lightning
     import torch
 
-    import phasetune
-
-    dirs = {str(Path(m.__file__).resolve().parent) for m in (phasetune, lightning, torch, jsonargparse)}
+    dirs = {str(Path(m.__file__).resolve().parent) for m in (lightning, torch, jsonargparse)}
+    dirs.add(str(Path(__file__).resolve().parents[1]))  # phasetune's own folder (this file is in lightning/)
     dirs.add(str(Path(sysconfig.get_paths()["stdlib"]).resolve()))
     return tuple(d + os.sep for d in sorted(dirs))
 

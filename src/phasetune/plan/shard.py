@@ -4,7 +4,7 @@
   ``FakeStore``); collectives return at once and move no data. The device mesh is built before any fake
   tensor mode is entered (``init_device_mesh`` cannot run under one).
 - :func:`fsdp2_entries`: the ``fsdp_plan`` a run applies -- the user's, or the plain strategy's block plan
-  (:func:`phasetune.loop.strategy.unit_plan.block_plan`) -- with the defaults of
+  (:func:`phasetune.sharding.units.block_plan`) -- with the defaults of
   :func:`phasetune.sharding.plan.strategy_defaults`; :func:`apply_strategy` hands them to
   :func:`phasetune.sharding.plan.apply_plan`, the function the Lightning adapter and the plain strategy
   call. Nothing here re-implements sharding.
@@ -68,7 +68,7 @@ class Sharding:
 
 def fsdp2_entries(model: nn.Module, setup: PlanSetup) -> tuple[list[PlanEntry], dict[str, Any]]:
     """The validated ``fsdp_plan`` entries and defaults a run with ``setup`` applies to ``model``."""
-    from phasetune.loop.strategy.unit_plan import block_plan
+    from phasetune.sharding.units import block_plan
 
     defaults = strategy_defaults(setup.fsdp_default_kwargs, param_dtype=setup.compute_dtype, cpu_offload=setup.cpu_offload)
     raw = dict(setup.fsdp_plan) if setup.fsdp_plan is not None else block_plan(model, setup.block_classes)

@@ -5,6 +5,6 @@ Use it with :class:`phasetune.loop.ScheduledFinetuning`; ``docs/plain_pytorch.md
 
 from phasetune.loop.strategy.checkpoint_dirs import CheckpointInfo, list_checkpoints
 from phasetune.loop.strategy.fsdp2_strategy import FSDP2Strategy
-from phasetune.loop.strategy.unit_plan import block_plan
+from phasetune.sharding.units import block_plan
 
 __all__ = ["CheckpointInfo", "FSDP2Strategy", "block_plan", "list_checkpoints"]

@@ -6,7 +6,7 @@ homogeneous optimizer groups, gradient accumulation, one global gradient norm fo
 checkpoints with rotation, full-weights export and optimizer-state offload. It drives nothing by itself:
 the loop stays yours (see ``docs/plain_pytorch.md``).
 
-The class holds the training step; its units without a plan come from :mod:`phasetune.loop.strategy.unit_plan`,
+The class holds the training step; its units without a plan come from :mod:`phasetune.sharding.units`,
 what its checkpoints hold from :mod:`phasetune.loop.strategy.checkpoint_io`.
 """
 
@@ -37,10 +37,10 @@ from phasetune.loop.strategy.materialize import (
     materialize_problems,
     params_on_meta,
 )
-from phasetune.loop.strategy.unit_plan import block_plan, unit_dtype_problems
 from phasetune.sharding import clip_grad_norm_, grad_norm, save_full_model, split_groups
 from phasetune.sharding.names import root_name
 from phasetune.sharding.plan import apply_plan, match_plan, parse_plan, strategy_defaults
+from phasetune.sharding.units import block_plan, unit_dtype_problems
 from phasetune.util.dist import barrier
 from phasetune.util.files import PARTIAL_PREFIX, remove_leftovers, remove_path, replace_path
 from phasetune.util.text import few
