@@ -92,7 +92,7 @@ def rule_lr(spec: Any, optimizer_lr: float | None) -> float | None:
         return float(x)
     if optimizer_lr is None:
         return None
-    return _tidy(x * optimizer_lr if kind == "rel" else max(optimizer_lr, x))
+    return tidy_lr(x * optimizer_lr if kind == "rel" else max(optimizer_lr, x))
 
 
 def _rule_text(spec: Any) -> str:
@@ -222,7 +222,7 @@ def apply_recipe(recipe: str, units: Sequence[Sequence[str]], **options: Any) ->
     for k, params in enumerate(phases):
         schedule[k] = {"params": params}
         if k > 0 and lrs[k] is not None:
-            schedule[k]["lr"] = _tidy(lrs[k])
+            schedule[k]["lr"] = tidy_lr(lrs[k])
     phase_steps = options.get("phase_steps")
     if options.get("total_steps") is not None or options.get("head_fraction") is not None:
         if phase_steps is not None:
@@ -230,11 +230,11 @@ def apply_recipe(recipe: str, units: Sequence[Sequence[str]], **options: Any) ->
                              "across the phases), not both")
         phase_steps = split_budget(options.get("total_steps"), len(schedule), options.get("head_fraction"), recipe,
                                    steps_per_epoch=options.get("steps_per_epoch"))
-    _add_lengths(schedule, phase_steps, warmup, options.get("steps_per_epoch"), shape0)
+    add_lengths(schedule, phase_steps, warmup, options.get("steps_per_epoch"), shape0)
     if options.get("head_lr") is not None:
-        schedule[0]["new_lr_scheduler"]["init_pg_lrs"] = [_tidy(options["head_lr"])] * head_groups
+        schedule[0]["new_lr_scheduler"]["init_pg_lrs"] = [tidy_lr(options["head_lr"])] * head_groups
     if options.get("ft_head_lr") is not None and len(schedule) > 1:
-        schedule[len(schedule) - 1]["new_lr_scheduler"]["init_pg_lrs"] = [_tidy(options["ft_head_lr"])] * head_groups
+        schedule[len(schedule) - 1]["new_lr_scheduler"]["init_pg_lrs"] = [tidy_lr(options["ft_head_lr"])] * head_groups
     return schedule
 
 
@@ -282,8 +282,11 @@ def phase_lr_shape(steps: int, warmup_fraction: float = DEFAULT_WARMUP_FRACTION)
     return {"total_steps": int(steps), "warmup_steps": max(warmup, 0)}
 
 
-def _add_lengths(schedule: dict[int, dict[str, Any]], phase_steps: Any, warmup: float, steps_per_epoch: Any,
+def add_lengths(schedule: dict[int, dict[str, Any]], phase_steps: Any, warmup: float, steps_per_epoch: Any,
                  shape0: bool = False) -> None:
+    """Give each phase of ``schedule`` its length (``max_transition_step``, or ``max_transition_epoch`` with
+    ``steps_per_epoch``) and its ``WarmupLinearDecay`` over its own steps (phase 0's only with ``shape0``); shared
+    with the LoRA recipes."""
     if phase_steps is None:
         if steps_per_epoch is not None:
             raise ValueError("steps_per_epoch needs phase_steps or total_steps (the optimizer steps of each phase, "
@@ -323,6 +326,6 @@ def _positive(x: Any) -> bool:
     return not isinstance(x, bool) and isinstance(x, (int, float)) and x > 0
 
 
-def _tidy(x: float) -> float:
+def tidy_lr(x: float) -> float:
     """Round an lr to 4 significant digits, so the schedule file reads 5.12e-05, not 5.120000000000001e-05."""
     return float(f"{x:.4g}")

@@ -54,8 +54,8 @@ def progressive_lora(units: Sequence[Sequence[str]], *, has_stem: bool = True, r
         params = [*(head if k == 0 else []), *(_adapters(u, leaf, adapter_name) for u in group)]
         phases[k] = {"params": params}
         if k > 0 and lr is not None:
-            phases[k]["lr"] = _recipes._tidy(lr * lr_decay ** (k - 1))
-    _recipes._add_lengths(phases, *_lengths(lengths, len(phases)))
+            phases[k]["lr"] = _recipes.tidy_lr(lr * lr_decay ** (k - 1))
+    _recipes.add_lengths(phases, *_lengths(lengths, len(phases)))
     return {"peft": peft, **phases}
 
 
@@ -79,8 +79,8 @@ def lora_then_full(units: Sequence[Sequence[str]], *, has_stem: bool = True, r: 
         1: {"params": [_base_weights(u) for u in blocks[:full_blocks]], "merge_lora": True},
     }
     if lr is not None:
-        phases[1]["lr"] = _recipes._tidy(lr)
-    _recipes._add_lengths(phases, *_lengths(lengths, len(phases)))
+        phases[1]["lr"] = _recipes.tidy_lr(lr)
+    _recipes.add_lengths(phases, *_lengths(lengths, len(phases)))
     return {"peft": peft, **phases}
 
 
