@@ -168,7 +168,7 @@ def check_phases(
         # lr
         lr = body.get("lr")
         if lr is not None:
-            value = _as_float(lr)
+            value = as_float(lr)
             if value is None or not math.isfinite(value) or value <= 0:
                 problems.append(f"{where}, key 'lr': {lr!r} is not a positive number (e.g. lr: 1.0e-5)")
                 lr = None
@@ -234,7 +234,8 @@ def _cap(body: Mapping[str, Any], key: str, where: str, last: dict[str, tuple[in
     return value
 
 
-def _as_float(value: Any) -> float | None:
+def as_float(value: Any) -> float | None:
+    """``value`` as a float when it is a number or a numeric string (YAML 1.1 reads 1e-5 as one); else None."""
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
@@ -311,7 +312,7 @@ def _parse_new_lr_scheduler(raw: Any, where: str, idx: int, problems: list[str])
         ok = False
     init_pg_lrs = raw.get("init_pg_lrs")
     if init_pg_lrs is not None:
-        values = [_as_float(v) for v in init_pg_lrs] if isinstance(init_pg_lrs, (list, tuple)) else [None]
+        values = [as_float(v) for v in init_pg_lrs] if isinstance(init_pg_lrs, (list, tuple)) else [None]
         if any(v is None or v <= 0 for v in values):
             problems.append(f"{key}, 'init_pg_lrs': expected a list of positive numbers, got {init_pg_lrs!r}")
             ok = False

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from phasetune.core.schedule_validation import as_float
 from phasetune.errors import ScheduleError
 
 PEFT_KEYS = ("method", "r", "rank", "alpha", "dropout", "target_modules", "adapter_dtype", "adapter_name")
@@ -90,12 +91,12 @@ def parse_peft_section(raw: Any) -> tuple[LoraSpec | None, list[str]]:
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         problems.append(f"{where}, key '{rank_key}': {r!r} is not an integer >= 1 (the LoRA rank, e.g. {rank_key}: 8)")
         r = DEFAULT_RANK
-    alpha = _number(raw.get("alpha", DEFAULT_ALPHA))
+    alpha = as_float(raw.get("alpha", DEFAULT_ALPHA))
     if alpha is None or not math.isfinite(alpha) or alpha <= 0:
         problems.append(f"{where}, key 'alpha': {raw.get('alpha')!r} is not a positive number (the adapter's "
                         "output is scaled by alpha / r; e.g. alpha: 16)")
         alpha = DEFAULT_ALPHA
-    dropout = _number(raw.get("dropout", 0.0))
+    dropout = as_float(raw.get("dropout", 0.0))
     if dropout is None or not 0 <= dropout < 1:
         problems.append(f"{where}, key 'dropout': {raw.get('dropout')!r} is not a number in [0, 1) (dropout on "
                         "the adapter's input; 0 turns it off)")
@@ -219,16 +220,3 @@ def parse_merge_lora(raw: Any, phase: int, problems: list[str]) -> MergeSpec | N
             problems.append(f"{key}: '{entry}' is not a valid regex ({e})")
             ok = False
     return MergeSpec(tuple(entries), reinit, seed) if ok else None
-
-
-def _number(x: Any) -> float | None:
-    if isinstance(x, bool):
-        return None
-    if isinstance(x, (int, float)):
-        return float(x)
-    if isinstance(x, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
-        try:
-            return float(x)
-        except ValueError:
-            return None
-    return None
