@@ -92,6 +92,12 @@ def test_load_state_of_a_folder_saved_without_phasetune_names_the_file(tmp_path)
     assert ft.depth == 0 and ft.global_step is None  # nothing was loaded
 
 
+def test_loading_into_a_run_that_already_transitioned_names_the_accelerate_class(tmp_path):
+    _, ft, _ = accelerate_runs.step_run(STEPS, save_at=6, save_dir=tmp_path)  # ran past its first transition
+    with pytest.raises(ConfigurationError, match=r"needs a fresh AcceleratedFinetuning \(one that has not transitioned"):
+        ft.accelerator.load_state(str(tmp_path))
+
+
 def test_bad_input_is_named_with_its_fix_all_at_once_before_training():
     accelerator = Accelerator(cpu=True)
     module = ToyModule(lr=0.1)

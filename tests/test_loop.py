@@ -107,6 +107,17 @@ def test_restore_best_puts_back_the_state_of_the_phases_best_epoch_before_thawin
     assert all(torch.equal(v, best_state[k]) for k, v in ft.optimizer.state[model.head.weight].items())
 
 
+def test_the_restore_line_calls_an_unnamed_loop_metric_metric(caplog):
+    model, ft = build(METRIC_SCHEDULE, patience=1, restore_best=True)
+    train_epoch(model, ft, seed=1)
+    ft.step(0, metric=0.5)
+    train_epoch(model, ft, seed=2)
+    with caplog.at_level("INFO", logger="phasetune"):
+        ft.step(1, metric=0.7)
+    text = caplog.text
+    assert "restored the best state (metric=0.5 at epoch 0)" in text and "None=" not in text
+
+
 def test_state_dict_resumes_the_schedule_exactly_in_a_later_phase():
     model, ft = build(METRIC_SCHEDULE, patience=1, restore_best=True, optimizer="sgd")
     values = [1.0, 0.8, 0.9, 0.7, 0.75, 0.6]

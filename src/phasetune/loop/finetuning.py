@@ -192,7 +192,7 @@ class ScheduledFinetuning(RunView):
         """Continue a saved run: replay its transitions (thaw, groups, optimizer, scheduler) and bookkeeping. Call it
         on a freshly built object before loading optimizer and lr scheduler state (``FSDP2Strategy.load_ckpt``)."""
         if self.run.depth != 0 or len(self.run.history) != 1 or self.run.history[0].end_epoch is not None:
-            raise ConfigurationError("load_state_dict needs a ScheduledFinetuning that has not transitioned yet; "
+            raise ConfigurationError(f"load_state_dict needs a fresh {type(self).__name__} (one that has not transitioned yet); "
                                      "build a new one (with a new optimizer) to resume")
         self.run.restore(self, state, audit=True, generators=rng.loader_generators(self.train_loader))
         self.global_step, self._epoch = state.get("global_step"), int(state.get("epoch", self.run.history[-1].start_epoch))

@@ -129,7 +129,7 @@ def restore_best(run: PhaseRun, rec: PhaseRecord, optimizer: Optimizer, schedule
         )
         return f"restoring the best state failed ({len(problems)} problem(s), see the warning)"
     rec.restored_best = True
-    where = f"{run.monitor}={snap.value:.4g} at epoch {snap.epoch}"
+    where = f"{run.monitor or 'metric'}={snap.value:.4g} at epoch {snap.epoch}"
     if snap.epoch < rec.start_epoch:  # the phase's baseline: it never beat the run's best
         return f"phase {run.depth} did not beat the best {where}: rolled back to the state it started from"
     return f"restored the best state ({where})"
