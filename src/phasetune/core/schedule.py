@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from phasetune.core import specs
-from phasetune.core.schedule_validation import check_phases, load_schedule_source
+from phasetune.core.schedule_validation import check_phases, load_schedule_source, plain_data
 from phasetune.errors import ScheduleError
 from phasetune.util.files import atomic_write_text
 from phasetune.util.text import few
@@ -49,6 +49,9 @@ class Phase:
     #: the frozen-prefix cache for this phase: None (off) or the ``prefix_cache`` sub-keys given ({}: defaults);
     #: not in the resume fingerprint, since it does not change what trains
     prefix_cache: dict[str, Any] | None = field(default=None, hash=False)
+    #: ``merge_lora`` as written (None: no merge at the transition into this phase); checked and applied by the
+    #: run (:mod:`phasetune.run.lora_glue`), in the resume fingerprint
+    merge_lora: Any = field(default=None, hash=False)
 
     def to_dict(self, resolved: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {"params": list(self.params if resolved else self.patterns)}
@@ -64,6 +67,8 @@ class Phase:
             out["new_lr_scheduler"] = self.new_lr_scheduler.to_dict()
         if self.prefix_cache is not None:
             out["prefix_cache"] = dict(self.prefix_cache) if self.prefix_cache else True
+        if self.merge_lora is not None:
+            out["merge_lora"] = self.merge_lora
         return out
 
 
@@ -76,6 +81,8 @@ class Schedule:
     source: str = "<dict>"
     warnings: tuple[str, ...] = ()
     shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict, compare=False)
+    #: the ``peft`` section as written (None: none); checked and applied by the run (:mod:`phasetune.run.lora_glue`)
+    peft: Mapping[str, Any] | None = field(default=None, hash=False)
 
     def __len__(self) -> int:
         return len(self.phases)
@@ -94,8 +101,11 @@ class Schedule:
         """Names trainable at ``depth`` (phases 0..depth)."""
         return [n for p in self.phases[: depth + 1] for n in p.params]
 
-    def to_dict(self, resolved: bool = True) -> dict[int, dict[str, Any]]:
-        return {p.index: p.to_dict(resolved) for p in self.phases}
+    def to_dict(self, resolved: bool = True) -> dict[Any, Any]:
+        """The schedule as a file writes it: the ``peft`` section (if any), then phase index -> settings."""
+        out: dict[Any, Any] = {"peft": self.peft} if self.peft is not None else {}
+        out.update({p.index: p.to_dict(resolved) for p in self.phases})
+        return out
 
     def to_yaml(self, resolved: bool = True) -> str:
         return yaml.safe_dump(self.to_dict(resolved), sort_keys=False, default_flow_style=False, width=120)
@@ -118,9 +128,11 @@ class Schedule:
                     "max_transition_step": p.max_transition_step,
                     "new_optimizer": p.new_optimizer.to_dict() if p.new_optimizer else None,
                     "new_lr_scheduler": p.new_lr_scheduler.to_dict() if p.new_lr_scheduler else None,
+                    "merge_lora": p.merge_lora,
                 }
                 for p in self.phases
             ],
+            "peft": self.peft,
             "shapes": {n: list(s) for n, s in self.shapes.items() if n in set(self.scheduled_params)},
             "model_digest": _model_digest(self.shapes),
         }
@@ -137,7 +149,8 @@ def diff_fingerprints(saved: Mapping[str, Any], current: Mapping[str, Any]) -> t
     """Compare a checkpoint's schedule fingerprint with the current one.
 
     Returns ``(blocking, benign)``: differences in which parameters train in which phase, the phase count,
-    the optimizer/scheduler a phase installs or the model's parameters block a resume; different ``lr`` or
+    the optimizer/scheduler a phase installs, the ``peft`` section, a phase's ``merge_lora`` or the model's
+    parameters block a resume (fingerprints written before the LoRA keys existed read as None); different ``lr`` or
     ``max_transition_epoch`` / ``max_transition_step`` values are reported but allowed (later phases use the
     current values; fingerprints written before ``max_transition_step`` existed read as -1).
     """
@@ -146,6 +159,8 @@ def diff_fingerprints(saved: Mapping[str, Any], current: Mapping[str, Any]) -> t
     sp, cp = saved["phases"], current["phases"]
     if len(sp) != len(cp):
         blocking.append(f"the checkpoint's schedule has {len(sp)} phases, the current one has {len(cp)}")
+    if saved.get("peft") != current.get("peft"):
+        blocking.append(f"the peft section differs: checkpoint {saved.get('peft')!r}, now {current.get('peft')!r}")
     for i, (a, b) in enumerate(zip(sp, cp)):
         if a["params"] != b["params"]:
             added = sorted(set(b["params"]) - set(a["params"]))
@@ -158,7 +173,7 @@ def diff_fingerprints(saved: Mapping[str, Any], current: Mapping[str, Any]) -> t
             if not parts:
                 parts.append("same names in a different order")
             blocking.append(f"phase {i} trains different parameters: {'; '.join(parts)}")
-        for key in ("new_optimizer", "new_lr_scheduler"):
+        for key in ("new_optimizer", "new_lr_scheduler", "merge_lora"):
             if a.get(key) != b.get(key):
                 blocking.append(f"phase {i} key {key!r} differs: checkpoint {a.get(key)!r}, now {b.get(key)!r}")
         for key, unset in (("lr", None), ("max_transition_epoch", -1), ("max_transition_step", -1)):
@@ -199,7 +214,9 @@ def resolve_schedule(
     phases = [Phase(**fields) for fields in checked]
     scheduled = {n for p in phases for n in p.params}
     unscheduled = tuple(n for n in names if n not in scheduled)
-    return Schedule(tuple(phases), unscheduled, desc, tuple(notes), shapes)
+    peft = raw.get("peft") if isinstance(raw, Mapping) else None
+    return Schedule(tuple(phases), unscheduled, desc, tuple(notes), shapes,
+                    None if peft is None else plain_data(peft))
 
 
 def param_shapes(named_parameters: Iterable[tuple[str, Any]]) -> dict[str, tuple[int, ...]]:

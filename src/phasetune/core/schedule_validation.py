@@ -22,7 +22,10 @@ from phasetune.util.files import DuplicateKeyError, load_yaml
 from phasetune.util.text import few
 
 PHASE_KEYS = ("params", "lr", "max_transition_epoch", "max_transition_step", "new_optimizer", "new_lr_scheduler",
-              "prefix_cache")
+              "prefix_cache", "merge_lora")
+#: top-level keys of a schedule that are not phases (checked by the layer that uses them: ``peft`` by
+#: :mod:`phasetune.lora.section`, in the run, with the model at hand)
+SECTION_KEYS = ("peft",)
 #: how the two phase-length keys count, for their messages
 _CAP_UNITS = {"max_transition_epoch": "epoch", "max_transition_step": "optimizer step"}
 NEW_LR_SCHEDULER_KEYS = ("lr_scheduler_init", "pl_lrs_cfg", "init_pg_lrs", "use_current_optimizer_pg_lrs")
@@ -82,13 +85,17 @@ def check_phases(
             f"the schedule must be a mapping of phase index to phase settings (0: {{params: [...]}}), "
             f"got {type(raw).__name__}"
         ], []
-    if not raw:
+    if not any(k not in SECTION_KEYS for k in raw):
         return [], ["the schedule is empty; it needs at least phase 0 with 'params'"], []
     indexed: dict[int, Any] = {}
     for key, value in raw.items():
+        if key in SECTION_KEYS:
+            continue
         idx = _phase_index(key)
         if idx is None or idx < 0:
-            problems.append(f"phase key {key!r} is not a non-negative integer; phases are numbered 0, 1, 2, ...")
+            hint = difflib.get_close_matches(str(key), SECTION_KEYS, n=1) if isinstance(key, str) else []
+            problems.append(f"phase key {key!r} is not a non-negative integer; phases are numbered 0, 1, 2, ..."
+                            + (f" (or did you mean the {hint[0]!r} section?)" if hint else ""))
             continue
         if idx in indexed:
             problems.append(f"phase {idx} is defined twice (keys {key!r} and another spelling of {idx})")
@@ -204,6 +211,7 @@ def check_phases(
                 new_lr_scheduler=new_lrs,
                 patterns=tuple(e for e in entries if isinstance(e, str)),
                 prefix_cache=cache,
+                merge_lora=plain_data(body.get("merge_lora")),  # checked by phasetune.lora in the run
             )
         )
     return phases, problems, notes
@@ -231,6 +239,15 @@ def _cap(body: Mapping[str, Any], key: str, where: str, last: dict[str, tuple[in
             problems.append(f"{where}, key '{key}': {value} is not after phase {prev}'s {prev_value}; {unit} counts "
                             "are absolute (since the start of the fit), so each capped phase must end later than the last")
         last[key] = (idx, value)
+    return value
+
+
+def plain_data(value: Any) -> Any:
+    """``value`` as YAML-safe plain data (mappings -> dicts, sequences -> lists), for keys kept raw."""
+    if isinstance(value, Mapping):
+        return {k: plain_data(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_data(v) for v in value]
     return value
 
 
