@@ -136,3 +136,15 @@ def test_every_public_name_imports_from_the_package(name):
         warnings.simplefilter("error", DeprecationWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(?!phasetune)")  # third parties'
         assert getattr(phasetune, name) is not None
+
+
+def test_the_sources_prose_names_modules_by_their_new_paths():
+    # docstrings and messages point readers at modules: an old path there sends them through the alias table
+    old = re.compile(r"(?<![\w.])(" + "|".join(re.escape(o) for o in sorted(ALIASES, key=len, reverse=True)) + r")\b")
+    found = []
+    for path in sorted((ROOT / "src" / "phasetune").rglob("*.py")):
+        if path.name == "_aliases.py" or path == ROOT / "src" / "phasetune" / "__init__.py":  # they name them on purpose
+            continue
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            found += [f"{path.relative_to(ROOT)}:{lineno}: {m.group(1)} -> {new_path(m.group(1))}" for m in old.finditer(line)]
+    assert found == []

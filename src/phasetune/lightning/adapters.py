@@ -61,7 +61,7 @@ class StrategyAdapter:
         where that directory is on another filesystem (a tmpfs ``/tmp``, checkpoints on disk) the move is a copy,
         and a process killed during it leaves a partial checkpoint under the final name, which a resume with
         ``ckpt_path="last"`` then fails to load. Here the file is written under a hidden name in its own directory
-        (:func:`phasetune.io.partial_path`), flushed to disk and renamed over its name; what saves killed before
+        (:func:`phasetune.util.files.partial_path`), flushed to disk and renamed over its name; what saves killed before
         left there is removed after the next one. A remote (fsspec URL) path, ``storage_options`` and a
         CheckpointIO of the user's own keep Lightning's way.
         """

@@ -51,7 +51,7 @@ class FinetuningScheduler(LightningResume, RunView, Callback):
             ``schedule_style``) at the start of the fit, over the fit's step budget
             (``trainer.estimated_stepping_batches``: ``max_steps``, or ``max_epochs`` x batches per epoch after
             ``limit_train_batches`` and gradient accumulation) with the default settings
-            (:func:`phasetune.recipes.default_settings`), and runs it; the file it writes to the log dir says
+            (:func:`phasetune.core.recipes.default_settings`), and runs it; the file it writes to the log dir says
             the budget, the settings and where they came from.
         gen_ft_sched_only: write the generated schedule to the log dir and stop before training
             (raises :class:`~phasetune.errors.ScheduleGenerated`, a clean ``SystemExit``) at the start of the

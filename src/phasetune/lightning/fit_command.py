@@ -10,7 +10,7 @@
 * with ``--baseline also`` then trains the same model and data with plain full fine-tuning for the same
   number of steps and prints both runs side by side (``--baseline only`` trains just the baseline);
 * with ``--seeds N`` does all that N times (seeds ``seed_everything``, +1, ...) and prints mean ± sd of each
-  metric per arm and the paired difference scheduled - baseline (:mod:`phasetune.seeds`).
+  metric per arm and the paired difference scheduled - baseline (:mod:`phasetune.lightning.seed_tables`).
 
 The console script's entry point is :func:`phasetune.lightning.cli.main`.
 """

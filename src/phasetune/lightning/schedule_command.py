@@ -77,7 +77,7 @@ def _schedule_parser() -> argparse.ArgumentParser:
                           "(the same with lrs falling by --lr_decay per block), 'lpft' (head, then everything) or "
                           "'pairs' (the classic: two tensors per phase); default: the config's schedule_style")
     gen.add_argument("--lr", type=float, help="lr of phase 1 (phase 0 trains at configure_optimizers' lr); lpft: "
-                                              "default 2e-4, the implicit default's (phasetune.recipes.DEFAULT_RULE)")
+                                              "default 2e-4, the implicit default's (phasetune.core.recipes.DEFAULT_RULE)")
     gen.add_argument("--lr_decay", type=float, help="discriminative: lr factor from one block to the one below")
     gen.add_argument("--phase_steps", type=int, nargs="+", metavar="N",
                      help="optimizer steps per phase (one value for all, or one per phase): each phase >= 1 gets "

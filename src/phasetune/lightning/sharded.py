@@ -125,7 +125,7 @@ class ShardedStrategyAdapter(StrategyAdapter):
 
 def _put_in_place(tmp: Path, final: Path) -> None:
     """Rename the complete checkpoint ``tmp`` (a file or a directory) to ``final``, replacing what is there, so that
-    ``final`` names a complete checkpoint at every moment (:func:`phasetune.io.replace_path`, which says where it
+    ``final`` names a complete checkpoint at every moment (:func:`phasetune.util.files.replace_path`, which says where it
     cannot); remove what killed saves left behind."""
     replace_path(tmp, final)
     remove_leftovers(final.parent)

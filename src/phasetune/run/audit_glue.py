@@ -1,6 +1,6 @@
 """What a :class:`~phasetune.run.PhaseRun` adds around the thaw audit (torch only).
 
-- :func:`build`: the run's :class:`~phasetune.audit.PhaseAudit` (``RunOptions.audit``: raise, warn or off), its
+- :func:`build`: the run's :class:`~phasetune.features.audit.phase_audit.PhaseAudit` (``RunOptions.audit``: raise, warn or off), its
   results written into the phase's history record, its spent hooks removed after each phase's first step, and a
   warning when the audited optimizer has not stepped 10 optimizer steps into a phase;
 - :class:`LrNames`: readable names of the optimizer's groups (``phase1/layers.2-3``), computed at a start, a
@@ -54,7 +54,7 @@ def _not_stepped(run: Any, step: int) -> None:
 
 
 class LrNames:
-    """Each optimizer group's readable name (see :func:`phasetune.audit.group_names`), kept until the groups
+    """Each optimizer group's readable name (see :func:`phasetune.features.audit.phase_audit.group_names`), kept until the groups
     change: :meth:`refresh` at a start, a transition or a resume; :meth:`lrs` reads the current lrs."""
 
     def __init__(self, engine: Any) -> None:

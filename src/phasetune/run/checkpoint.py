@@ -33,7 +33,7 @@ class RunCheckpoint:
         ``random_state``: include the random state of this rank (``env.state_saved_per_rank``) or of every
         rank (gathered: a collective every rank calls), restored by :meth:`resume`; front ends whose
         trainer saves it itself (Hugging Face) leave it out. ``generators``: the training loader's own
-        (:func:`phasetune.rng.loader_generators`), saved with it.
+        (:func:`phasetune.features.random_state.loader_generators`), saved with it.
         """
         self._close_clock()
         state: dict[str, Any] = {

@@ -36,10 +36,10 @@ class RunOptions:
     #: phases end only at their ``max_transition_epoch`` / ``max_transition_step`` (one of them required in every
     #: phase); no early stopping
     epoch_transitions_only: bool = False
-    #: how an implicit schedule (none given) is generated: one of :data:`phasetune.generate.STYLES` (recipes)
+    #: how an implicit schedule (none given) is generated: one of :data:`phasetune.core.generate.STYLES` (recipes)
     schedule_style: str = generate.DEFAULT_STYLE
-    #: the recipe's options for an implicit schedule (any of :data:`phasetune.recipes.OPTIONS`); under the default
-    #: style they override the default settings (:data:`phasetune.recipes.DEFAULT_RULE`), and ``total_steps``
+    #: the recipe's options for an implicit schedule (any of :data:`phasetune.core.recipes.OPTIONS`); under the default
+    #: style they override the default settings (:data:`phasetune.core.recipes.DEFAULT_RULE`), and ``total_steps``
     #: replaces the run's own step budget
     schedule_options: Mapping[str, Any] | None = None
     #: for implicit schedules: a ``new_optimizer`` / ``new_lr_scheduler`` mapping applied at every transition
@@ -56,7 +56,7 @@ class RunOptions:
     #: a resume onto another number of processes, whose per-process random state cannot be restored:
     #: refuse it ("exact") or re-seed every generator from the saved state with a warning ("reseed")
     resume_rng: str = "exact"
-    #: the thaw audit (:mod:`phasetune.audit`) at every start, transition and resume and after each phase's first
+    #: the thaw audit (:mod:`phasetune.features.audit.phase_audit`) at every start, transition and resume and after each phase's first
     #: optimizer step: raise on a failure ("raise"), warn ("warn"), or do not audit ("off")
     audit: str = "raise"
     #: a scheduler's lr of 0 on a newly thawed group at its first step: a failure ("fail") or only reported

@@ -239,7 +239,7 @@ class PhaseRun(RunSequence, RunCheckpoint):
         self, optimizer: Optimizer, schedulers: Sequence[Any], *, stage: str, thawed: Sequence[str] | None = None,
         model: nn.Module | None = None,
     ) -> AuditResult | None:
-        """Audit the phase just entered (``stage``: start, transition or resume; see :mod:`phasetune.audit`) once the
+        """Audit the phase just entered (``stage``: start, transition or resume; see :mod:`phasetune.features.audit.phase_audit`) once the
         front end installed it (a rebuilt DDP: ``model``, the model as trained; a phase's new scheduler); name the
         groups for :meth:`lrs`. A collective: every rank calls it."""
         self.lr_names.refresh(optimizer)
@@ -255,7 +255,7 @@ class PhaseRun(RunSequence, RunCheckpoint):
 
     def reserve_recompiles(self) -> None:
         """A compiled model: raise dynamo's recompile limit for the schedule's phases until :meth:`release` (see
-        :mod:`phasetune.compile_support`; front ends whose training has an end call it)."""
+        :mod:`phasetune.features.compile_support`; front ends whose training has an end call it)."""
         if self.model is not None:
             self._give_back_recompiles = compile_support.reserve_recompiles(self.model, len(self.schedule), self.env.info)
 
@@ -289,7 +289,7 @@ class PhaseRun(RunSequence, RunCheckpoint):
 
     def add_step_watch(self, fn: Callable[[PhaseRun, int], None], *, after: int = 1) -> None:
         """Call ``fn(run, step)`` once per phase after its ``after``-th optimizer step (1: its first), on every
-        rank; not again in a resumed phase whose step had passed (see :mod:`phasetune.step_events`)."""
+        rank; not again in a resumed phase whose step had passed (see :mod:`phasetune.run.step_events`)."""
         self._events.add(after, fn)
         if self.history:
             self._plan_steps(self.history[-1].start_step or 0)

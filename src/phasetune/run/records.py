@@ -28,7 +28,7 @@ class PhaseRecord:
     best_epoch: int | None = None
     restored_best: bool = False
     wall_time: float = 0.0
-    peak_memory: int | None = None  # bytes; what was measured: peak_memory_kind (see phasetune.memory)
+    peak_memory: int | None = None  # bytes; what was measured: peak_memory_kind (see phasetune.features.peak_memory)
     peak_memory_kind: str | None = None
     #: the thaw audit's last line for this phase (its transition's, then its first step's); None: not audited
     audit: str | None = None

@@ -78,7 +78,7 @@ class RunSequence:
     def use_prefix_cache(self: PhaseRun, model: nn.Module, overrides: Mapping[int, Any] | None,
                          **settings: Any) -> list[str]:
         """Build the frozen-prefix cache of the phases that ask for one (schedule key or ``overrides``), kept as
-        :attr:`caches` when any phase caches; ``settings`` go to :class:`~phasetune.prefix_phases.PrefixCachePhases`.
+        :attr:`caches` when any phase caches; ``settings`` go to :class:`~phasetune.features.prefix_cache.phases.PrefixCachePhases`.
         Returns the problems for the front end's setup error (none: ready, or no phase caches)."""
         self.close_caches()
         if overrides is None and all(p.prefix_cache is None for p in self.schedule):

@@ -4,7 +4,7 @@ Under ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` set) the default pr
 ``nccl`` when CUDA is available and ``gloo`` otherwise. Started as a plain ``python train.py``, a one-process
 group is created in memory, so the same script (FSDP2, DCP checkpoints and all) runs unchanged on one
 process. A group the caller already created is used as it is. Rank queries and collectives that work
-with or without a group are in :mod:`phasetune._dist`.
+with or without a group are in :mod:`phasetune.util.dist`.
 """
 
 from __future__ import annotations
