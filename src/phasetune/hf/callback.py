@@ -30,6 +30,7 @@ from phasetune.core.transitions import EARLY_STOPPING
 from phasetune.errors import ConfigurationError
 from phasetune.hf import settings
 from phasetune.run import Patience, PhaseRun, RunEnv, RunOptions, RunView, prefix_cache_problems
+from phasetune.run.memory_check import check_trainer_memory
 from phasetune.sharding.names import logical_name
 from phasetune.util.files import atomic_torch_save
 
@@ -172,6 +173,7 @@ class PhasetuneTrainerCallback(RunView, TrainerCallback):
                 "PhasetuneTrainerCallback needs its Trainer hook to reach the optimizer: use "
                 "phasetune.hf.PhasetuneTrainer instead of transformers.Trainer, or mix PhasetuneTrainerMixin into "
                 "your Trainer class (class MyTrainer(PhasetuneTrainerMixin, Trainer))")
+        check_trainer_memory(self.run, self._trainer)  # options.memory_check: raises before any step if a phase won't fit
         epoch = _epoch_starting(state)
         self.run.begin(self, epoch=epoch, step=state.global_step, resumed=self.resume_from is not None)
         if not self.run.begin_training(self, epoch=epoch, step=state.global_step):

@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import Callback
 
 from phasetune.core import generate, transitions
 from phasetune.errors import ConfigurationError, ScheduleError, ScheduleGenerated
-from phasetune.lightning import _compat, fts_compat, messages, run_facts
+from phasetune.lightning import _compat, fts_compat, memory_facts, messages, run_facts
 from phasetune.lightning.adapters import StrategyAdapter, select_adapter
 from phasetune.lightning.callback_resume import LightningResume
 from phasetune.lightning.companions import configure_companions
@@ -58,10 +58,11 @@ class FinetuningScheduler(LightningResume, RunView, Callback):
             fit, where the budget and the optimizer's lr are known.
         max_depth, base_max_lr, restore_best, epoch_transitions_only, schedule_style, schedule_options, reinit_optim_cfg,
         reinit_lr_cfg, enforce_phase0_params, apply_lambdas_new_pgs, frozen_bn_track_running_stats,
-        snapshot_storage, resume_rng, audit, audit_zero_lr: the knobs every front end shares, with one meaning and
-            default each: see :class:`phasetune.RunOptions` (``self.options``). ``audit="raise"`` (the default)
-            checks each phase at its start and after its first optimizer step and raises
-            :class:`~phasetune.AuditError` naming what did not take effect (see docs/audit.md).
+        snapshot_storage, resume_rng, audit, audit_zero_lr, memory_check: the knobs every front end shares, with one
+            meaning and default each: see :class:`phasetune.RunOptions` (``self.options``). ``audit="raise"`` (the
+            default) checks each phase at its start and after its first optimizer step and raises
+            :class:`~phasetune.AuditError` naming what did not take effect (see docs/audit.md). ``memory_check``
+            (on for a CUDA device) plans the fit's memory before its first step (docs/memory_plan.md).
         strategy_adapter_cfg: options for the strategy adapter (FSDP/FSDP2 adapters take some).
         log_dir: where generated schedules, the resolved schedule and snapshot files go; ``None`` uses
             ``trainer.log_dir`` (or ``default_root_dir``).
@@ -97,6 +98,7 @@ class FinetuningScheduler(LightningResume, RunView, Callback):
         resume_rng: str = "exact",
         audit: str = "raise",
         audit_zero_lr: str = "fail",
+        memory_check: Any = None,
         strategy_adapter_cfg: Mapping[str, Any] | None = None,
         log_dir: str | os.PathLike[str] | None = None,
         logging_level: int | str | None = None,
@@ -135,7 +137,6 @@ class FinetuningScheduler(LightningResume, RunView, Callback):
         self._steps: Any = None  # the optimizer-step counter on_train_batch_end reads (set in on_train_start)
         # the per-batch hook exists only while a phase caches (an instance attribute): other fits do no work per step
         self.__dict__.pop("on_train_batch_start", None)
-
 
     # ------------------------------------------------------------------ public read-only state
     @property
@@ -251,6 +252,7 @@ class FinetuningScheduler(LightningResume, RunView, Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.run is not None
+        memory_facts.check_at_train_start(self, trainer, pl_module)  # memory_check: before the first training step
         self._after_data_iterator(trainer)
         es = self.early_stopping
         stopped = es is not None and es.wait_count >= es.patience  # restored from a run early stopping ended
@@ -338,13 +340,8 @@ class FinetuningScheduler(LightningResume, RunView, Callback):
         self.run.caches.before_batch(batch)  # type: ignore[union-attr]
 
 
-def _option(name: str) -> property:
-    """A callback attribute that reads and writes ``self.options.<name>``."""
-    return property(lambda self: getattr(self.options, name), lambda self, value: setattr(self.options, name, value))
-
-
 # the shared knobs live in self.options (one RunOptions, as in the plain loop), under their FTS names
 for _name in RunOptions.names():
-    setattr(FinetuningScheduler, _name, _option(_name))
+    setattr(FinetuningScheduler, _name, fts_compat.option_property(_name))
 
 __all__ = ["STATE_FORMAT", "FinetuningScheduler", "PhaseRecord", "ScheduleError"]

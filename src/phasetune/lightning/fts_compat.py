@@ -128,3 +128,9 @@ def fts_checkpoint_error(state: Mapping[str, Any] | None, path: Any) -> Configur
         "load_state_dict of its 'state_dict') and call fit without ckpt_path"
         + (f", e.g. with a schedule whose phase 0 thaws what FTS's phases 0..{depth} did" if isinstance(depth, int) and depth > 0 else "")
     )
+
+
+def option_property(name: str) -> property:
+    """A callback attribute that reads and writes ``self.options.<name>``: FTS's flat option names on the callback,
+    kept in its one ``RunOptions``."""
+    return property(lambda self: getattr(self.options, name), lambda self, value: setattr(self.options, name, value))

@@ -23,14 +23,14 @@ from torch.optim import Optimizer
 
 from phasetune.core.engine import Transition
 from phasetune.errors import ConfigurationError
-from phasetune.loop.finetuning import ScheduledFinetuning
+from phasetune.loop import finetuning, run_facts
 from phasetune.run import Patience, PhaseRun, RunEnv, RunOptions
 
 STATE_FILE = "phasetune_state.pt"  # in every save_state folder; read back before the optimizer state loads
 UNSUPPORTED = ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA")  # they shard the model or own the optimizer
 
 
-class AcceleratedFinetuning(ScheduledFinetuning):
+class AcceleratedFinetuning(finetuning.ScheduledFinetuning):
     """A schedule over ``model``, ``optimizer`` and ``lr_scheduler``, given *before* ``accelerator.prepare`` (which
     this calls); train with ``ft.model``, ``ft.optimizer`` and ``ft.lr_scheduler``, which a transition may replace.
     ``schedule``, ``options`` and the keywords are :class:`~phasetune.loop.ScheduledFinetuning`'s."""
@@ -49,6 +49,7 @@ class AcceleratedFinetuning(ScheduledFinetuning):
                             env=RunEnv(named_buffers=lambda: dict(model.named_buffers()), device=accelerator.device),
                             model=model, no_decay=no_decay, mode=mode)  # frozen to phase 0; rank 0's state is saved
         self.run.patience = Patience(patience, min_delta, check_finite, mode)
+        run_facts.check_accelerated_memory(self.run, model, optimizer, accelerator)  # options.memory_check, unprepared
         given = [model, optimizer] + ([] if lr_scheduler is None else [lr_scheduler])
         self.model, self.optimizer, *self.schedulers = accelerator.prepare(*given)
         self.run.prepare(self, expected=True)  # the optimizer fitted to phase 0, phase 0's lr scheduler

@@ -27,7 +27,7 @@ from torch.optim import Optimizer
 from phasetune.core.engine import Transition
 from phasetune.errors import ConfigurationError
 from phasetune.features import random_state as rng
-from phasetune.loop.run_facts import budget_problems, loop_facts
+from phasetune.loop.run_facts import budget_problems, check_loop_memory, loop_facts
 from phasetune.run import Patience, PhaseRecord, PhaseRun, RunEnv, RunOptions, RunView, prefix_cache_problems
 from phasetune.sharding.groups import split_groups
 from phasetune.sharding.names import logical_name, logical_view
@@ -118,6 +118,7 @@ class ScheduledFinetuning(RunView):
             env.info(f"implicit schedule ({len(self.run.schedule)} phases; {self.run.implicit.budget_line})")
         cache_problems = self.run.use_prefix_cache(model, prefix_cache, spill_dir=spill_dir, dataset=train_dataset)
         self.run.prepare(self, expected=True, checks=[lambda: cache_problems])
+        check_loop_memory(self.run, model, optimizer, train_loader)  # options.memory_check: raises before phase 0
         self.run.begin(self, epoch=0, step=0, reserve=False)
         self.run.begin_training(self, epoch=0, step=0)
 

@@ -1,12 +1,17 @@
-"""What an implicit schedule of the plain loop is generated from, and what is wrong with the budget arguments."""
+"""What an implicit schedule of the plain loop is generated from, what is wrong with the budget arguments, and what
+the memory check at construction knows of the run (:func:`loop_shape`, :func:`accelerator_shape`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
+from torch import nn
 from torch.optim import Optimizer
 
 from phasetune.core.generate import RunFacts
+from phasetune.run.memory_check import RunShape, check_memory, loader_shape, noted_shape
+from phasetune.util import dist
 
 
 def loop_facts(optimizer: Optimizer, total_steps: int | None, max_epochs: int | None, train_loader: Any) -> RunFacts:
@@ -44,4 +49,35 @@ def budget_problems(schedule: Any, total_steps: Any, max_epochs: Any) -> list[st
     return found
 
 
-__all__ = ["budget_problems", "loop_facts"]
+def check_loop_memory(run: Any, model: nn.Module, optimizer: Optimizer, train_loader: Any) -> None:
+    """The memory check of a plain loop's run (:func:`phasetune.run.memory_check.check_memory`), at construction."""
+    check_memory(run, model, optimizer, loop_shape(model, train_loader, run.env.device))
+
+
+def check_accelerated_memory(run: Any, model: nn.Module, optimizer: Optimizer, accelerator: Any) -> None:
+    """The memory check of an Accelerate loop's run, at construction (before ``accelerator.prepare``)."""
+    check_memory(run, model, optimizer, accelerator_shape(accelerator))
+
+
+def loop_shape(model: nn.Module, train_loader: Any, device: torch.device | None) -> RunShape:
+    """The plain loop's run for the memory check: FSDP2 (what ``FSDP2Strategy.prepare_model`` noted: its plan,
+    precision and batch sizes), DDP or one device by the model's wrapper, and the loader's batches."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
+
+    kind = "fsdp2" if isinstance(model, FSDPModule) else "ddp" if isinstance(model, DistributedDataParallel) else "single"
+    return RunShape(**{"strategy": kind, "world_size": dist.world_size(), "device": device, **loader_shape(train_loader),
+                       **noted_shape(model)})
+
+
+def accelerator_shape(accelerator: Any) -> RunShape:
+    """An Accelerate run for the memory check: DDP over its processes (or one device), its mixed precision and
+    gradient accumulation; no loader (give memory_check its micro_batch and seq_len)."""
+    world = int(accelerator.num_processes)
+    precision = str(accelerator.mixed_precision)
+    return RunShape("ddp" if world > 1 else "single", world, mixed_precision=precision if precision in ("bf16", "fp16")
+                    else None, accumulation=int(accelerator.gradient_accumulation_steps), device=accelerator.device)
+
+
+__all__ = ["accelerator_shape", "budget_problems", "check_accelerated_memory", "check_loop_memory", "loop_facts",
+           "loop_shape"]

@@ -20,12 +20,15 @@ from typing import TYPE_CHECKING, Any
 
 from phasetune.plan.setup import GiB
 
+MiB = 1 << 20
+
 if TYPE_CHECKING:
     from phasetune.plan.result import MemoryPlan, PhaseMemory
 
 
-def gib(n: int | float) -> str:
-    return f"{n / GiB:.2f} GiB"
+def size(n: int | float) -> str:
+    """Bytes as GiB, or as MiB below 1 GiB (a small model's excess reads "0.37 MiB over", not "0.00 GiB over")."""
+    return f"{n / GiB:.2f} GiB" if abs(n) >= GiB else f"{n / MiB:.2f} MiB"
 
 
 def advise(plan: MemoryPlan, blocks: Sequence[str], schedule: Any) -> list[str]:
@@ -47,14 +50,14 @@ def _tight(plan: MemoryPlan, p: PhaseMemory) -> bool:
 def _not_fitting(plan: MemoryPlan, p: PhaseMemory) -> str:
     s = plan.setup
     assert plan.budget is not None and p.headroom is not None
-    head = (f"phase {p.phase} will not fit: peak {gib(p.peak)} at {p.peak_at} is {gib(-p.headroom)} over the "
-            f"{gib(plan.budget)} budget ({s.device_gib} GiB less {s.reserve_gib} GiB reserve and "
+    head = (f"phase {p.phase} will not fit: peak {size(p.peak)} at {p.peak_at} is {size(-p.headroom)} over the "
+            f"{size(plan.budget)} budget ({s.device_gib} GiB less {s.reserve_gib} GiB reserve and "
             f"{s.fragmentation:.0%} fragmentation)")
     fixes = []
     states = p.params + p.grads + p.optimizer + p.step_temporaries
     if states > plan.budget:
         needed = s.world_size * states / plan.budget
-        fixes.append(f"its model states alone take {gib(states)} per rank: shard them over more ranks (they shrink "
+        fixes.append(f"its model states alone take {size(states)} per rank: shard them over more ranks (they shrink "
                      f"about as 1/ranks: ~{int(needed) + 1} ranks) or offload them (cpu_offload=True)")
     if p.max_micro_batch and p.max_micro_batch < s.micro_batch:
         fixes.append(f"micro_batch {p.max_micro_batch} fits")
@@ -62,8 +65,8 @@ def _not_fitting(plan: MemoryPlan, p: PhaseMemory) -> str:
         fixes.append("not even micro-batch 1 fits")
     if p.act_ckpt_peak is not None:
         left = plan.budget - p.act_ckpt_peak
-        fixes.append(f"with activation checkpointing on every block the peak is {gib(p.act_ckpt_peak)} ("
-                     + (f"fits, {gib(left)} to spare)" if left >= 0 else f"still {gib(-left)} over)"))
+        fixes.append(f"with activation checkpointing on every block the peak is {size(p.act_ckpt_peak)} ("
+                     + (f"fits, {size(left)} to spare)" if left >= 0 else f"still {size(-left)} over)"))
     return head + ("; " + "; ".join(fixes) if fixes else "")
 
 
@@ -90,8 +93,8 @@ def _accumulation(plan: MemoryPlan, p: PhaseMemory) -> str:
     s = plan.setup
     kept = ("unsharded gradients between micro-steps (FSDP2 does not reduce-scatter while gradient sync is off)"
             if s.strategy == "fsdp2" else "the gradients between micro-steps")
-    return (f"phase {p.phase}: accumulating {s.accumulation} micro-steps keeps {gib(p.accumulated_grads)} of {kept}, "
-            f"{p.accumulated_grads / p.peak:.0%} of its {gib(p.peak)} peak; fewer, larger micro-batches (the pairs "
+    return (f"phase {p.phase}: accumulating {s.accumulation} micro-steps keeps {size(p.accumulated_grads)} of {kept}, "
+            f"{p.accumulated_grads / p.peak:.0%} of its {size(p.peak)} peak; fewer, larger micro-batches (the pairs "
             "above) or synchronising gradients on every micro-step avoid it")
 
 
@@ -110,7 +113,7 @@ def _checkpointing(plan: MemoryPlan, p: PhaseMemory, blocks: Sequence[str]) -> s
     i = list(blocks).index(p.lowest_trainable_block)
     ckpt = list(blocks)[i:]
     below = i
-    return (f"phase {p.phase}: activations are {gib(p.activations)} of its {gib(p.peak)} peak; checkpoint only from "
+    return (f"phase {p.phase}: activations are {size(p.activations)} of its {size(p.peak)} peak; checkpoint only from "
             f"{p.lowest_trainable_block} up ({len(ckpt)} block(s): {ckpt[0]} .. {ckpt[-1]})"
             + (f" -- the {below} frozen block(s) below it keep no activations, so checkpointing them saves nothing"
                if below else ""))
@@ -129,8 +132,8 @@ def _frozen_top(p: PhaseMemory, blocks: Sequence[str], schedule: Any) -> str:
     share = p.activations * len(frozen_above) / span if p.activations else 0
     return (f"phase {p.phase} trains {p.lowest_trainable_block} under {len(frozen_above)} frozen block(s) "
             f"({frozen_above[0]} .. {frozen_above[-1]}): backward runs through them to reach it, so they keep their "
-            f"activations without training" + (f" (about {gib(share)} of this phase's {gib(p.activations)})" if share else "")
+            f"activations without training" + (f" (about {size(share)} of this phase's {size(p.activations)})" if share else "")
             + "; thaw from the top down, or train those blocks too")
 
 
-__all__ = ["advise", "best_pair", "gib"]
+__all__ = ["advise", "best_pair", "size"]

@@ -16,6 +16,7 @@ from typing import Any
 from phasetune.core import generate, recipes
 from phasetune.errors import ConfigurationError
 from phasetune.features import random_state as rng
+from phasetune.run import memory_check
 
 SNAPSHOT_STORAGES = ("memory", "disk")
 AUDIT_MODES = ("raise", "warn", "off")
@@ -62,6 +63,10 @@ class RunOptions:
     #: a scheduler's lr of 0 on a newly thawed group at its first step: a failure ("fail") or only reported
     #: ("report": a phase whose new lr scheduler warms up from 0)
     audit_zero_lr: str = "fail"
+    #: the memory plan of the run before phase 0, raising with each phase that will not fit
+    #: (:mod:`phasetune.run.memory_check`): None (on for a CUDA device, whose size is read), False, True, the
+    #: device's size in GiB, or a mapping of ``device_gib``, ``model``, ``name_prefix``, ``seq_len``, ``micro_batch``
+    memory_check: Any = None
 
     def problems(self, explicit_schedule: bool) -> list[str]:
         """What is wrong with these options (empty when nothing is), each naming the option."""
@@ -92,6 +97,7 @@ class RunOptions:
                          f"do not audit), got {self.audit!r}")
         if self.audit_zero_lr not in AUDIT_ZERO_LR:
             found.append(f"audit_zero_lr must be one of {AUDIT_ZERO_LR}, got {self.audit_zero_lr!r}")
+        found += memory_check.setting_problems(self.memory_check)
         if (self.reinit_optim_cfg or self.reinit_lr_cfg) and explicit_schedule:
             found.append(
                 "reinit_optim_cfg/reinit_lr_cfg apply to implicit schedules only; with an explicit schedule "

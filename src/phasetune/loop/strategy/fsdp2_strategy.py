@@ -37,6 +37,7 @@ from phasetune.loop.strategy.materialize import (
     materialize_problems,
     params_on_meta,
 )
+from phasetune.run.memory_check import note_shape
 from phasetune.sharding import clip_grad_norm_, grad_norm, save_full_model, split_groups
 from phasetune.sharding.names import root_name
 from phasetune.sharding.plan import apply_plan, match_plan, parse_plan, strategy_defaults
@@ -199,6 +200,9 @@ class FSDP2Strategy:
         if not meta and self.device.type != "cpu":
             model.to(self.device)
         report = apply_plan(model, entries, mesh=None, default_kwargs=defaults)
+        note_shape(model, strategy="fsdp2", world_size=self.world_size, fsdp_plan=fsdp_plan, fsdp_default_kwargs=defaults,
+                   mixed_precision="bf16" if self.bf16 else None, micro_batch=self.micro_batch_size,
+                   accumulation=self.accumulation_steps)  # for the memory check of the loop that trains it
         for note in report.notes:
             log.info("phasetune: %s", note)
         if self.is_main:
