@@ -93,6 +93,9 @@ class PhaseEngine:
         #: so each holds one dtype and one device mesh; see :func:`phasetune.sharding.split_groups`)
         self.group_splitter: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None
         self.depth = 0
+        #: names frozen for the rest of the run though their phase has begun (LoRA adapters a ``merge_lora``
+        #: folded into their base weights): not trainable, not audited as trainable, not snapshotted
+        self.retired: set[str] = set()
 
     # ---------------------------------------------------------------- names and state
     @property
@@ -116,8 +119,9 @@ class PhaseEngine:
         return self.depth >= self.final_depth
 
     def trainable(self) -> dict[str, torch.Tensor]:
-        """Parameters of phases 0..depth (the ones that can change now)."""
-        return {n: self.params[n] for n in self.distinct(self.schedule.params_through(self.depth))}
+        """Parameters of phases 0..depth (the ones that can change now), less the :attr:`retired` ones."""
+        return {n: self.params[n] for n in self.distinct(self.schedule.params_through(self.depth))
+                if n not in self.retired}
 
     def lr_for(self, depth: int) -> float:
         lr = self.schedule[depth].lr

@@ -29,6 +29,7 @@ from phasetune.errors import ConfigurationError
 from phasetune.features import random_state as rng
 from phasetune.loop.run_facts import budget_problems, check_loop_memory, loop_facts
 from phasetune.run import Patience, PhaseRecord, PhaseRun, RunEnv, RunOptions, RunView, prefix_cache_problems
+from phasetune.run.lora_glue import inject_adapters
 from phasetune.sharding.groups import split_groups
 from phasetune.sharding.names import logical_name, logical_view
 from phasetune.sharding.plan import refresh_unit_dtypes
@@ -47,10 +48,10 @@ class ScheduledFinetuning(RunView):
             ``max_epochs`` x ``len(train_loader)``) with the default settings (the optimizer's lr is
             ``optimizer``'s); without a budget a warning says that phases end by early stopping.
             ``ft.run.implicit`` holds its notes for the file you write with ``ft.schedule.dump(path, header=...)``.
-        model: the model (plain, or prepared by ``FSDP2Strategy.prepare_model``).
-        optimizer: an optimizer over every parameter you may train (its groups are the template later phases copy
-            hyperparameters from), fitted to phase 0's parameters here.
-        lr_scheduler: an lr scheduler of ``optimizer`` (or a list of them), extended when groups are added.
+        model: the model (plain, or prepared by ``FSDP2Strategy.prepare_model(model, schedule=...)``); the LoRA
+            adapters a ``peft`` section asks for are injected into a plain one here (docs/peft.md).
+        optimizer, lr_scheduler: an optimizer over every parameter you may train (its groups are the template later
+            phases copy hyperparameters from), fitted to phase 0 here; its lr scheduler(s), extended as groups are added.
         options: the knobs every front end shares (:class:`phasetune.RunOptions`); each may also be given as a
             keyword of its own name (``restore_best=False``), overriding ``options``.
         mode, patience, min_delta, check_finite: phase-aware early stopping on the ``metric`` passed to
@@ -98,11 +99,10 @@ class ScheduledFinetuning(RunView):
         problems += prefix_cache_problems(prefix_cache) + budget_problems(schedule, total_steps, max_epochs)
         if problems:
             raise ConfigurationError(problems)
-        self.model, self.optimizer, self.train_loader = model, optimizer, train_loader
         self.schedulers: list[Any] = [] if lr_scheduler is None else list(lr_scheduler) if isinstance(
             lr_scheduler, (list, tuple)) else [lr_scheduler]
-        self.global_step: int | None = None  # the fit's optimizer steps, counted or given by step_end (None: none)
-        self._epoch = 0  # the epoch being trained: one after the last one step() reported
+        self.model, self.optimizer, self.train_loader, self.global_step, self._epoch = model, optimizer, train_loader, None, 0
+        inject_adapters(model, schedule)  # the LoRA adapters a peft section asks for, before parameters are read
         params = {logical_name(n): p for n, p in model.named_parameters()}  # without wrappers' segments
         env = RunEnv(named_buffers=lambda: dict(model.named_buffers()), snapshot_dir=None if snapshot_dir is None
                      else str(snapshot_dir), device=next((p.device for p in params.values()), None),

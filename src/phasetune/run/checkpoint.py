@@ -45,6 +45,8 @@ class RunCheckpoint:
             "mode": self.mode,
             "best": None if self.best is None else list(self.best),
         }
+        if self.lora is not None:
+            state["lora"] = self.lora.state()  # the merges so far: a resume replays them without touching a weight
         state.update(self.store.state())
         if isinstance(self.patience, Patience):
             state.update(self.patience.state_dict())
@@ -95,8 +97,11 @@ class RunCheckpoint:
             )
         scheds: list[Any] = list(schedulers)
         cfg = None
+        if self.lora is not None:
+            self.lora.resume(self, state.get("lora"), depth, src)
         if depth > 0:
-            optimizer, scheds, cfg = self.engine.replay(depth, optimizer, schedulers)
+            replay = self.engine.replay if self.lora is None else lambda *a: self.lora.replay(self, *a)  # type: ignore[union-attr]
+            optimizer, scheds, cfg = replay(depth, optimizer, schedulers)
             self._apply_bn_mode()
         self.history = [PhaseRecord.from_state(r) for r in state.get("history", [])]
         best = state.get("best")

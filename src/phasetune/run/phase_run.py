@@ -36,7 +36,7 @@ from phasetune.features import compile_support, snapshots
 from phasetune.features import random_state as rng
 from phasetune.features.audit import AuditResult
 from phasetune.features.peak_memory import PeakMemory
-from phasetune.run import audit_glue, step_events
+from phasetune.run import audit_glue, lora_glue, step_events
 from phasetune.run.checkpoint import STATE_FORMAT, RunCheckpoint
 from phasetune.run.host import RunEnv
 from phasetune.run.options import RunOptions
@@ -102,6 +102,7 @@ class PhaseRun(RunSequence, RunCheckpoint):
             source = self.implicit.raw
             if self.implicit.no_budget_warning:
                 env.warn(self.implicit.no_budget_warning)
+        lora_glue.check_injected(model, source)  # adapters the schedule trains exist before names are resolved
         schedule = resolve_schedule(source, dict(shapes), epoch_transitions_only=options.epoch_transitions_only)
         for note in schedule.warnings:
             env.warn(f"schedule {schedule.source}: {note}")
@@ -123,6 +124,8 @@ class PhaseRun(RunSequence, RunCheckpoint):
             apply_lambdas_new_pgs=options.apply_lambdas_new_pgs,
         )
         self.engine.group_splitter = group_splitter
+        #: the LoRA side of the run (None: the schedule has no peft section or merge_lora): merges, their record
+        self.lora = lora_glue.LoraRun.build(self, model)
         self.engine.start()
         self._apply_bn_mode()
         self.history: list[PhaseRecord] = []
@@ -176,7 +179,7 @@ class PhaseRun(RunSequence, RunCheckpoint):
     @property
     def thawed_params(self) -> list[str]:
         """Names of the parameters trained in the current phase (phases 0..depth)."""
-        return self.engine.schedule.params_through(self.engine.depth)
+        return [n for n in self.engine.schedule.params_through(self.engine.depth) if n not in self.engine.retired]
 
     # ------------------------------------------------------------------ what strategy adapters read and set
     @property
@@ -362,7 +365,10 @@ class PhaseRun(RunSequence, RunCheckpoint):
         rec.end_epoch, rec.end_step, rec.end_reason = epoch, step, reason
         self._close_clock()
         restore_note = restore_best(self, rec, optimizer, schedulers)
+        merged = self.lora.before_advance(self, self.depth + 1, optimizer) if self.lora is not None else None
         t = self.engine.advance(optimizer, schedulers)
+        if self.lora is not None:
+            self.lora.after_advance(self, merged, t, schedulers)
         self._apply_bn_mode()
         self.store.clear()
         if self.options.restore_best and self.best is not None and not self.is_final:

@@ -66,6 +66,7 @@ class _Armed:
     handles: list[Any] = field(default_factory=list)
     before: dict[str, tuple[float, float]] | None = None
     skip: bool = False  # the step under way is not a training step (see state_init_step)
+    fresh_lora: set[str] = field(default_factory=set)  # LoRA A whose B was zero before the step: no gradient is due
 
 
 class PhaseAudit:
@@ -192,6 +193,7 @@ class PhaseAudit:
         if armed is not None and armed.before is None:  # values as the step finds them (before a closure runs)
             names = armed.check + armed.frozen
             armed.before = dict(zip(names, fingerprints([self.engine.params[n] for n in names])))
+            armed.fresh_lora = fresh_lora_a(armed.check, self.engine.params)
 
     def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         if optim_state.in_placeholder_step():
@@ -222,6 +224,7 @@ class PhaseAudit:
             "local": self._structure(optimizer, trainable, first_step=True),
             "grads": grads,
             "moved": moved,
+            "fresh_lora": sorted(armed.fresh_lora),
         }
         gathered = dist.all_gather_object(payload)  # the audit's one collective
         result = AuditResult(armed.depth, FIRST_STEP if armed.stage != RESUME else "first step after the resume",
@@ -232,8 +235,13 @@ class PhaseAudit:
         moved_any = {n for g in gathered for n in g["moved"]}
         ddp = find_ddp(self.model)
         by_cause: dict[str, list[str]] = {}
+        # a fresh LoRA adapter's A gets a zero gradient while its B is zero (on every rank): due, not a failure
+        fresh = set.intersection(*(set(g["fresh_lora"]) for g in gathered)) if gathered else set()
+        if fresh:
+            result.notes.append(f"{len(fresh)} LoRA A tensors got no gradient at this step because their B is still "
+                                f"zero (fresh adapters; e.g. {sorted(fresh)[0]!r}): they train from the next step")
         for n in armed.check:
-            if n in flagged:
+            if n in flagged or n in fresh:
                 continue
             stats = [g["grads"][n] for g in gathered if g["grads"][n][0] != "empty"]  # ranks holding a piece
             lr = lrs.get(n)
@@ -277,7 +285,7 @@ class PhaseAudit:
         found: dict[str, list[str]] = {}
         for n in trainable:
             p = params[n]
-            cause = ("refrozen" if not p.requires_grad else "missing" if id(p) not in count
+            cause = (_refrozen_cause(n, params) if not p.requires_grad else "missing" if id(p) not in count
                      else "duplicate" if count[id(p)] > 1 else None)
             if cause:
                 found.setdefault(cause, []).append(n)
@@ -392,6 +400,28 @@ def _rank_zero(level: int) -> Callable[[str], None]:
             log.log(level, "phasetune: %s", message)
 
     return emit
+
+
+def _refrozen_cause(name: str, params: Any) -> str:
+    """Why a parameter the phase trains is frozen: a LoRA adapter, a LoRA injection (the model has adapters), or
+    something else."""
+    if ".lora_" in name:
+        return "adapter_frozen"
+    return "injection_refrozen" if any(".lora_" in n for n in params) else "refrozen"
+
+
+def fresh_lora_a(names: Sequence[str], params: Any) -> set[str]:
+    """The LoRA ``A`` weights among ``names`` whose ``B`` is all zero on this rank (a fresh or restarted adapter):
+    their gradient is zero until ``B`` moves."""
+    out: set[str] = set()
+    for n in names:
+        partner = n.replace(".lora_A.", ".lora_B.", 1)
+        if partner != n and partner in params:
+            b = params[partner]
+            local = b.to_local() if hasattr(b, "to_local") else b
+            if not bool(local.detach().ne(0).any()):
+                out.add(n)
+    return out
 
 
 def _n_groups(optimizer: Optimizer) -> int:

@@ -10,6 +10,14 @@ from phasetune.util.text import few
 
 #: probable causes: key -> (what the message calls it, what to do)
 CAUSES: dict[str, tuple[str, str]] = {
+    "adapter_frozen": ("LoRA adapters that do not train", "the schedule trains these adapter parameters but they do not "
+                       "require grad: peft makes adapters trainable or frozen on its own (set_adapter, "
+                       "enable_adapter_layers, merge_and_unload, a second injection); let the schedule decide, and "
+                       "merge with merge_lora rather than peft's merge()"),
+    "injection_refrozen": ("re-frozen by a LoRA injection", "peft's inject_adapter_in_model / get_peft_model sets "
+                           "requires_grad=False on every non-adapter parameter when it injects: inject before "
+                           "phasetune builds the run (a peft section in the schedule does, phasetune.run.lora_glue."
+                           "inject_adapters), not after it thawed them"),
     "refrozen": ("re-frozen after the thaw", "something set requires_grad=False after phasetune thawed them (a callback "
                  "or hook that freezes layers, e.g. BaseFinetuning-style code run every epoch); remove it and let the "
                  "schedule decide what trains"),

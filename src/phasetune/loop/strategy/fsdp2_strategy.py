@@ -37,6 +37,7 @@ from phasetune.loop.strategy.materialize import (
     materialize_problems,
     params_on_meta,
 )
+from phasetune.run.lora_glue import sharding_problems
 from phasetune.run.memory_check import note_shape
 from phasetune.sharding import clip_grad_norm_, grad_norm, save_full_model, split_groups
 from phasetune.sharding.names import root_name
@@ -176,6 +177,7 @@ class FSDP2Strategy:
         fsdp_default_kwargs: Mapping[str, Any] | None = None,
         state_dict: Mapping[str, Any] | None = None,
         broadcast_from_rank0: bool = False,
+        schedule: str | os.PathLike[str] | Mapping[Any, Any] | None = None,
     ) -> nn.Module:
         """Shard ``model`` with ``fully_shard``, embeddings and output head as their own units, the root last.
 
@@ -183,7 +185,8 @@ class FSDP2Strategy:
         and ``cpu_offload_policy`` aliases; the same format as the Lightning adapter's) or, without a plan,
         from transformer block classes: ``block_classes`` (names or types) or the model's
         ``_no_split_modules``. A meta-initialized model is then materialized from the full ``state_dict``
-        (only rank 0's is read with ``broadcast_from_rank0``); a real one loads it if given.
+        (only rank 0's is read with ``broadcast_from_rank0``); a real one loads it if given. ``schedule``: the
+        LoRA adapters its ``peft`` section asks for are injected first, and each unit is checked to train one dtype.
         """
         defaults = strategy_defaults(fsdp_default_kwargs, param_dtype=torch.bfloat16 if self.bf16 else None,
                                      reshard_after_forward=self.reshard_after_forward)
@@ -193,7 +196,9 @@ class FSDP2Strategy:
             fsdp_plan = block_plan(model, block_classes)
         entries = parse_plan(fsdp_plan, defaults)
         units = [n for _, names in match_plan(model, entries) for n in names] + [root_name(model)]
-        problems = unit_dtype_problems(model, units) + materialize_problems(model, state_dict, broadcast_from_rank0)
+        lora = sharding_problems(model, schedule, units)  # LoRA adapters injected before fully_shard
+        problems = (unit_dtype_problems(model, units) if lora is None else lora) + materialize_problems(
+            model, state_dict, broadcast_from_rank0)
         if problems:
             raise ConfigurationError(problems)
         meta = has_meta_params(model)
