@@ -36,6 +36,7 @@ from phasetune.run import (
     RunView,
     prefix_cache_problems,
 )
+from phasetune.run.lora_glue import inject_adapters
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -199,6 +200,7 @@ class FinetuningScheduler(LightningResume, RunView, Callback):
                                      epoch_transitions_only=self.options.epoch_transitions_only)
         self.early_stopping, self.checkpoint = found.early_stopping, found.checkpoint
         self.monitor, self.monitor_mode = found.monitor, found.mode
+        inject_adapters(pl_module, self.ft_schedule)  # LoRA adapters before configure_model/the strategy shard
         if self.adapter.defer_init(pl_module):
             return
         if self.ft_schedule is None:  # generated at on_fit_start; configure_optimizers sees phase 0 trainable already
