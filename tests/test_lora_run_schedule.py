@@ -68,3 +68,22 @@ def test_misspelt_merge_lora_and_peft_keys_get_did_you_mean():
 def test_a_schedule_with_only_a_peft_section_is_empty():
     with pytest.raises(ScheduleError, match="the schedule is empty"):
         resolve_schedule({"peft": PEFT}, NAMES)
+
+
+def test_schedule_generate_offers_the_lora_recipes_as_schedules_a_run_accepts(tmp_path):
+    import torch
+
+    from helpers import ToyModule
+    from phasetune.loop import ScheduledFinetuning
+    from test_cli import run, write_config
+
+    pytest.importorskip("peft")
+    out_file = tmp_path / "lora.yaml"
+    assert run("schedule", "generate", "--config", write_config(tmp_path), "--recipe", "lora_then_full",
+               "--rank", "2", "--alpha", "4", "--lr", "0.01", "--output", out_file) == 0
+    raw = yaml.safe_load(out_file.read_text())
+    assert raw["peft"]["r"] == 2 and raw[1]["merge_lora"] is True
+    torch.manual_seed(0)
+    module = ToyModule()
+    ft = ScheduledFinetuning(raw, module, torch.optim.SGD(module.parameters(), lr=0.1))
+    assert ft.run.lora is not None and len(ft.run.lora.merges[1][1]) == 4  # every block's linear layer

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import torch
+import yaml
 
 from phasetune.core import generate
 from phasetune.core.schedule import Schedule, resolve_schedule
@@ -26,7 +27,9 @@ from phasetune.errors import ConfigurationError, PhasetuneError, ScheduleError
 from phasetune.lightning.adapters import select_adapter
 from phasetune.lightning.callback import FinetuningScheduler
 from phasetune.lightning.fit_command import PhasetuneCLI
+from phasetune.lora.recipes import LORA_RECIPES
 from phasetune.run import RunOptions
+from phasetune.util.files import atomic_write_text
 from phasetune.util.text import covering_modules, fmt_count, format_table
 
 SCHEDULE_HELP = """\
@@ -72,10 +75,17 @@ def _schedule_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="action", required=True, metavar="{generate,check,show,plan}")
     gen = sub.add_parser("generate", prog="phasetune schedule generate",
                          help="write a schedule generated from the model's structure")
-    gen.add_argument("--recipe", "--style", dest="style", choices=generate.STYLES, default=None,
+    gen.add_argument("--recipe", "--style", dest="style", choices=(*generate.STYLES, *LORA_RECIPES), default=None,
                      help="'blocks' (head, then one repeated block per phase, then the stem), 'discriminative' "
-                          "(the same with lrs falling by --lr_decay per block), 'lpft' (head, then everything) or "
-                          "'pairs' (the classic: two tensors per phase); default: the config's schedule_style")
+                          "(the same with lrs falling by --lr_decay per block), 'lpft' (head, then everything), "
+                          "'pairs' (the classic: two tensors per phase), 'progressive_lora' (LoRA adapters top "
+                          "block first, then lower ones) or 'lora_then_full' (LoRA on every block, then merged and "
+                          "the top blocks' weights trained; docs/peft.md); default: the config's schedule_style")
+    gen.add_argument("--rank", dest="r", type=int, help="LoRA recipes: the adapters' rank (8)")
+    gen.add_argument("--alpha", type=float, help="LoRA recipes: adapter output scaled by alpha / rank (8)")
+    gen.add_argument("--leaf", help="LoRA recipes: regex over the last name part of the linear layers that get "
+                                    "adapters (e.g. 'query|value'; default: every nn.Linear in the blocks)")
+    gen.add_argument("--full_blocks", type=int, help="lora_then_full: top blocks whose base weights train (1)")
     gen.add_argument("--lr", type=float, help="lr of phase 1 (phase 0 trains at configure_optimizers' lr); lpft: "
                                               "default 2e-4, the implicit default's (phasetune.core.recipes.DEFAULT_RULE)")
     gen.add_argument("--lr_decay", type=float, help="discriminative: lr factor from one block to the one below")
@@ -249,6 +259,8 @@ def _generate(args: argparse.Namespace, target: _Target, shapes: dict[str, tuple
     if "phase_steps" in options and "total_steps" in options:
         raise UsageError("give either --phase_steps (the steps of each phase) or --steps (a budget split across the "
                          "phases), not both")
+    if style in LORA_RECIPES:
+        return _generate_lora(args, target, style, options)
     if style == "pairs" and options:
         raise UsageError(f"--recipe pairs takes no recipe options (got {', '.join(_flags(sorted(options)))}); use one "
                          f"of {', '.join(s for s in generate.STYLES if s != 'pairs')} for lrs and phase lengths")
@@ -272,6 +284,29 @@ def _generate(args: argparse.Namespace, target: _Target, shapes: dict[str, tuple
         print(f"wrote {args.output} ({len(schedule)} phases)")
     else:
         print("".join(f"# {line}\n" for line in header) + schedule.to_yaml(resolved=False), end="")
+    return 0
+
+
+def _generate_lora(args: argparse.Namespace, target: _Target, style: str, options: dict[str, Any]) -> int:
+    """A LoRA recipe (:mod:`phasetune.lora.recipes`) over the model's blocks before injection, written as an ordinary
+    schedule with its ``peft`` section. (``core.generate`` cannot offer these styles: core imports no ``lora``.)"""
+    from phasetune.lora.recipes import lora_then_full, progressive_lora
+
+    recipe = progressive_lora if style == "progressive_lora" else lora_then_full
+    units, has_stem = generate.block_units(target.structure)
+    lora = {k: getattr(args, k) for k in ("r", "alpha", "leaf", "full_blocks") if getattr(args, k) is not None}
+    try:
+        raw = recipe(units, has_stem=has_stem, **lora, **options)
+    except (TypeError, ValueError) as e:  # an option the recipe does not take, or a bad value
+        raise UsageError(f"--recipe {style}: {_cli_words(str(e))}") from None
+    header = [f"phasetune schedule generated for {target.model_name} (recipe {style!r}): {len(raw) - 1} phases",
+              "the peft section's adapters are injected before training (phasetune.run.inject_adapters; docs/peft.md)"]
+    text = "".join(f"# {line}\n" for line in header) + yaml.safe_dump(raw, sort_keys=False, width=120)
+    if args.output:
+        atomic_write_text(args.output, text)
+        print(f"wrote {args.output} ({len(raw) - 1} phases)")
+    else:
+        print(text, end="")
     return 0
 
 
