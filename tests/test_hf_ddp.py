@@ -40,3 +40,10 @@ def test_ddp_resume_in_a_later_phase_matches_the_uninterrupted_run_on_every_rank
     for rank in ranks:
         assert rank["resumed"]["params"] == rank["run"]["params"]  # exact: resume against the uninterrupted run
         assert rank["resumed"]["phases"] == rank["run"]["phases"]
+
+
+def test_ddp_every_rank_raises_the_same_memory_check_error_before_its_first_step(ranks):
+    first, second = (rank["memory_check"] for rank in ranks)
+    assert first == second  # the same problems on both ranks: rank 0's verdict, broadcast
+    assert [p.split(":")[0] for p in first["problems"][:3]] == [f"phase {k} will not fit" for k in range(3)]
+    assert "DDP on 2 ranks, micro-batch 8 x 8 tokens" in first["problems"][-1] and first["steps"] == 0

@@ -95,6 +95,22 @@ def ddp_run(out: Path, name: str, resume: str | None = None, batch: int = 8) -> 
     return report, trainer
 
 
+def memory_check_run(out: Path) -> dict[str, Any]:
+    """A run whose memory check finds that no phase fits (a 1.0001 GiB device: ~0.1 MiB after the 1 GiB reserve):
+    rank 0 plans in a fresh process (the process group is up) and every rank raises its error before any step."""
+    from phasetune import ConfigurationError
+
+    ft = PhasetuneTrainerCallback(DDP_SCHEDULE, memory_check=1.0001)
+    args = training_args(out / "memory_check", ddp_backend="gloo", average_tokens_across_devices=False)
+    trainer = PhasetuneTrainer(model=tiny_bert(), args=args, train_dataset=Tokens(64, 0), eval_dataset=Tokens(32, 1),
+                               callbacks=[ft])
+    try:
+        trainer.train()
+    except ConfigurationError as e:
+        return {"problems": e.problems, "steps": trainer.state.global_step}
+    return {"problems": [], "steps": trainer.state.global_step}
+
+
 def main() -> None:
     from launch import write_report
 
@@ -107,6 +123,7 @@ def main() -> None:
     # checkpoint after epoch 1 (4 steps per epoch): phase 1, restore-best snapshot and patience state inside
     report["resumed"], _ = ddp_run(out, "resumed", resume=str(out / "run" / "checkpoint-8"))
     report["world_size"] = trainer.args.world_size
+    report["memory_check"] = memory_check_run(out)
     write_report(str(out), trainer.args.process_index, report)
 
 
