@@ -13,6 +13,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.scheduler import AcceleratedScheduler
+from accelerate.state import AcceleratorState, GradientState
 
 import accelerate_runs
 from helpers import ToyModule, assert_bit_equal, dataset, float32_drift
@@ -87,7 +88,7 @@ def test_a_new_optimizer_and_scheduler_replace_the_prepared_ones_in_save_state(t
 def test_load_state_of_a_folder_saved_without_phasetune_names_the_file(tmp_path):
     Accelerator(cpu=True).save_state(str(tmp_path / "plain"))  # nothing prepared: a valid folder without our file
     _, ft = accelerate_runs.build(STEPS)
-    with pytest.raises(ConfigurationError, match=f"has no {STATE_FILE}.*AcceleratedFinetuning"):
+    with pytest.raises(ConfigurationError, match=f"holds no {STATE_FILE}.*AcceleratedFinetuning"):
         ft.accelerator.load_state(str(tmp_path / "plain"))
     assert ft.depth == 0 and ft.global_step is None  # nothing was loaded
 
@@ -116,7 +117,11 @@ def test_bad_input_is_named_with_its_fix_all_at_once_before_training():
 
 
 def test_optimizer_steps_count_once_per_gradient_accumulation_cycle():
-    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)  # the next Accelerator sets its own
+    # Accelerate keeps its state in process-wide singletons: an HF Trainer that ran earlier in this process would
+    # otherwise decide when this Accelerator syncs (and the next Accelerator sets its own)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
     _, ft = accelerate_runs.build({0: {"params": ["model.head.*"], "max_transition_step": 3},
                                    1: {"params": [r"model\.layers\.3\..*"]}}, accelerator)
     x, y = dataset(64, 0).tensors

@@ -1,17 +1,9 @@
 """PhasetuneTrainerCallback: a fine-tuning schedule under the Hugging Face ``transformers.Trainer``.
 
-A :class:`~phasetune.run.Host` of :class:`phasetune.run.PhaseRun`, which drives the run (schedule, engine, history,
-snapshots, checkpoint state, when a phase ends). The Trainer builds its optimizer and lr scheduler inside
-``train()`` and loads their checkpoint state before any callback event, so the callback needs the Trainer hook of
-:mod:`phasetune.hf.trainer` (:class:`PhasetuneTrainer`, or :class:`PhasetuneTrainerMixin` on your own Trainer
-class), which calls :meth:`setup`, :meth:`fit_optimizer` and :meth:`after_prepare` at the right moments.
-
-Order in ``train()``: ``create_optimizer`` (hook: build the run; the optimizer is built over every scheduled
-parameter, its groups kept as the template, then fitted to phase 0) -> Accelerate wraps model (DDP) and optimizer
--> ``create_scheduler`` (hook: freeze to phase 0 again; a resumed run replays its saved phase) -> the Trainer loads
-optimizer and scheduler state -> ``on_train_begin`` -> ``on_epoch_begin`` (transition when the phase ended) ...
-``on_step_end`` (transition at a ``max_transition_step``) ... ``on_evaluate`` (observe -> patience; the final
-phase's patience ends training) ... ``on_save`` (the run's state into the checkpoint folder) -> ``on_train_end``.
+A :class:`~phasetune.run.Host` of :class:`~phasetune.run.PhaseRun`, which drives the run. The Trainer builds its
+optimizer and lr scheduler inside ``train()`` and loads their checkpoint state before any callback event, so the
+callback is called at those moments by the Trainer hook of :mod:`phasetune.hf.trainer`; docs/hf_trainer.md gives
+the order of events in ``train()``.
 """
 
 from __future__ import annotations
@@ -29,16 +21,13 @@ from phasetune.core.generate import RunFacts
 from phasetune.core.transitions import EARLY_STOPPING
 from phasetune.errors import ConfigurationError
 from phasetune.hf import settings
-from phasetune.run import Patience, PhaseRun, RunEnv, RunOptions, RunView, prefix_cache_problems
-from phasetune.run.memory_check import check_trainer_memory
-from phasetune.sharding.names import logical_name
-from phasetune.util.files import atomic_torch_save
+from phasetune.loop.accelerated import unwrap_optimizer
+from phasetune.run import Patience, PhaseRun, RunEnv, RunOptions, RunView, model_params, prefix_cache_problems
+from phasetune.run.files import STATE_FILE, read_state_file, save_state_file, write_implicit_schedule
 
 if TYPE_CHECKING:
     from transformers import Trainer
 
-#: the run's state in each Trainer checkpoint folder (written atomically by rank 0 after the Trainer's files)
-STATE_FILE = "phasetune_state.pt"
 TRAINER_STOPPED = "trainer stopped (num_train_epochs, max_steps or should_training_stop)"
 
 
@@ -100,19 +89,14 @@ class PhasetuneTrainerCallback(RunView, TrainerCallback):
         self._stepped = self._prepared = False
         if self.run is not None:
             self.run.close()  # a previous train()'s, if it ended by an exception
-        params = {logical_name(n): p for n, p in model.named_parameters()}  # names without wrappers' segments
-        env = RunEnv(named_buffers=lambda: dict(model.named_buffers()), snapshot_dir=str(args.output_dir),
-                     device=next((p.device for p in params.values()), None),
-                     optimizer_source="the Trainer's optimizer")
+        env = RunEnv.of_model(model, snapshot_dir=str(args.output_dir), optimizer_source="the Trainer's optimizer")
         self.run = run = PhaseRun(
-            self.schedule_source, params, {n: tuple(p.shape) for n, p in params.items()}, options=self.options,
-            env=env, model=model, no_decay=self.no_decay, monitor=self._monitor, mode=mode,
+            self.schedule_source, *model_params(model), options=self.options, env=env, model=model,
+            no_decay=self.no_decay, monitor=self._monitor, mode=mode,
             facts=trainer_facts(trainer) if self.schedule_source is None else None)
         run.patience = Patience(*self.patience_args, mode=mode)
-        if run.implicit is not None and args.should_save:  # the world's main process writes the file
-            path = Path(args.output_dir) / f"{type(model).__name__}_ft_schedule.yaml"
-            run.schedule.dump(path, resolved=False, header="\n".join(run.implicit.notes))
-            env.info(f"implicit schedule ({len(run.schedule)} phases; {run.implicit.budget_line}): {path}")
+        if args.should_save:  # the world's main process writes an implicit schedule's file
+            write_implicit_schedule(run, Path(args.output_dir) / f"{type(model).__name__}_ft_schedule.yaml", env.info)
         ddp = trainer.accelerator.ddp_handler
         problems = settings.trainer_problems(
             args, run.schedule, run.final_depth, restore_best=self.options.restore_best,
@@ -173,7 +157,6 @@ class PhasetuneTrainerCallback(RunView, TrainerCallback):
                 "PhasetuneTrainerCallback needs its Trainer hook to reach the optimizer: use "
                 "phasetune.hf.PhasetuneTrainer instead of transformers.Trainer, or mix PhasetuneTrainerMixin into "
                 "your Trainer class (class MyTrainer(PhasetuneTrainerMixin, Trainer))")
-        check_trainer_memory(self.run, self._trainer)  # options.memory_check: raises before any step if a phase won't fit
         epoch = _epoch_starting(state)
         self.run.begin(self, epoch=epoch, step=state.global_step, resumed=self.resume_from is not None)
         if not self.run.begin_training(self, epoch=epoch, step=state.global_step):
@@ -206,7 +189,7 @@ class PhasetuneTrainerCallback(RunView, TrainerCallback):
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if self.run is not None and state.is_world_process_zero and folder.is_dir():  # rank 0 writes for all
-            atomic_torch_save(self.state_dict(), folder / STATE_FILE)
+            save_state_file(self.state_dict(), folder)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.run is None:
@@ -249,23 +232,12 @@ def trainer_facts(trainer: Trainer) -> RunFacts:
     return RunFacts(total_steps=steps, budget_source=source, optimizer_lr=lr, optimizer_groups=groups)
 
 
-def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    """The torch optimizer inside Accelerate's ``AcceleratedOptimizer`` (the one phasetune regroups)."""
-    from accelerate.optimizer import AcceleratedOptimizer
-
-    return optimizer.optimizer if isinstance(optimizer, AcceleratedOptimizer) else optimizer
-
-
 def read_state(checkpoint: str | os.PathLike[str]) -> dict[str, Any]:
     """The run state saved in a Trainer checkpoint folder, or a one-line error saying why there is none."""
-    path = Path(checkpoint) / STATE_FILE
-    if not path.is_file():
-        raise ConfigurationError(
-            f"cannot resume from {checkpoint}: it holds no {STATE_FILE} (it was saved by a Trainer without "
-            "PhasetuneTrainerCallback, or the run stopped while saving). To start a schedule from its weights, load "
-            "them (from_pretrained on that folder) and call train() without resume_from_checkpoint"
-        )
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return read_state_file(checkpoint, missing=(
+        "it was saved by a Trainer without PhasetuneTrainerCallback, or the run stopped while saving. To start a "
+        "schedule from its weights, load them (from_pretrained on that folder) and call train() without "
+        "resume_from_checkpoint"))
 
 
 def _epoch_starting(state: Any) -> int:

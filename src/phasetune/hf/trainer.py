@@ -1,21 +1,10 @@
-"""The Trainer hook PhasetuneTrainerCallback needs: three public Trainer methods, overridden in a mixin.
+"""The Trainer hook PhasetuneTrainerCallback needs: four public Trainer methods, overridden in a mixin.
 
-``transformers.Trainer`` builds its optimizer once, in ``create_optimizer``, from the parameters that require
-grad at that moment, and on resume loads optimizer and scheduler state before any callback event. A callback
-alone therefore can neither fit that optimizer to phase 0 nor rebuild a saved phase's groups in time. The
-mixin gives the callback those two moments:
-
-- ``create_optimizer``: the callback builds the run (the model is frozen to phase 0 and checked against the
-  schedule and the Trainer's settings), the Trainer builds its optimizer over every scheduled parameter (its
-  decay / no-decay groups become the template of later phases), and phasetune fits it to phase 0.
-- ``create_scheduler``: after Accelerate wrapped the model (DDP) and optimizer and the Trainer built its lr
-  scheduler over phase 0's groups, the model is frozen to phase 0 again and a resumed run replays its saved
-  phase: thaw, groups added to optimizer and scheduler, a phase's new optimizer or scheduler installed. The
-  Trainer loads the checkpoint's optimizer and scheduler state right after, into groups that now exist.
-- ``log``: adds each optimizer group's lr under a readable name (``lr/phase1/layers.2-3``) to the training logs,
-  before the reporting integrations (which run as callbacks ahead of phasetune's) see them.
-- ``train``: reads ``resume_from_checkpoint`` (``True`` means the last checkpoint in ``output_dir``) for the
-  callback, and starts a fresh schedule in a Trainer that already ran one.
+``transformers.Trainer`` builds its optimizer once, in ``create_optimizer``, and on resume loads optimizer and
+scheduler state before any callback event, so a callback alone can neither fit that optimizer to phase 0 nor
+rebuild a saved phase's groups in time. ``create_optimizer`` and ``create_scheduler`` give the callback those
+moments, ``train`` tells it which checkpoint it resumes, ``log`` adds each group's lr (``lr/phase1/layers.2-3``)
+before the reporting integrations see the logs. docs/hf_trainer.md gives the order of events in ``train()``.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from phasetune.core import generate, thaw
 from phasetune.core.generate import RunFacts
 from phasetune.core.schedule import resolve_schedule
 from phasetune.lightning import messages
+from phasetune.run.files import write_implicit_schedule
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -86,11 +87,8 @@ def write_schedules(trainer: pl.Trainer, pl_module: pl.LightningModule, run: Pha
     """Rank 0 writes the resolved schedule (exact parameter names per phase) and an implicit schedule's file."""
     if not trainer.is_global_zero:
         return
+    write_implicit_schedule(run, schedule_file(log_dir, pl_module, "ft_schedule"), messages.info)
     schedule = run.schedule
-    if run.implicit is not None:
-        path = schedule_file(log_dir, pl_module, "ft_schedule")
-        schedule.dump(path, resolved=False, header="\n".join(run.implicit.notes))
-        messages.info(f"implicit schedule ({len(schedule)} phases; {run.implicit.budget_line}): {path}")
     schedule.dump(schedule_file(log_dir, pl_module, "ft_schedule_resolved"),
                   header=f"resolved from {schedule.source}: exact parameter names per phase")
 

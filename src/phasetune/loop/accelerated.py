@@ -10,10 +10,8 @@ optimizer, lr scheduler and rebuilt DDP through ``prepare``, and saves its state
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.scheduler import AcceleratedScheduler
@@ -23,14 +21,14 @@ from torch.optim import Optimizer
 
 from phasetune.core.engine import Transition
 from phasetune.errors import ConfigurationError
-from phasetune.loop import finetuning, run_facts
-from phasetune.run import Patience, PhaseRun, RunEnv, RunOptions
+from phasetune.loop.finetuning import ScheduledFinetuning
+from phasetune.run import Patience, PhaseRun, RunEnv, RunOptions, model_params
+from phasetune.run.files import STATE_FILE, read_state_file, save_state_file
 
-STATE_FILE = "phasetune_state.pt"  # in every save_state folder; read back before the optimizer state loads
 UNSUPPORTED = ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA")  # they shard the model or own the optimizer
 
 
-class AcceleratedFinetuning(finetuning.ScheduledFinetuning):
+class AcceleratedFinetuning(ScheduledFinetuning):
     """A schedule over ``model``, ``optimizer`` and ``lr_scheduler``, given *before* ``accelerator.prepare`` (which
     this calls); train with ``ft.model``, ``ft.optimizer`` and ``ft.lr_scheduler``, which a transition may replace.
     ``schedule``, ``options`` and the keywords are :class:`~phasetune.loop.ScheduledFinetuning`'s."""
@@ -44,24 +42,21 @@ class AcceleratedFinetuning(finetuning.ScheduledFinetuning):
         if problems := problems + input_problems(schedule, accelerator, model, optimizer, lr_scheduler):
             raise ConfigurationError(problems)
         self.accelerator, self.train_loader, self.global_step, self._epoch = accelerator, None, None, 0
-        params = dict(model.named_parameters())
-        self.run = PhaseRun(schedule, params, {n: tuple(p.shape) for n, p in params.items()}, options=options,
-                            env=RunEnv(named_buffers=lambda: dict(model.named_buffers()), device=accelerator.device),
-                            model=model, no_decay=no_decay, mode=mode)  # frozen to phase 0; rank 0's state is saved
+        self.run = PhaseRun(schedule, *model_params(model), options=options, model=model, no_decay=no_decay, mode=mode,
+                            env=RunEnv.of_model(model, device=accelerator.device))  # frozen to phase 0
         self.run.patience = Patience(patience, min_delta, check_finite, mode)
-        run_facts.check_accelerated_memory(self.run, model, optimizer, accelerator)  # options.memory_check, unprepared
         given = [model, optimizer] + ([] if lr_scheduler is None else [lr_scheduler])
         self.model, self.optimizer, *self.schedulers = accelerator.prepare(*given)
         self.run.prepare(self, expected=True)  # the optimizer fitted to phase 0, phase 0's lr scheduler
-        accelerator.register_save_state_pre_hook(lambda _, __, out: accelerator.save(self.state_dict(), Path(out) / STATE_FILE))
+        accelerator.register_save_state_pre_hook(  # rank 0's state, as Lightning saves it; written atomically
+            lambda _, __, out: save_state_file(self.state_dict(), out) if accelerator.is_main_process else None)
         accelerator.register_load_state_pre_hook(lambda _, folder: self.load_state_dict(read_state(folder)))
         self.run.begin(self, epoch=0, step=0, reserve=False)
         self.run.begin_training(self, epoch=0, step=0)
 
     def optimizer_and_schedulers(self) -> tuple[Optimizer, list[Any]]:
-        opt = self.optimizer
-        return (opt.optimizer if isinstance(opt, AcceleratedOptimizer) else opt,
-                [s.scheduler if isinstance(s, AcceleratedScheduler) else s for s in self.schedulers])
+        return unwrap_optimizer(self.optimizer), [s.scheduler if isinstance(s, AcceleratedScheduler) else s
+                                                  for s in self.schedulers]
 
     def install(self, *, optimizer: Optimizer | None, scheduler: Any, scheduler_cfg: Any, thawed: bool) -> None:
         if optimizer is not None:
@@ -93,10 +88,14 @@ class AcceleratedFinetuning(finetuning.ScheduledFinetuning):
 
 
 def read_state(folder: str) -> dict[str, Any]:
-    if not (Path(folder) / STATE_FILE).is_file():
-        raise ConfigurationError(f"{folder} has no {STATE_FILE}: resume from a folder that accelerator.save_state "
-                                 "wrote with an AcceleratedFinetuning built on that Accelerator")
-    return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+    """The run's state in a ``save_state`` folder, or a one-line error saying why there is none."""
+    return read_state_file(folder, missing="resume from a folder that accelerator.save_state wrote with an "
+                                           "AcceleratedFinetuning built on that Accelerator")
+
+
+def unwrap_optimizer(optimizer: Any) -> Optimizer:
+    """The torch optimizer inside Accelerate's ``AcceleratedOptimizer`` (the one phasetune regroups)."""
+    return optimizer.optimizer if isinstance(optimizer, AcceleratedOptimizer) else optimizer
 
 
 def input_problems(schedule: Any, accelerator: Any, model: Any, optimizer: Any, lr_scheduler: Any) -> list[str]:
@@ -117,4 +116,4 @@ def input_problems(schedule: Any, accelerator: Any, model: Any, optimizer: Any, 
     return found
 
 
-__all__ = ["STATE_FILE", "AcceleratedFinetuning", "input_problems", "read_state"]
+__all__ = ["STATE_FILE", "AcceleratedFinetuning", "input_problems", "read_state", "unwrap_optimizer"]

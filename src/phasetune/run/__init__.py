@@ -6,11 +6,13 @@
 - :class:`Host` and :class:`RunEnv` (:mod:`~phasetune.run.host`): what a front end does for the run, and where it runs;
 - :class:`Patience` (:mod:`~phasetune.run.patience`): early stopping for front ends without their own;
 - :class:`PhaseRecord`, :class:`Decision` (:mod:`~phasetune.run.records`): what the run reports;
-- :class:`RunView` (:mod:`~phasetune.run.view`): the read-only properties every front end shows.
+- :class:`RunView` (:mod:`~phasetune.run.view`): the read-only properties every front end shows;
+- :data:`STATE_FILE` and its readers and writers (:mod:`~phasetune.run.files`): the run's files in checkpoint folders.
 """
 
 from phasetune.run.checkpoint import STATE_FORMAT
-from phasetune.run.host import Host, RunEnv
+from phasetune.run.files import STATE_FILE, read_state_file, save_state_file, write_implicit_schedule
+from phasetune.run.host import Host, RunEnv, model_params
 from phasetune.run.options import RunOptions, prefix_cache_problems
 from phasetune.run.patience import NON_FINITE, Patience
 from phasetune.run.phase_run import PhaseRun, log
@@ -20,7 +22,8 @@ from phasetune.run.state_checks import implicit_resume_hint, state_problem
 from phasetune.run.view import RunView
 
 __all__ = [
-    "ALREADY_COMPLETE", "NON_FINITE", "STATE_FORMAT", "Decision", "Host", "Patience", "PhaseRecord", "PhaseRun",
-    "RunEnv", "RunOptions", "RunView", "implicit_resume_hint", "log", "metric_missing", "phase_of",
-    "prefix_cache_problems", "state_problem",
+    "ALREADY_COMPLETE", "NON_FINITE", "STATE_FILE", "STATE_FORMAT", "Decision", "Host", "Patience", "PhaseRecord",
+    "PhaseRun", "RunEnv", "RunOptions", "RunView", "implicit_resume_hint", "log", "metric_missing", "model_params",
+    "phase_of", "prefix_cache_problems", "read_state_file", "save_state_file", "state_problem",
+    "write_implicit_schedule",
 ]

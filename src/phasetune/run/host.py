@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from phasetune.sharding.names import logical_name
 from phasetune.util import dist as _dist
 
 log = logging.getLogger("phasetune")
@@ -75,6 +76,13 @@ class RunEnv:
     #: what the optimizer the run is given is called in messages
     optimizer_source: str = "the optimizer"
 
+    @classmethod
+    def of_model(cls, model: nn.Module, **fields: Any) -> RunEnv:
+        """The environment of a run over a plain ``model``: its buffers, and its first parameter's device unless
+        ``fields`` say otherwise."""
+        fields.setdefault("device", next((p.device for p in model.parameters()), None))
+        return cls(named_buffers=lambda: dict(model.named_buffers()), **fields)
+
     @property
     def rank(self) -> int:
         return _dist.rank()
@@ -84,4 +92,11 @@ class RunEnv:
         return _dist.world_size()
 
 
-__all__ = ["Host", "RunEnv"]
+def model_params(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, ...]]]:
+    """``model``'s parameters by the names schedules use (without DDP or ``torch.compile`` wrappers' segments),
+    and their shapes: the first two arguments of :class:`~phasetune.run.PhaseRun` for a plain model."""
+    params = {logical_name(n): p for n, p in model.named_parameters()}
+    return params, {n: tuple(p.shape) for n, p in params.items()}
+
+
+__all__ = ["Host", "RunEnv", "model_params"]
