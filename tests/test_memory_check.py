@@ -294,3 +294,32 @@ def test_the_plain_fsdp2_strategy_notes_its_plan_for_the_loop(gloo_one_rank):
     assert (shape.strategy, shape.micro_batch, shape.fsdp_plan) == ("fsdp2", 2, noted["fsdp_plan"])  # the strategy's
     config, prefix = model_for_plan(model)  # fully_shard's FSDPBertForSequenceClassification is planned as its class
     assert (config.architectures, prefix) == (["BertForSequenceClassification"], "")
+
+
+def test_the_isolated_plan_does_not_start_an_unguarded_training_script_again(tmp_path):
+    """Rank 0 plans in a fresh process when a process group is up; a script without a ``__main__`` guard (common in
+    training scripts) must not run again in it, as multiprocessing's spawn would run it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data = Path(__file__).parent / "data" / "plan"
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import sys\nimport torch.distributed as dist\n"
+        f"sys.path.insert(0, {str(data)!r})\n"
+        "from phasetune import ConfigurationError\n"
+        "from phasetune.plan import plan_memory_isolated\n"
+        "from plan_models import schedule\n"
+        "open('started', 'a').write('once\\n')  # the script's top level, no guard\n"
+        "dist.init_process_group('gloo', rank=0, world_size=1, store=dist.HashStore())\n"
+        "plan = plan_memory_isolated(schedule(2), 'plan_models:small_net', world_size=2, seq_len=8)\n"
+        "try:\n"
+        "    plan_memory_isolated(schedule(2), 'plan_models:nope')\n"
+        "except ConfigurationError as e:\n"
+        "    print('refused:', e.problems[0])\n"
+        "print('planned', len(plan.phases))\n")
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "started").read_text() == "once\n"
+    assert "refused: model 'plan_models:nope'" in done.stdout and "planned 3" in done.stdout

@@ -87,12 +87,53 @@ def plan_memory_isolated(schedule: Any, model: Any, **kwargs: Any) -> MemoryPlan
     group of a plan cannot sit beside it) or that must not hold the simulation's memory afterwards.
 
     Arguments travel by pickling: name the model by path or ``"module:factory"`` (or a module-level function),
-    not a lambda. Errors come back as they were raised.
+    not a lambda. Errors come back as they were raised. The child is a plain interpreter given this process's
+    ``sys.path``: unlike ``multiprocessing``'s spawn it does not import the caller's ``__main__``, so a training
+    script without an ``if __name__ == "__main__":`` guard is not started again.
     """
-    import multiprocessing
+    import pickle
+    import subprocess
+    import sys
+    import tempfile
 
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(plan_memory, (schedule, model), kwargs)
+    with tempfile.TemporaryDirectory(prefix="phasetune-plan-") as folder:
+        given, result = os.path.join(folder, "given.pkl"), os.path.join(folder, "result.pkl")
+        with open(given, "wb") as f:
+            pickle.dump(list(sys.path), f)
+            pickle.dump((schedule, model, kwargs), f)
+        code = "from phasetune.plan.planner import _isolated_child; _isolated_child()"
+        done = subprocess.run([sys.executable, "-c", code, given, result], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if not os.path.exists(result):
+            raise RuntimeError(f"the memory plan's process ended without a result (exit status {done.returncode}):\n"
+                               f"{done.stderr[-4000:]}")
+        with open(result, "rb") as f:
+            ok, value = pickle.load(f)
+    if not ok:
+        raise value
+    return value
+
+
+def _isolated_child() -> None:
+    """The child of :func:`plan_memory_isolated`: ``argv[1]`` holds the caller's ``sys.path`` and the call,
+    ``argv[2]`` gets ``(True, plan)`` or ``(False, the exception)``."""
+    import pickle
+    import sys
+
+    given, result = sys.argv[1], sys.argv[2]
+    with open(given, "rb") as f:
+        sys.path[:] = pickle.load(f)
+        try:
+            schedule, model, kwargs = pickle.load(f)
+            out: tuple[bool, Any] = (True, plan_memory(schedule, model, **kwargs))
+        except Exception as e:
+            out = (False, e)
+    try:
+        data = pickle.dumps(out)
+    except Exception:  # an exception that does not pickle: its type and message
+        data = pickle.dumps((False, RuntimeError(f"{type(out[1]).__name__}: {out[1]}")))
+    with open(result, "wb") as f:
+        f.write(data)
 
 
 def _setup(setup: PlanSetup | None, settings: Mapping[str, Any]) -> PlanSetup:
