@@ -24,6 +24,7 @@ from phasetune.hf import settings
 from phasetune.loop.accelerated import unwrap_optimizer
 from phasetune.run import Patience, PhaseRun, RunEnv, RunOptions, RunView, model_params, prefix_cache_problems
 from phasetune.run.files import STATE_FILE, read_state_file, save_state_file, write_implicit_schedule
+from phasetune.run.memory_check import check_trainer_memory
 
 if TYPE_CHECKING:
     from transformers import Trainer
@@ -157,6 +158,7 @@ class PhasetuneTrainerCallback(RunView, TrainerCallback):
                 "PhasetuneTrainerCallback needs its Trainer hook to reach the optimizer: use "
                 "phasetune.hf.PhasetuneTrainer instead of transformers.Trainer, or mix PhasetuneTrainerMixin into "
                 "your Trainer class (class MyTrainer(PhasetuneTrainerMixin, Trainer))")
+        check_trainer_memory(self.run, self._trainer)  # options.memory_check: raises before any step if a phase won't fit
         epoch = _epoch_starting(state)
         self.run.begin(self, epoch=epoch, step=state.global_step, resumed=self.resume_from is not None)
         if not self.run.begin_training(self, epoch=epoch, step=state.global_step):

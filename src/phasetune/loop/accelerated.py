@@ -21,14 +21,14 @@ from torch.optim import Optimizer
 
 from phasetune.core.engine import Transition
 from phasetune.errors import ConfigurationError
-from phasetune.loop.finetuning import ScheduledFinetuning
+from phasetune.loop import finetuning, run_facts
 from phasetune.run import Patience, PhaseRun, RunEnv, RunOptions, model_params
 from phasetune.run.files import STATE_FILE, read_state_file, save_state_file
 
 UNSUPPORTED = ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA")  # they shard the model or own the optimizer
 
 
-class AcceleratedFinetuning(ScheduledFinetuning):
+class AcceleratedFinetuning(finetuning.ScheduledFinetuning):
     """A schedule over ``model``, ``optimizer`` and ``lr_scheduler``, given *before* ``accelerator.prepare`` (which
     this calls); train with ``ft.model``, ``ft.optimizer`` and ``ft.lr_scheduler``, which a transition may replace.
     ``schedule``, ``options`` and the keywords are :class:`~phasetune.loop.ScheduledFinetuning`'s."""
@@ -45,6 +45,7 @@ class AcceleratedFinetuning(ScheduledFinetuning):
         self.run = PhaseRun(schedule, *model_params(model), options=options, model=model, no_decay=no_decay, mode=mode,
                             env=RunEnv.of_model(model, device=accelerator.device))  # frozen to phase 0
         self.run.patience = Patience(patience, min_delta, check_finite, mode)
+        run_facts.check_accelerated_memory(self.run, model, optimizer, accelerator)  # options.memory_check, unprepared
         given = [model, optimizer] + ([] if lr_scheduler is None else [lr_scheduler])
         self.model, self.optimizer, *self.schedulers = accelerator.prepare(*given)
         self.run.prepare(self, expected=True)  # the optimizer fitted to phase 0, phase 0's lr scheduler
