@@ -14,7 +14,7 @@ import argparse
 import logging
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -30,7 +30,7 @@ from phasetune.lightning.fit_command import PhasetuneCLI
 from phasetune.lora.recipes import LORA_RECIPES
 from phasetune.run import RunOptions
 from phasetune.util.files import atomic_write_text
-from phasetune.util.text import covering_modules, fmt_count, format_table
+from phasetune.util.text import covering_modules, few, fmt_count, format_table
 
 SCHEDULE_HELP = """\
 phasetune schedule generate MODEL [--recipe NAME] [--lr LR] [--lr_decay F]
@@ -129,6 +129,8 @@ class _Target:
     structure: torch.nn.Module
     fts: FinetuningScheduler
     model_name: str
+    model: torch.nn.Module  # what a run injects LoRA adapters into (the LightningModule of a config)
+    read_params: Callable[[], dict[str, torch.Tensor]]  # ``params`` again, after an injection
 
 
 def _load_target(config: str, overrides: Sequence[str]) -> _Target:
@@ -153,13 +155,15 @@ def _load_target(config: str, overrides: Sequence[str]) -> _Target:
     # the adapter a fit of this config would use: the callback's own custom adapters and allow_untested count
     adapter = select_adapter(cli.trainer.strategy, fts.strategy_adapter_cfg, custom=fts._custom_adapters,
                              allow_untested=fts.allow_untested)
-    return _Target(adapter.named_parameters(model), adapter.structure_module(model), fts, type(model).__name__)
+    return _Target(adapter.named_parameters(model), adapter.structure_module(model), fts, type(model).__name__, model,
+                   lambda: adapter.named_parameters(model))
 
 
 def _load_model_target(model_dir: str | None, model_class: str | None) -> _Target:
     """The model of ``--model-dir`` or ``--model``, with default settings."""
     model = _load_pretrained(model_dir) if model_dir is not None else _build_class(str(model_class))
-    return _Target(dict(model.named_parameters()), model, FinetuningScheduler(), type(model).__name__)
+    return _Target(dict(model.named_parameters()), model, FinetuningScheduler(), type(model).__name__, model,
+                   lambda: dict(model.named_parameters()))
 
 
 def _load_pretrained(path: str) -> torch.nn.Module:
@@ -232,10 +236,14 @@ def schedule_main(argv: Sequence[str]) -> int:
         return _generate(args, target, shapes)
     source, desc = _schedule_source(args, target)
     try:
+        injected = _inject_adapters(target, source)
+        shapes = {n: tuple(p.shape) for n, p in target.params.items()}
         schedule = resolve_schedule(source, shapes, epoch_transitions_only=target.fts.epoch_transitions_only)
     except ScheduleError as e:
         print(f"phasetune: {e}", file=sys.stderr)
         return 1
+    if injected:
+        print(f"note: {injected}")
     if args.action == "show":
         print(f"{desc} for {target.model_name}:")
         print(_schedule_table(schedule, target))
@@ -247,6 +255,23 @@ def schedule_main(argv: Sequence[str]) -> int:
     if args.action == "check":
         print(f"{desc}: OK, {len(schedule)} phases for {target.model_name}")
     return 0
+
+
+def _inject_adapters(target: _Target, source: Any) -> str | None:
+    """Inject the LoRA adapters a schedule with LoRA keys asks for into the target's model, as every front end does
+    before training (:func:`phasetune.run.lora_glue.inject_adapters`), so its phases are checked against the
+    post-injection names (``...lora_A.default.weight``, ``...query.base_layer.weight``); updates ``target.params``
+    and returns a line saying what was injected (None for a schedule without LoRA keys). Raises
+    :class:`~phasetune.errors.ScheduleError` with every problem (pre-injection names, a merge naming no adapter)."""
+    from phasetune.run.lora_glue import inject_adapters
+
+    record = inject_adapters(target.model, source)
+    if record is None:
+        return None
+    target.params = target.read_params()
+    return (f"LoRA adapter {record.adapter!r} injected into {len(record.modules)} modules "
+            f"({few(list(record.modules))}), as a run does before training; "
+            "the phases are checked against the names after injection")
 
 
 def _generate(args: argparse.Namespace, target: _Target, shapes: dict[str, tuple[int, ...]]) -> int:
