@@ -8,9 +8,8 @@ import yaml
 
 pytest.importorskip("peft")
 
-from test_cli import run, write_config  # noqa: E402  (after the skip: the commands need peft)
-
-from distributed.hf_scenarios import tiny_bert  # noqa: E402
+from distributed.hf_scenarios import tiny_bert
+from test_cli import run, write_config
 
 LAYER_1_KEY = "bert.encoder.layer.1.attention.self.key"
 
