@@ -1,0 +1,1 @@
+"""LoRA schedules on the demo's model and task: progressive adapters, a merge at a transition, exact resume."""
