@@ -248,11 +248,17 @@ class BertModule(pl.LightningModule):
         self.steps += 1
         return self.model(**batch).loss
 
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self.model(**batch).loss)
+
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
     def train_dataloader(self):
         return loader()
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(Tokens(32, 1), batch_size=16)
 
 
 LIGHTNING_SCHEDULE = {k: {**v, "params": [f"model.{p}" for p in v["params"]]} for k, v in DDP_SCHEDULE.items()}
@@ -266,6 +272,16 @@ def test_lightning_raises_before_its_first_training_step(tmp_path):
     assert [line.split(":")[0] for line in problems_of(e)[:3]] == [f"phase {k} will not fit" for k in range(3)]
     assert "BertForSequenceClassification from a BertConfig (as 'model')" in problems_of(e)[-1]
     assert module.steps == 0
+
+
+def test_lightning_trains_after_a_check_that_fits(tmp_path, caplog):
+    module = BertModule()
+    with caplog.at_level(logging.INFO, logger="phasetune"):
+        trainer(tmp_path, [FinetuningScheduler(LIGHTNING_SCHEDULE, memory_check=FITS)], max_epochs=1,
+                limit_train_batches=2, limit_val_batches=1).fit(module)
+    assert "from the first 8 sample(s) of the training set, collated" in check_lines(caplog)[0]
+    assert check_lines(caplog)[1].startswith("phasetune: memory check: every phase fits on a 80 GiB device")
+    assert module.steps > 0
 
 
 def test_lightning_strategies_map_to_the_plans():
