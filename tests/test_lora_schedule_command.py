@@ -46,6 +46,16 @@ def test_show_counts_the_adapters_each_phase_thaws(tmp_path, bert_folder, capsys
     assert rows[1][:3] == ["1", "512", "(4)"]  # layer 0's two adapters
 
 
+def test_show_says_which_phase_merges_the_adapters(tmp_path, bert_folder, capsys):
+    out = tmp_path / "lora.yaml"
+    assert run("schedule", "generate", "--model-dir", bert_folder, "--recipe", "lora_then_full", "--steps", "20",
+               "-o", out) == 0
+    assert run("schedule", "show", out, "--model-dir", bert_folder) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line[:1] in ("0", "1")]
+    assert "merges LoRA" not in rows[0]
+    assert "merges LoRA, then bert.encoder.layer.1" in rows[1]  # the top block's base weights after the merge
+
+
 def test_a_name_from_before_injection_is_refused_with_the_new_name(tmp_path, bert_folder, capsys):
     schedule = tmp_path / "lora.yaml"
     schedule.write_text(yaml.safe_dump({

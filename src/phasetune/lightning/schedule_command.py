@@ -381,7 +381,8 @@ def _schedule_table(schedule: Schedule, target: _Target) -> str:
         rows.append([phase.index, f"{fmt_count(count)} ({len(phase.params)})", f"{100.0 * cumulative / total:.1f}%",
                      lr, _rule(phase.max_transition_epoch, phase.max_transition_step, phase.index == last,
                                fts.epoch_transitions_only),
-                     covering_modules(phase.params, list(numel), limit=2)])
+                     ("merges LoRA, then " if phase.merge_lora not in (None, False) else "")
+                     + covering_modules(phase.params, list(numel), limit=2)])
     return format_table(["phase", "params (tensors)", "trainable", "lr", "ends", "thaws"], rows, align="lrrrll")
 
 
