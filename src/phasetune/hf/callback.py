@@ -24,6 +24,7 @@ from phasetune.hf import settings
 from phasetune.loop.accelerated import unwrap_optimizer
 from phasetune.run import Patience, PhaseRun, RunEnv, RunOptions, RunView, model_params, prefix_cache_problems
 from phasetune.run.files import STATE_FILE, read_state_file, save_state_file, write_implicit_schedule
+from phasetune.run.lora_glue import base_weights_state, inject_adapters, load_base_weights
 from phasetune.run.memory_check import check_trainer_memory
 
 if TYPE_CHECKING:
@@ -90,6 +91,7 @@ class PhasetuneTrainerCallback(RunView, TrainerCallback):
         self._stepped = self._prepared = False
         if self.run is not None:
             self.run.close()  # a previous train()'s, if it ended by an exception
+        inject_adapters(model, self.schedule_source)  # done by train() already, unless model_init built this model
         env = RunEnv.of_model(model, snapshot_dir=str(args.output_dir), optimizer_source="the Trainer's optimizer")
         self.run = run = PhaseRun(
             self.schedule_source, *model_params(model), options=self.options, env=env, model=model,
@@ -131,7 +133,10 @@ class PhasetuneTrainerCallback(RunView, TrainerCallback):
         self._prepared = True
         self.run.prepare(self, fitted=True, refreeze=True)  # type: ignore[union-attr]
         if self.resume_from is not None:
-            self.run.restore(self, read_state(self.resume_from), where=self.resume_from)  # type: ignore[union-attr]
+            state = read_state(self.resume_from)
+            if "lora_base" in state:  # the base weights a PeftModel's checkpoint (its adapters only) does not hold
+                load_base_weights(self.run, state["lora_base"])  # type: ignore[arg-type]
+            self.run.restore(self, state, where=self.resume_from)  # type: ignore[union-attr]
 
     # ------------------------------------------------------------------ the Host
     def optimizer_and_schedulers(self) -> tuple[torch.optim.Optimizer, list[Any]]:
@@ -191,7 +196,10 @@ class PhasetuneTrainerCallback(RunView, TrainerCallback):
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if self.run is not None and state.is_world_process_zero and folder.is_dir():  # rank 0 writes for all
-            save_state_file(self.state_dict(), folder)
+            saved = self.state_dict()
+            if self.run.lora is not None and _saves_adapters_only(self._trainer.model):  # type: ignore[union-attr]
+                saved["lora_base"] = base_weights_state(self.run)  # base weights the run trained or merged into
+            save_state_file(saved, folder)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.run is None:
@@ -240,6 +248,15 @@ def read_state(checkpoint: str | os.PathLike[str]) -> dict[str, Any]:
         "it was saved by a Trainer without PhasetuneTrainerCallback, or the run stopped while saving. To start a "
         "schedule from its weights, load them (from_pretrained on that folder) and call train() without "
         "resume_from_checkpoint"))
+
+
+def _saves_adapters_only(model: Any) -> bool:
+    """The Trainer saves a ``PeftModel`` as its adapters only (base weights a phase trained would be lost)."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
 
 
 def _epoch_starting(state: Any) -> int:

@@ -17,6 +17,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from phasetune.errors import ConfigurationError
 from phasetune.hf.callback import PhasetuneTrainerCallback, unwrap_optimizer
+from phasetune.run.lora_glue import inject_adapters
 
 
 class PhasetuneTrainerMixin:
@@ -41,6 +42,8 @@ class PhasetuneTrainerMixin:
                 raise ConfigurationError(f"resume_from_checkpoint=True, but {self.args.output_dir} holds no "  # type: ignore[attr-defined]
                                          "checkpoint-* folder: pass a checkpoint path, or train without it")
         ft.resume_from = str(resume_from_checkpoint) if resume_from_checkpoint else None
+        if self.model is not None:  # LoRA adapters a peft section asks for, before a checkpoint's weights load
+            inject_adapters(self.model, ft.schedule_source)  # type: ignore[attr-defined]
         if ft.run is not None and ft.run.history:
             # this Trainer already ran a schedule: its optimizer holds every phase's groups. Start afresh,
             # as the Trainer itself does for a new model from model_init.

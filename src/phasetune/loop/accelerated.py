@@ -22,7 +22,7 @@ from torch.optim import Optimizer
 from phasetune.core.engine import Transition
 from phasetune.errors import ConfigurationError
 from phasetune.loop import finetuning, run_facts
-from phasetune.run import Patience, PhaseRun, RunEnv, RunOptions, model_params
+from phasetune.run import Patience, PhaseRun, RunEnv, RunOptions, inject_adapters, model_params
 from phasetune.run.files import STATE_FILE, read_state_file, save_state_file
 
 UNSUPPORTED = ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA")  # they shard the model or own the optimizer
@@ -42,12 +42,12 @@ class AcceleratedFinetuning(finetuning.ScheduledFinetuning):
         if problems := problems + input_problems(schedule, accelerator, model, optimizer, lr_scheduler):
             raise ConfigurationError(problems)
         self.accelerator, self.train_loader, self.global_step, self._epoch = accelerator, None, None, 0
+        inject_adapters(model, schedule)  # the LoRA adapters a peft section asks for, before DDP wraps the model
         self.run = PhaseRun(schedule, *model_params(model), options=options, model=model, no_decay=no_decay, mode=mode,
                             env=RunEnv.of_model(model, device=accelerator.device))  # frozen to phase 0
         self.run.patience = Patience(patience, min_delta, check_finite, mode)
         run_facts.check_accelerated_memory(self.run, model, optimizer, accelerator)  # options.memory_check, unprepared
-        given = [model, optimizer] + ([] if lr_scheduler is None else [lr_scheduler])
-        self.model, self.optimizer, *self.schedulers = accelerator.prepare(*given)
+        self.model, self.optimizer, *self.schedulers = accelerator.prepare(model, optimizer, *[s for s in [lr_scheduler] if s is not None])
         self.run.prepare(self, expected=True)  # the optimizer fitted to phase 0, phase 0's lr scheduler
         accelerator.register_save_state_pre_hook(  # rank 0's state, as Lightning saves it; written atomically
             lambda _, __, out: save_state_file(self.state_dict(), out) if accelerator.is_main_process else None)
