@@ -216,8 +216,9 @@ def chosen_lr(runs: list[dict[str, Any]]) -> float | None:
     by: dict[float, list[float]] = {}
     for r in runs:
         by.setdefault(r["lr"], []).append(r["val_acc"])
-    full = {lr: v for lr, v in by.items() if len(v) == len(SELECT_SEEDS)}
-    return max(full, key=lambda lr: statistics.mean(full[lr])) if full else None
+    if any(len(by.get(lr, [])) < len(SELECT_SEEDS) for lr in LR_GRID):
+        return None  # not every run of the grid is saved yet
+    return max(LR_GRID, key=lambda lr: statistics.mean(by[lr]))
 
 
 def final_runs(lr: float, dry: bool, only: Any = None) -> list[dict[str, Any]]:
