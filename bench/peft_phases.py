@@ -14,7 +14,8 @@ A seed fixes the classifier's init, the adapters' ``A`` (the same in both arms) 
 pairs the two arms' runs; the arms alternate their order from seed to seed (A B, B A, ...). One lr for every
 group of both arms is chosen on the validation split: the best mean validation accuracy of *plain* LoRA over
 :data:`LR_GRID` and seeds :data:`SELECT_SEEDS` (tuned for the reference arm, applied to both; the machine's time
-did not allow tuning progressive too); the test split is read only in ``final``.
+did not allow tuning progressive too; ``select --arm progressive`` runs it on the grid as well, shown beside plain's
+and not used to choose); the test split is read only in ``final``.
 
 Costs, each run in its own process, 2 threads: process CPU time per optimizer step (``time.process_time``, every
 thread) and the process's peak resident memory (VmHWM, reset at the start of each phase). The phase-0 step ratio
@@ -24,7 +25,8 @@ training set seen three times (the final runs see 768 different snippets of 3,36
 would only cost its memory there). Runs are appended to ``bench/results/peft_phases_runs.jsonl`` and reused, so
 an interrupted stage resumes. Commands (under ``nice -n 10`` on a shared machine)::
 
-    python bench/peft_phases.py select     # the lr grid on the validation split
+    python bench/peft_phases.py select     # the lr grid on the validation split (plain LoRA)
+    python bench/peft_phases.py select --arm progressive --seeds 100   # what the grid's lrs do to progressive
     python bench/peft_phases.py final      # 10 seeds, both arms, test split
     python bench/peft_phases.py timing     # phase 0 with and without the prefix cache, against plain LoRA
     python bench/peft_phases.py report     # tables from the saved runs -> bench/results/peft_phases.md
@@ -206,9 +208,10 @@ def interleave(seeds: Any, arms_of: Any, only: Any = None) -> list[dict[str, Any
     return out
 
 
-def select_runs(dry: bool, only: Any = None, lrs: Any = None) -> list[dict[str, Any]]:
+def select_runs(dry: bool, only: Any = None, lrs: Any = None, arm: str = "plain") -> list[dict[str, Any]]:
+    """The grid's runs of ``arm`` (plain chooses the lr; progressive's, if run, only show what the lr does to it)."""
     grid = [lr for lr in LR_GRID if lrs is None or lr in lrs]
-    return run_all(interleave(SELECT_SEEDS, lambda s: [cfg_of("plain", s, lr) for lr in grid], only), dry)
+    return run_all(interleave(SELECT_SEEDS, lambda s: [cfg_of(arm, s, lr) for lr in grid], only), dry)
 
 
 def chosen_lr(runs: list[dict[str, Any]]) -> float | None:
@@ -256,11 +259,12 @@ def select_table(runs: list[dict[str, Any]]) -> str:
     from phasetune.util.text import format_table
 
     rows = []
-    for lr in sorted({r["lr"] for r in runs}):
-        acc = {r["seed"]: r["val_acc"] for r in runs if r["lr"] == lr}
-        rows.append([f"{lr:g}", len(acc), _ms(list(acc.values())),
-                     *(f"{acc[s]:.4f}" if s in acc else "-" for s in SELECT_SEEDS)])
-    return format_table(["lr", "seeds", "plain LoRA val_acc", *(f"seed {s}" for s in SELECT_SEEDS)], rows)
+    for arm in ARMS[::-1]:
+        for lr in sorted({r["lr"] for r in runs if r["arm"] == arm}):
+            acc = {r["seed"]: r["val_acc"] for r in runs if r["lr"] == lr and r["arm"] == arm}
+            rows.append([arm, f"{lr:g}", len(acc), _ms(list(acc.values())),
+                         *(f"{acc[s]:.4f}" if s in acc else "-" for s in SELECT_SEEDS)])
+    return format_table(["arm", "lr", "seeds", "val_acc", *(f"seed {s}" for s in SELECT_SEEDS)], rows)
 
 
 def final_table(runs: list[dict[str, Any]]) -> str:
@@ -327,7 +331,7 @@ def timing_table(runs: list[dict[str, Any]]) -> str:
 
 def write_md(lr: float | None) -> str:
     parts = ["# bench/peft_phases.py results", __doc__.split("\n\n", 1)[1].split("\n\nCommands")[0]]
-    sel = select_runs(True)
+    sel = select_runs(True) + select_runs(True, arm="progressive")
     parts.append(f"## lr, validation split\n\n`python bench/peft_phases.py select` (seeds "
                  f"{' '.join(map(str, SELECT_SEEDS))}; chosen: {lr if lr is None else f'{lr:g}'})\n\n```text\n"
                  f"{select_table(sel)}\n```")
@@ -359,12 +363,14 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="(select, final) only these of the stage's seeds: one worker's share, for two workers at once")
     p.add_argument("--lrs", type=float, nargs="+", default=None, help="(select) only these of the grid's lrs")
+    p.add_argument("--arm", choices=ARMS, default="plain", help="(select) progressive: its validation runs too, shown "
+                                                                "beside plain's (the lr is chosen on plain's)")
     args = p.parse_args()
     if args.stage == "one":
         print(json.dumps(run_one(json.loads(args.config))))
         return
     if args.stage == "select":
-        select_runs(args.dry, args.seeds, args.lrs)
+        select_runs(args.dry, args.seeds, args.lrs, args.arm)
     lr = args.lr or chosen_lr(select_runs(True))
     while args.stage == "final" and lr is None and not args.dry:  # another worker's select runs are not all saved
         time.sleep(30)
@@ -372,7 +378,7 @@ def main() -> None:
     if args.stage == "timing":
         print(timing_table(timing_runs(args.dry)), flush=True)
     elif args.stage == "select":
-        print(select_table(select_runs(True)), f"\nchosen lr: {lr}", flush=True)
+        print(select_table(select_runs(True) + select_runs(True, arm="progressive")), f"\nchosen lr: {lr}", flush=True)
     elif lr is None:
         raise SystemExit("no lr chosen yet: run `python bench/peft_phases.py select` first (or give --lr)")
     elif args.stage == "final":
