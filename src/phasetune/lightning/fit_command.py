@@ -33,6 +33,7 @@ from phasetune.errors import ConfigurationError
 from phasetune.features.peak_memory import KIND_LABELS, PeakMemory
 from phasetune.lightning import _compat, messages
 from phasetune.lightning.callback import FinetuningScheduler
+from phasetune.lightning.memory_ratio import FitFactsRecorder, print_memory_ratios
 from phasetune.lightning.seed_tables import SeedRun, metrics_table, paired_table
 from phasetune.lightning.summary import ValidationHistory, metrics_line, plot_phases, summary_table
 from phasetune.lr_shapes import WarmupLinearDecay
@@ -55,6 +56,7 @@ class RunResult:
     points: list[Any] = field(default_factory=list)
     log_dir: str | None = None
     cpu_time: float | None = None  # the process's CPU time (every thread) during the fit
+    facts: Any = None  # memory_ratio.FitFacts: what the memory plan of this run needs
 
 
 class FullFineTuning(Callback):
@@ -174,6 +176,7 @@ class PhasetuneCLI(LightningCLI):
             return
         if len(results) == 2:
             _print_comparison(results)
+            print_memory_ratios(*results)
         if self._opt("plot") and fts is not None and fts.history:
             main = results[0]
             baseline_points = results[1].points if len(results) == 2 else None
@@ -231,8 +234,8 @@ class PhasetuneCLI(LightningCLI):
     # -- the scheduled run --------------------------------------------------------------------------
     def _scheduled_run(self, fts: FinetuningScheduler, model: LightningModule, datamodule: Any, trainer: Trainer,
                        **kwargs: Any) -> RunResult:
-        history = ValidationHistory()
-        trainer.callbacks.append(history)
+        history, facts = ValidationHistory(), FitFactsRecorder(fts)
+        trainer.callbacks += [history, facts]  # after fts: facts reads the memory held when fts resets its peak
         start, cpu = time.perf_counter(), time.process_time()
         trainer.fit(model, datamodule=datamodule, **kwargs)
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu
@@ -240,7 +243,7 @@ class PhasetuneCLI(LightningCLI):
         kind = next((r.peak_memory_kind for r in fts.history if r.peak_memory_kind), None)
         result = RunResult(f"scheduled ({len(fts.history)} phases)", trainer.global_step, wall,
                            max(peaks, default=None), kind, val=_val_metrics(trainer), points=history.points,
-                           log_dir=_log_dir(trainer), cpu_time=cpu)
+                           log_dir=_log_dir(trainer), cpu_time=cpu, facts=facts.facts)
         if trainer.is_global_zero:
             _say(f"scheduled fine-tuning: {trainer.global_step} steps in {fmt_seconds(wall)}")
             print(summary_table(fts.history, fts.monitor), flush=True)
@@ -269,8 +272,8 @@ class PhasetuneCLI(LightningCLI):
                 weights_only = cb.save_weights_only
                 continue
             callbacks.append(cb)
-        full, history = FullFineTuning(self._opt("baseline_lr")), ValidationHistory()
-        callbacks += [full, history]
+        full, history, facts = FullFineTuning(self._opt("baseline_lr")), ValidationHistory(), FitFactsRecorder()
+        callbacks += [full, facts, history]  # facts after full: the memory held when full resets its peak
         if config.get("enable_checkpointing", True) is not False:
             callbacks.append(ModelCheckpoint(monitor=monitor or "val_loss", mode=mode, save_top_k=1,
                                              save_weights_only=weights_only))
@@ -290,7 +293,8 @@ class PhasetuneCLI(LightningCLI):
             _say(f"baseline: {trainer.global_step} steps in {fmt_seconds(wall)}")
         memory_kind = full.memory.kind if full.memory is not None else None
         result = RunResult("full fine-tuning", trainer.global_step, wall, full.peak, memory_kind,
-                           val=_val_metrics(trainer), points=history.points, log_dir=_log_dir(trainer), cpu_time=cpu)
+                           val=_val_metrics(trainer), points=history.points, log_dir=_log_dir(trainer), cpu_time=cpu,
+                           facts=facts.facts)
         if self._opt("test_after_fit"):
             result.test = _test(trainer, model, datamodule, "baseline")
         return result
