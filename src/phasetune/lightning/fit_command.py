@@ -8,7 +8,9 @@
   the best checkpoint;
 * writes ``phases.png`` (validation curves over steps, phases shaded) to the run's log dir;
 * with ``--baseline also`` then trains the same model and data with plain full fine-tuning for the same
-  number of steps and prints both runs side by side (``--baseline only`` trains just the baseline);
+  number of steps and prints both runs side by side, with the peak-memory ratio scheduled / full fine-tuning as
+  measured beside the one phasetune.plan gives (:mod:`phasetune.lightning.memory_ratio`) (``--baseline only``
+  trains just the baseline);
 * with ``--seeds N`` does all that N times (seeds ``seed_everything``, +1, ...) and prints mean ± sd of each
   metric per arm and the paired difference scheduled - baseline (:mod:`phasetune.lightning.seed_tables`).
 
