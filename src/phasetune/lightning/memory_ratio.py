@@ -14,6 +14,8 @@ check reads from one micro-batch built by index: the loader is never iterated, s
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -49,6 +51,18 @@ def held_now(device: torch.device) -> int | None:
     return None
 
 
+def release_freed_memory() -> bool:
+    """Return to the system the heap memory earlier work freed but the C allocator kept (``gc.collect()``, then
+    glibc's ``malloc_trim(0)``), so a fit's resident memory at its start and its peak count what it holds: without
+    it the baseline reuses the pages the scheduled run freed, and its growth above its start goes unseen. False
+    where there is no glibc (nothing is trimmed there)."""
+    gc.collect()
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 @dataclass
 class FitFacts:
     """What one fit of ``phasetune fit`` was, as the plan needs it (read at its start, never from the loader)."""
@@ -76,6 +90,10 @@ class FitFactsRecorder(Callback):
     def __init__(self, scheduler: Any = None) -> None:
         self.scheduler = scheduler
         self.facts = FitFacts()
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":  # before any on_fit_start, so before the run resets its peak
+            release_freed_memory()
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.facts.start = held_now(pl_module.device)
@@ -204,7 +222,8 @@ def print_memory_ratios(scheduled: Any, baseline: Any, plan: Any = plan_both) ->
         held = "allocated" if kind == CUDA else "resident (VmRSS)"
         notes.append(f"added in the fit: the peak less what the process held {held} when the fit started "
                      f"({fmt_bytes(s_facts.start)} and {fmt_bytes(b_facts.start)}: interpreter, libraries, data, "
-                     "the weights loaded); the measured figure comparable to tensor bytes")
+                     "the weights loaded, what the runs before it keep; freed heap memory returned to the system "
+                     "first, by malloc_trim); the measured figure comparable to tensor bytes")
     skipped = None
     try:
         planned = plan(s_facts, b_facts)
@@ -231,4 +250,5 @@ def print_memory_ratios(scheduled: Any, baseline: Any, plan: Any = plan_both) ->
 
 
 __all__ = ["FitFacts", "FitFactsRecorder", "Planned", "full_schedule", "held_now", "plan_both", "plan_kwargs",
-           "planned_peak", "print_memory_ratios", "ratio"]
+           "planned_peak", "print_memory_ratios", "ratio",
+           "release_freed_memory"]
