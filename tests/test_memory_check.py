@@ -146,19 +146,19 @@ def test_the_sequence_length_comes_from_an_indexed_micro_batch_not_from_the_load
     data = loader(batch=4)
     shape = loader_shape(data)
     assert (shape["micro_batch"], shape["dataset"], shape["collate_fn"]) == (4, data.dataset, data.collate_fn)
-    assert memory_check._seq_len(data.dataset, data.collate_fn, 4) == (8, "the first 4 sample(s) of the training set, "
+    assert memory_check.seq_len_of(data.dataset, data.collate_fn, 4) == (8, "the first 4 sample(s) of the training set, "
                                                                           "collated")
     texts = [{"input_ids": [1, 2, 3], "text": "a"}, {"input_ids": [1, 2, 3, 4, 5], "text": "b"}]  # a Trainer's rows
 
     def pads_tensors_only(samples):
         return {k: torch.tensor([s[k] for s in samples]) for k in samples[0]}  # refuses ragged lists and text
-    assert memory_check._seq_len(texts, pads_tensors_only, 2) == (5, "the input_ids of the first 2 sample(s) of the "
+    assert memory_check.seq_len_of(texts, pads_tensors_only, 2) == (5, "the input_ids of the first 2 sample(s) of the "
                                                                      "training set")
     class Stream(torch.utils.data.IterableDataset):
         def __iter__(self):
             raise AssertionError("the check iterated the training set")
 
-    assert memory_check._seq_len(Stream(), None, 4) == (None, "the training set is no map-style dataset (Stream)")
+    assert memory_check.seq_len_of(Stream(), None, 4) == (None, "the training set is no map-style dataset (Stream)")
 
 
 # ------------------------------------------------------------------------------------------------ models

@@ -28,7 +28,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from phasetune.errors import ConfigurationError
 from phasetune.features.peak_memory import CUDA, RSS
 from phasetune.lightning.memory_facts import PRECISIONS, strategy_kind
-from phasetune.run.memory_check import DTYPE_NAMES, STRATEGY_WORDS, _seq_len, loader_shape
+from phasetune.run.memory_check import DTYPE_NAMES, STRATEGY_WORDS, loader_shape, seq_len_of
 from phasetune.util.text import fmt_bytes, format_table
 
 if TYPE_CHECKING:
@@ -138,7 +138,7 @@ def plan_kwargs(facts: FitFacts, prefix: str) -> tuple[dict[str, Any], str]:
     if facts.max_length is not None:
         seq_len, seq_from = facts.max_length, "the datamodule's max_length"
     else:
-        seq_len, seq_from = _seq_len(facts.loader.get("dataset"), facts.loader.get("collate_fn"), micro_batch or 1)
+        seq_len, seq_from = seq_len_of(facts.loader.get("dataset"), facts.loader.get("collate_fn"), micro_batch or 1)
     if micro_batch is None or seq_len is None:
         raise ValueError(f"the training loader's batch size or sequence length is unknown ({seq_from})")
     world = facts.world_size if facts.strategy != "single" else 1

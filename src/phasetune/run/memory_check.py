@@ -240,7 +240,7 @@ def _plan(run: PhaseRun, model: nn.Module, optimizer: torch.optim.Optimizer | No
                     else ("skip", [f"memory check skipped: {e.problems[0]}; {ask}"])), None
     micro_batch = setting.micro_batch or shape.micro_batch
     seq_len, seq_from = ((setting.seq_len, "memory_check's seq_len") if setting.seq_len
-                         else _seq_len(shape.dataset, shape.collate_fn, micro_batch or 1))
+                         else seq_len_of(shape.dataset, shape.collate_fn, micro_batch or 1))
     if seq_len is None or micro_batch is None:
         missing = " and ".join(w for w, v in (("micro-batch size", micro_batch), ("sequence length", seq_len)) if v is None)
         keys = ", ".join(f"'{k}': N" for k, v in (("micro_batch", micro_batch), ("seq_len", seq_len)) if v is None)
@@ -263,7 +263,8 @@ def _plan(run: PhaseRun, model: nn.Module, optimizer: torch.optim.Optimizer | No
         except ValueError:
             optimizer_note = f"; {type(optimizer).__name__} planned as AdamW (the plan knows AdamW, Adam and SGD)"
     # the phases this run will reach, by exact name: a stand-in module's names match the run's
-    schedule = {k: v for k, v in run.schedule.to_dict(resolved=True).items() if k <= run.final_depth}
+    schedule = {k: v for k, v in run.schedule.to_dict(resolved=True).items()  # phases only (not a peft section)
+                if isinstance(k, int) and k <= run.final_depth}
     where = STRATEGY_WORDS.get(shape.strategy, shape.strategy) + (f" on {world} ranks" if world > 1 else "")
     what = (f"{where}, micro-batch {micro_batch} x {seq_len} tokens (sequence length from "
             f"{seq_from}), {setting.device_gib:g} GiB device{optimizer_note}")
@@ -290,7 +291,7 @@ def _param_dtype(model: nn.Module) -> str:
     return DTYPE_NAMES.get(dtype, "float32")
 
 
-def _seq_len(dataset: Any, collate_fn: Callable[[list[Any]], Any] | None, micro_batch: int) -> tuple[int | None, str]:
+def seq_len_of(dataset: Any, collate_fn: Callable[[list[Any]], Any] | None, micro_batch: int) -> tuple[int | None, str]:
     """Tokens per sample in one micro-batch built by index (``dataset[i]``, collated), and where it came from: the
     loader itself is never iterated (that would draw from the data order's random generator)."""
     if dataset is None:
@@ -347,5 +348,5 @@ def _random_state_kept() -> Iterator[None]:
             np.random.set_state(np_state)
 
 
-__all__ = ["KEYS", "RunShape", "check_memory", "check_trainer_memory", "loader_shape", "note_shape", "noted_shape",
+__all__ = ["KEYS", "RunShape", "check_memory", "check_trainer_memory", "loader_shape", "note_shape", "noted_shape", "seq_len_of",
            "setting_problems"]
