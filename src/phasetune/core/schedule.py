@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from phasetune.core import specs
-from phasetune.core.schedule_validation import check_phases, load_schedule_source, plain_data
+from phasetune.core.schedule_validation import check_phases, load_schedule_source
 from phasetune.errors import ScheduleError
 from phasetune.util.files import atomic_write_text
 from phasetune.util.text import few
@@ -216,7 +216,7 @@ def resolve_schedule(
     unscheduled = tuple(n for n in names if n not in scheduled)
     peft = raw.get("peft") if isinstance(raw, Mapping) else None
     return Schedule(tuple(phases), unscheduled, desc, tuple(notes), shapes,
-                    None if peft is None else plain_data(peft))
+                    None if peft is None else specs.plain_data(peft))
 
 
 def param_shapes(named_parameters: Iterable[tuple[str, Any]]) -> dict[str, tuple[int, ...]]:

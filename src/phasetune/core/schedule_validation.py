@@ -211,7 +211,7 @@ def check_phases(
                 new_lr_scheduler=new_lrs,
                 patterns=tuple(e for e in entries if isinstance(e, str)),
                 prefix_cache=cache,
-                merge_lora=plain_data(body.get("merge_lora")),  # checked by phasetune.lora in the run
+                merge_lora=specs.plain_data(body.get("merge_lora")),  # checked by phasetune.lora in the run
             )
         )
     return phases, problems, notes
@@ -239,15 +239,6 @@ def _cap(body: Mapping[str, Any], key: str, where: str, last: dict[str, tuple[in
             problems.append(f"{where}, key '{key}': {value} is not after phase {prev}'s {prev_value}; {unit} counts "
                             "are absolute (since the start of the fit), so each capped phase must end later than the last")
         last[key] = (idx, value)
-    return value
-
-
-def plain_data(value: Any) -> Any:
-    """``value`` as YAML-safe plain data (mappings -> dicts, sequences -> lists), for keys kept raw."""
-    if isinstance(value, Mapping):
-        return {k: plain_data(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain_data(v) for v in value]
     return value
 
 

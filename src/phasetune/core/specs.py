@@ -35,7 +35,7 @@ class ClassSpec:
     init_args: Mapping[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"class_path": self.class_path, "init_args": _plain(self.init_args)}
+        return {"class_path": self.class_path, "init_args": plain_data(self.init_args)}
 
 
 @dataclass(frozen=True)
@@ -58,11 +58,12 @@ class LRSchedulerSpec:
         return out
 
 
-def _plain(value: Any) -> Any:
+def plain_data(value: Any) -> Any:
+    """``value`` as YAML-safe plain data (mappings -> dicts, sequences -> lists), for keys kept raw."""
     if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain_data(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain_data(v) for v in value]
     return value
 
 
