@@ -60,10 +60,23 @@ class PeakMemory:
         return None
 
 
+def held_now(device: torch.device) -> int | None:
+    """What the process holds now, in the unit its peak is measured in: CUDA bytes allocated on ``device``, else
+    the resident set (``VmRSS``); None where neither can be read."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.memory_allocated(device))
+    return _status_bytes("VmRSS")
+
+
 def _vm_hwm() -> int | None:
+    return _status_bytes("VmHWM")
+
+
+def _status_bytes(field: str) -> int | None:
+    """A memory field of ``/proc/self/status`` in bytes, or None where it cannot be read."""
     try:
         for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024  # reported in kB
     except (OSError, ValueError, IndexError):
         return None

@@ -19,36 +19,19 @@ import gc
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from phasetune.errors import ConfigurationError
-from phasetune.features.peak_memory import CUDA, RSS
+from phasetune.features.peak_memory import CUDA, RSS, held_now
 from phasetune.lightning.memory_facts import PRECISIONS, strategy_kind
 from phasetune.run.memory_check import DTYPE_NAMES, STRATEGY_WORDS, loader_shape, seq_len_of
 from phasetune.util.text import fmt_bytes, format_table
 
 if TYPE_CHECKING:
     from phasetune.plan import MemoryPlan
-
-_STATUS = Path("/proc/self/status")
-
-
-def held_now(device: torch.device) -> int | None:
-    """What the process holds now, in the unit its peak is measured in: CUDA bytes allocated on ``device``, else
-    the resident set (``VmRSS``); None where neither can be read."""
-    if device.type == "cuda" and torch.cuda.is_available():
-        return int(torch.cuda.memory_allocated(device))
-    try:
-        for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024  # reported in kB
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 def release_freed_memory() -> bool:
@@ -249,6 +232,6 @@ def print_memory_ratios(scheduled: Any, baseline: Any, plan: Any = plan_both) ->
     print(flush=True)
 
 
-__all__ = ["FitFacts", "FitFactsRecorder", "Planned", "full_schedule", "held_now", "plan_both", "plan_kwargs",
+__all__ = ["FitFacts", "FitFactsRecorder", "Planned", "full_schedule", "plan_both", "plan_kwargs",
            "planned_peak", "print_memory_ratios", "ratio",
            "release_freed_memory"]
