@@ -109,9 +109,10 @@ def test_bad_input_is_named_with_its_fix_all_at_once_before_training():
     assert "model was already prepared by Accelerate; pass it before accelerator.prepare" in text
     assert "optimizer was already prepared by Accelerate" in text and "patience must be an integer >= 1" in text
     with pytest.raises(ConfigurationError) as e:
-        AcceleratedFinetuning(None, "cpu", fresh := ToyModule(lr=0.1), "sgd")
+        AcceleratedFinetuning(STEPS, "cpu", fresh := ToyModule(lr=0.1), "sgd", total_steps=10)
     text = str(e.value)
-    assert "schedule is required" in text and "accelerator must be an accelerate.Accelerator" in text
+    assert "total_steps sets the budget of an implicit schedule" in text
+    assert "accelerator must be an accelerate.Accelerator" in text
     assert "optimizer must be a torch.optim.Optimizer, got str" in text and "model" not in text
     assert all(p.requires_grad for p in fresh.parameters())  # nothing was frozen
 

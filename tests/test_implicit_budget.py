@@ -214,6 +214,32 @@ def test_the_loop_refuses_a_budget_for_a_schedule_it_was_given():
                             total_steps=10)
 
 
+# ------------------------------------------------------------------------------------------ Accelerate
+@pytest.mark.usefixtures("plain_process")
+def test_accelerate_takes_total_steps_and_without_it_warns_once(caplog):
+    from accelerate import Accelerator
+
+    from phasetune.loop.accelerated import AcceleratedFinetuning
+
+    def accelerated(**kwargs):
+        model = Net()
+        return AcceleratedFinetuning(None, Accelerator(cpu=True), model, torch.optim.AdamW(model.parameters(), lr=1e-3),
+                                     **kwargs)
+
+    with caplog.at_level(logging.INFO, logger="phasetune"):
+        ft = accelerated(total_steps=20)
+    assert caps(ft.schedule) == [head_and_body(20)[0], 20]
+    assert ft.schedule[1].lr == rule_lr(DEFAULT_RULE["body"], 1e-3)
+    assert "budget: 20 optimizer steps, from AcceleratedFinetuning(total_steps=20)" in ft.run.implicit.notes
+    assert "implicit schedule (2 phases; budget: 20 optimizer steps" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="phasetune"):
+        ft = accelerated()
+    said = [r.getMessage() for r in caplog.records if NO_BUDGET in r.getMessage()]
+    assert len(said) == 1 and "AcceleratedFinetuning got no total_steps: pass total_steps=N" in said[0]
+    assert all(p.max_transition_step < 0 for p in ft.schedule)
+
+
 # ------------------------------------------------------------------------------------------ the Hugging Face Trainer
 @pytest.mark.usefixtures("plain_process")
 def test_the_trainer_gives_the_implicit_schedule_its_max_steps(tmp_path):

@@ -23,7 +23,7 @@ from phasetune.core.engine import Transition
 from phasetune.errors import ConfigurationError
 from phasetune.loop import finetuning, run_facts
 from phasetune.run import Patience, PhaseRun, RunEnv, RunOptions, inject_adapters, model_params
-from phasetune.run.files import STATE_FILE, read_state_file, save_state_file
+from phasetune.run.files import STATE_FILE, read_state_file, save_state_file, write_implicit_schedule
 
 UNSUPPORTED = ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA")  # they shard the model or own the optimizer
 
@@ -31,21 +31,24 @@ UNSUPPORTED = ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA")  # they shard the mode
 class AcceleratedFinetuning(finetuning.ScheduledFinetuning):
     """A schedule over ``model``, ``optimizer`` and ``lr_scheduler``, given *before* ``accelerator.prepare`` (which
     this calls); train with ``ft.model``, ``ft.optimizer`` and ``ft.lr_scheduler``, which a transition may replace.
-    ``schedule``, ``options`` and the keywords are :class:`~phasetune.loop.ScheduledFinetuning`'s."""
+    ``schedule``, ``options`` and the keywords are :class:`~phasetune.loop.ScheduledFinetuning`'s; ``schedule=None``
+    generates one over ``total_steps`` optimizer steps (without it, phases end by early stopping: a warning says so)."""
 
-    def __init__(self, schedule: str | Mapping[Any, Any], accelerator: Accelerator, model: nn.Module,
+    def __init__(self, schedule: str | Mapping[Any, Any] | None, accelerator: Accelerator, model: nn.Module,
                  optimizer: Optimizer, lr_scheduler: Any = None, *, options: RunOptions | None = None,
-                 mode: Literal["min", "max"] = "min", patience: int = 3, min_delta: float = 0.0,
-                 check_finite: bool = True, no_decay: Sequence[str] | None = None, **knobs: Any) -> None:
+                 mode: Literal["min", "max"] = "min", patience: int = 3, min_delta: float = 0.0, check_finite: bool = True,
+                 no_decay: Sequence[str] | None = None, total_steps: int | None = None, **knobs: Any) -> None:
         options = RunOptions.merged(options, knobs, type(self).__init__)
-        problems = options.problems(explicit_schedule=True) + Patience.problems(patience, mode)
-        if problems := problems + input_problems(schedule, accelerator, model, optimizer, lr_scheduler):
+        problems = options.problems(explicit_schedule=schedule is not None) + Patience.problems(patience, mode)
+        if problems := problems + input_problems(schedule, total_steps, accelerator, model, optimizer, lr_scheduler):
             raise ConfigurationError(problems)
         self.accelerator, self.train_loader, self.global_step, self._epoch = accelerator, None, None, 0
         inject_adapters(model, schedule)  # the LoRA adapters a peft section asks for, before DDP wraps the model
+        facts = None if schedule is not None else run_facts.loop_facts(optimizer, total_steps, who=type(self).__name__)
         self.run = PhaseRun(schedule, *model_params(model), options=options, model=model, no_decay=no_decay, mode=mode,
-                            env=RunEnv.of_model(model, device=accelerator.device))  # frozen to phase 0
+                            env=RunEnv.of_model(model, device=accelerator.device), facts=facts)  # frozen to phase 0
         self.run.patience = Patience(patience, min_delta, check_finite, mode)
+        write_implicit_schedule(self.run, None, self.run.env.info)  # says the generated schedule's budget, if any
         run_facts.check_accelerated_memory(self.run, model, optimizer, accelerator)  # options.memory_check, unprepared
         self.model, self.optimizer, *self.schedulers = accelerator.prepare(model, optimizer, *[s for s in [lr_scheduler] if s is not None])
         self.run.prepare(self, expected=True)  # the optimizer fitted to phase 0, phase 0's lr scheduler
@@ -56,8 +59,7 @@ class AcceleratedFinetuning(finetuning.ScheduledFinetuning):
         self.run.begin_training(self, epoch=0, step=0)
 
     def optimizer_and_schedulers(self) -> tuple[Optimizer, list[Any]]:
-        return unwrap_optimizer(self.optimizer), [s.scheduler if isinstance(s, AcceleratedScheduler) else s
-                                                  for s in self.schedulers]
+        return unwrap_optimizer(self.optimizer), [getattr(s, "scheduler", s) for s in self.schedulers]  # unwrapped
 
     def install(self, *, optimizer: Optimizer | None, scheduler: Any, scheduler_cfg: Any, thawed: bool) -> None:
         if optimizer is not None:
@@ -79,8 +81,7 @@ class AcceleratedFinetuning(finetuning.ScheduledFinetuning):
         return prepared
 
     def step_end(self, global_step: int | None = None) -> Transition | None:
-        """:meth:`ScheduledFinetuning.step_end`, except that a call while Accelerate accumulates gradients (not
-        ``accelerator.sync_gradients``: the optimizer did not step) counts no step."""
+        """:meth:`ScheduledFinetuning.step_end`; no step while Accelerate accumulates (not ``sync_gradients``)."""
         return super().step_end(global_step) if self.accelerator.sync_gradients else None
 
     def state_dict(self) -> dict[str, Any]:
@@ -90,8 +91,7 @@ class AcceleratedFinetuning(finetuning.ScheduledFinetuning):
 
 def read_state(folder: str) -> dict[str, Any]:
     """The run's state in a ``save_state`` folder, or a one-line error saying why there is none."""
-    return read_state_file(folder, missing="resume from a folder that accelerator.save_state wrote with an "
-                                           "AcceleratedFinetuning built on that Accelerator")
+    return read_state_file(folder, missing="save_state of an Accelerator with an AcceleratedFinetuning writes it")
 
 
 def unwrap_optimizer(optimizer: Any) -> Optimizer:
@@ -99,11 +99,11 @@ def unwrap_optimizer(optimizer: Any) -> Optimizer:
     return optimizer.optimizer if isinstance(optimizer, AcceleratedOptimizer) else optimizer
 
 
-def input_problems(schedule: Any, accelerator: Any, model: Any, optimizer: Any, lr_scheduler: Any) -> list[str]:
+def input_problems(schedule: Any, total_steps: Any, accelerator: Any, model: Any, optimizer: Any,
+                   lr_scheduler: Any) -> list[str]:
     """What is wrong with :class:`AcceleratedFinetuning`'s arguments, each with how to fix it."""
-    found = [] if schedule is not None else ["schedule is required (a YAML path or dict): `phasetune schedule "
-                                             "generate` writes one"]
-    mode = getattr(getattr(accelerator, "distributed_type", None), "name", None)
+    found, mode = run_facts.budget_problems(schedule, total_steps, None), getattr(accelerator, "distributed_type", None)
+    mode = getattr(mode, "name", None)
     if not isinstance(accelerator, Accelerator) or mode in UNSUPPORTED:
         found.append(f"accelerator must be an accelerate.Accelerator on one process or DDP, got "
                      f"{type(accelerator).__name__}" + (f" running {mode}" if mode in UNSUPPORTED else ""))

@@ -29,6 +29,7 @@ from phasetune.errors import ConfigurationError
 from phasetune.features import random_state as rng
 from phasetune.loop.run_facts import budget_problems, check_loop_memory, loop_facts
 from phasetune.run import Patience, PhaseRecord, PhaseRun, RunEnv, RunOptions, RunView, prefix_cache_problems
+from phasetune.run.files import write_implicit_schedule
 from phasetune.run.lora_glue import inject_adapters
 from phasetune.sharding.groups import split_groups
 from phasetune.sharding.names import logical_name, logical_view
@@ -114,8 +115,7 @@ class ScheduledFinetuning(RunView):
             facts=None if schedule is not None else loop_facts(optimizer, total_steps, max_epochs, train_loader),
         )
         self.run.patience = Patience(patience, min_delta, check_finite, mode)
-        if self.run.implicit is not None:
-            env.info(f"implicit schedule ({len(self.run.schedule)} phases; {self.run.implicit.budget_line})")
+        write_implicit_schedule(self.run, None, env.info)  # says the generated schedule's budget (you write its file)
         cache_problems = self.run.use_prefix_cache(model, prefix_cache, spill_dir=spill_dir, dataset=train_dataset)
         self.run.prepare(self, expected=True, checks=[lambda: cache_problems])
         check_loop_memory(self.run, model, optimizer, train_loader)  # options.memory_check: raises before phase 0

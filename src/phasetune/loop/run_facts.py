@@ -14,13 +14,18 @@ from phasetune.run.memory_check import RunShape, check_memory, loader_shape, not
 from phasetune.util import dist
 
 
-def loop_facts(optimizer: Optimizer, total_steps: int | None, max_epochs: int | None, train_loader: Any) -> RunFacts:
-    """What an implicit schedule of the plain loop is generated from: the budget (``total_steps``, or ``max_epochs``
-    x the loader's length) and the optimizer's lr and group count."""
+def loop_facts(optimizer: Optimizer, total_steps: int | None, max_epochs: int | None = None, train_loader: Any = None,
+               *, who: str = "ScheduledFinetuning") -> RunFacts:
+    """What an implicit schedule of a loop is generated from: the budget (``total_steps``, or ``max_epochs`` x the
+    loader's length; ``who``, the front end, takes only ``total_steps`` unless it is the plain loop) and the
+    optimizer's lr and group count."""
     first = optimizer.param_groups[0]
     lr, groups = float(first.get("initial_lr", first["lr"])), len(optimizer.param_groups)
     if total_steps is not None:
-        return RunFacts(total_steps, "ScheduledFinetuning(total_steps=...)", optimizer_lr=lr, optimizer_groups=groups)
+        return RunFacts(total_steps, f"{who}(total_steps={total_steps})", optimizer_lr=lr, optimizer_groups=groups)
+    if who != "ScheduledFinetuning":
+        return RunFacts(no_budget=f"{who} got no total_steps: pass total_steps=N (the run's optimizer steps)",
+                        optimizer_lr=lr, optimizer_groups=groups)
     batches = None
     if max_epochs is not None and train_loader is not None:
         try:

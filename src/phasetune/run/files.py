@@ -38,13 +38,15 @@ def read_state_file(folder: str | os.PathLike[str], *, missing: str) -> dict[str
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def write_implicit_schedule(run: PhaseRun, path: str | os.PathLike[str], info: Callable[[str], None]) -> None:
+def write_implicit_schedule(run: PhaseRun, path: str | os.PathLike[str] | None, info: Callable[[str], None]) -> None:
     """Write the schedule generated for ``run`` (its budget and each default's source in the header) to ``path``
-    and say where; a run given a schedule writes nothing. Call it on one process."""
+    and say where (``path=None``: only say its phases and budget); a run given a schedule writes nothing. Call it
+    on one process."""
     if run.implicit is None:
         return
-    run.schedule.dump(path, resolved=False, header="\n".join(run.implicit.notes))
-    info(f"implicit schedule ({len(run.schedule)} phases; {run.implicit.budget_line}): {path}")
+    if path is not None:
+        run.schedule.dump(path, resolved=False, header="\n".join(run.implicit.notes))
+    info(f"implicit schedule ({len(run.schedule)} phases; {run.implicit.budget_line})" + (f": {path}" if path else ""))
 
 
 __all__ = ["STATE_FILE", "read_state_file", "save_state_file", "write_implicit_schedule"]
