@@ -233,6 +233,19 @@ def run_all(cfgs: list[dict[str, Any]], out_dir: Path) -> list[dict[str, Any]]:
     return results
 
 
+def _same_cfg(cfg: dict[str, Any], run: dict[str, Any]) -> bool:
+    """Whether an earlier run's record was made with every setting of ``cfg``."""
+    return all(run.get(k) == v for k, v in cfg.items())
+
+
+def _kept_runs(path: Path, cfgs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The earlier runs in ``path`` that one of ``cfgs`` asks for (a missing file keeps none)."""
+    if not path.exists():
+        return []
+    runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in runs if any(_same_cfg(c, r) for c in cfgs)]
+
+
 def _mean_sd(values: list[float], digits: int = 4, signed: bool = False) -> str:
     m = statistics.mean(values)
     sd = f"{statistics.stdev(values):.{digits}f}" if len(values) > 1 else "-"
@@ -308,18 +321,26 @@ def main() -> None:
     parser.add_argument("--user_lr", type=float, default=USER_LR, help="the lr configure_optimizers gives")
     parser.add_argument("--no_hf", action="store_true", help="leave out the Hugging Face Trainer run")
     parser.add_argument("--out", type=Path, help="write the runs (<out>.jsonl) and the tables (<out>) here")
+    parser.add_argument("--keep", action="store_true",
+                        help="reuse the runs already in <out>.jsonl that have the same settings; run only the rest")
     args = parser.parse_args()
+    if args.keep and args.out is None:
+        parser.error("--keep reads the runs of --out: name the file with --out")
     cfgs = configs(list(range(args.seeds)), args.steps, args.user_lr)
     if not args.no_hf:
         cfgs.append({"steps": args.steps, "batch": quality.BATCH, "task": HF_TASK, "seed": 0, "arm": "default_hf",
                      "user_lr": args.user_lr})
+    kept = _kept_runs(args.out.with_suffix(".jsonl"), cfgs) if args.keep else []
+    todo = [c for c in cfgs if not any(_same_cfg(c, r) for r in kept)]
+    print(f"{len(kept)} runs kept from earlier, {len(todo)} to run", flush=True)
     with tempfile.TemporaryDirectory(prefix="default_payoff_") as scratch:  # the Trainer's output_dir
-        results = run_all(cfgs, Path(scratch))
+        results = kept + run_all(todo, Path(scratch))
     text = report(results)
     print(text)
     if args.out is not None:
         args.out.with_suffix(".jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
-        args.out.write_text(f"`python bench/default_payoff.py --seeds {args.seeds} --steps {args.steps}`\n\n```text\n"
+        how = f" (--keep: {len(kept)} of the {len(results)} runs from an earlier invocation)" if kept else ""
+        args.out.write_text(f"`python bench/default_payoff.py --seeds {args.seeds} --steps {args.steps}`{how}\n\n```text\n"
                             f"{text}\n```\n")
 
 
