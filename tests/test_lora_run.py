@@ -4,6 +4,7 @@ the errors raised before compute (plain loop and the FSDP2 strategy on one proce
 from __future__ import annotations
 
 import io
+import logging
 
 import pytest
 import torch
@@ -47,7 +48,8 @@ def test_the_loop_injects_adapters_frozen_until_their_phase():
     assert ft.run.lora is not None and list(ft.run.lora.merges[2][1]) == ["model.layers.2.lin", "model.layers.3.lin"]
 
 
-def test_the_merge_transition_keeps_the_outputs_and_takes_the_adapters_out_of_training():
+def test_the_merge_transition_keeps_the_outputs_and_takes_the_adapters_out_of_training(caplog):
+    caplog.set_level(logging.INFO, logger="phasetune")
     seen = {}
     x = dataset(8, 3).tensors[0]
     torch.manual_seed(0)
@@ -76,6 +78,10 @@ def test_the_merge_transition_keeps_the_outputs_and_takes_the_adapters_out_of_tr
     held = {id(p) for g in ft.optimizer.param_groups for p in g["params"]}
     assert not any(id(p) in held for n, p in module.named_parameters() if ".lora_" in n)
     assert all(float(module.get_parameter(n).abs().max()) == 0.0 for n in lora if ".lora_B." in n)
+    # the phase's record counts what trains now: merged adapters are not among its trainable parameters
+    assert ft.history[-1].trainable_params == sum(p.numel() for p in module.parameters() if p.requires_grad)
+    base = sum(p.numel() for n, p in module.named_parameters() if n.startswith("model.layers.3.lin.base_layer."))
+    assert f"({base} params in 2 tensors)" in caplog.text  # the transition line counts what it thawed
     assert ft.run.state_dict()["lora"] == [{"phase": 2, "adapter": "default", "reinit": False, "seed": None,
                                             "modules": ["model.layers.2.lin", "model.layers.3.lin"]}]
 

@@ -391,7 +391,7 @@ class PhaseRun(RunSequence, RunCheckpoint):
         where = f"step {step} (epoch {epoch})" if reason == transitions.STEP else f"epoch {epoch}"
         self.env.info(
             f"phase {old} -> {t.depth} at {where} ({reason}): {restore_note}; thawed "
-            f"{covering_modules(t.thawed, list(self.engine.params))} ({fmt_count(now.trainable_params - rec.trainable_params)} "
+            f"{covering_modules(t.thawed, list(self.engine.params))} ({fmt_count(sum(math.prod(self.engine.schedule.shapes[n]) for n in t.thawed))} "
             f"params in {len(t.thawed)} tensors) at lr {t.lr:.3g}; "
             f"{100.0 * now.trainable_params / max(now.total_params, 1):.1f}% of the parameters now train"
             + ("; " + ", ".join(extras) if extras else "")
@@ -426,7 +426,7 @@ class PhaseRun(RunSequence, RunCheckpoint):
 
     def _new_record(self, depth: int, epoch: int, step: int | None) -> PhaseRecord:
         lr = None if depth == 0 else self.engine.lr_for(depth)
-        return PhaseRecord.starting(self.engine.schedule, depth, epoch, step, lr)
+        return PhaseRecord.starting(self.engine.schedule, depth, epoch, step, lr, retired=self.engine.retired)
 
     def _start_clock(self) -> None:
         self._clock = time.perf_counter()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
@@ -44,10 +44,12 @@ class PhaseRecord:
         return None if self.end_step is None or self.start_step is None else self.end_step - self.start_step
 
     @classmethod
-    def starting(cls, schedule: Any, depth: int, epoch: int, step: int | None, lr: float | None) -> PhaseRecord:
-        """The record of phase ``depth`` of ``schedule`` starting now, with its share of the parameters."""
+    def starting(cls, schedule: Any, depth: int, epoch: int, step: int | None, lr: float | None,
+                 retired: Collection[str] = ()) -> PhaseRecord:
+        """The record of phase ``depth`` of ``schedule`` starting now, with its share of the parameters (``retired``:
+        parameters that no longer train, e.g. LoRA adapters merged into their base weights)."""
         shapes = schedule.shapes  # logical shapes: tensors may be shards or shared FlatParameters
-        trainable = sum(math.prod(shapes[n]) for n in schedule.params_through(depth))
+        trainable = sum(math.prod(shapes[n]) for n in schedule.params_through(depth) if n not in retired)
         return cls(depth, epoch, step, lr, trainable, sum(math.prod(s) for s in shapes.values()))
 
     @classmethod
