@@ -120,6 +120,14 @@ def test_the_loop_passes_with_one_line_when_every_phase_fits(caplog):
                     r"bert\.\S+ \(backward\), 75\.24 GiB headroom \(planned in [\d.]+ s\)$", end), end
 
 
+def test_a_bfloat16_model_is_planned_in_its_dtype_not_skipped(caplog):
+    model = tiny_bert().to(torch.bfloat16)  # a large model is usually loaded in bf16
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with caplog.at_level(logging.INFO, logger="phasetune"):
+        ScheduledFinetuning(DDP_SCHEDULE, model, optimizer, train_loader=loader(), memory_check=FITS)
+    assert "every phase fits on a 80 GiB device" in check_lines(caplog)[-1]
+
+
 def test_fit_start_draws_no_random_numbers():
     model = tiny_bert()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)

@@ -254,3 +254,14 @@ def test_beside_an_existing_process_group_the_plan_runs_in_its_own_process(plan)
 def test_inputs_are_required_for_a_model_without_them():
     with pytest.raises(ConfigurationError, match="cannot make a batch"):
         plan_memory({0: {"params": [".*"]}}, lambda: torch.nn.Linear(4, 4), **SMALL)
+
+
+@pytest.mark.parametrize("strategy,world_size", [("single", 1), ("fsdp2", 4)])
+def test_a_bfloat16_model_is_planned_at_half_the_parameter_bytes(strategy, world_size):
+    # the plan builds under fake tensors, which refuse Module.to's in-place swap: it casts by replacing tensors
+    kw = {**SMALL, "strategy": strategy, "world_size": world_size}
+    fp32 = plan_memory(schedule(2), small_net, **kw)
+    bf16 = plan_memory(schedule(2), small_net, param_dtype="bfloat16", **kw)
+    assert [p.source for p in bf16.phases] == ["simulated"] * 3
+    assert [2 * b.params for b in bf16.phases] == [f.params for f in fp32.phases]  # exact: bytes from shapes
+    assert all(b.peak < f.peak for b, f in zip(bf16.phases, fp32.phases))

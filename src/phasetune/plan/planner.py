@@ -36,6 +36,7 @@ from phasetune.plan.simulate import (
     run_pass,
     tensor_mode,
     thaw,
+    to_dtype,
 )
 from phasetune.plan.states import StatePlanner
 
@@ -245,7 +246,7 @@ class _Planner:
         except Exception as e:
             raise ConfigurationError(f"cannot build {self.source.description} even on the meta device: "
                                      f"{type(e).__name__}: {e}") from e
-        model.to(self.setup.dtype)
+        to_dtype(model, self.setup.dtype)
         self._prepare(model)
         if self.setup.strategy == "fsdp1":
             self.notes.append("FSDP1 model states approximated by FSDP2's per-parameter sharding (the model could not "

@@ -98,8 +98,7 @@ def build(source: ModelSource, setup: PlanSetup, mesh: Any,
     from phasetune.core.generate import find_blocks
 
     model = source.build()
-    if setup.dtype != torch.float32:
-        model.to(setup.dtype)
+    to_dtype(model, setup.dtype)
     shapes = {logical_name(n): (tuple(p.shape), p.dtype) for n, p in model.named_parameters()}
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     blocks = find_blocks(model)
@@ -112,6 +111,22 @@ def build(source: ModelSource, setup: PlanSetup, mesh: Any,
         runner, sharding = apply_strategy(model, setup, mesh)
     params = {logical_name(n): p for n, p in runner.named_parameters()}
     return Model(runner, params, shapes, sharding, buffers, blocks, label)
+
+
+def to_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+    """``model.to(dtype)`` for its floating parameters and buffers, by putting converted tensors in their place:
+    ``Module.to`` swaps a fake tensor in place, which the fake tensor mode refuses. Tied parameters stay tied."""
+    done: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for table, is_param in ((module._parameters, True), (module._buffers, False)):
+            for name, t in list(table.items()):
+                if t is None or not t.is_floating_point() or t.dtype == dtype:
+                    continue
+                if id(t) not in done:
+                    with torch.no_grad():
+                        new = t.to(dtype)
+                    done[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if is_param else new
+                table[name] = done[id(t)]
 
 
 def thaw(model: Model, names: set[str]) -> None:
