@@ -25,6 +25,14 @@ from phasetune.run.memory_check import RunShape, check_memory, loader_shape, not
 
 pytestmark = pytest.mark.usefixtures("plain_process")
 
+#: LoRA on the attention's query and value, then the top layer's base weights with its adapters merged
+LORA_SCHEDULE = {
+    "peft": {"method": "lora", "r": 4, "alpha": 8},
+    0: {"params": ["classifier.*", r"bert\.encoder\.layer\.\d\.attention\.self\.(query|value)\.lora_.*"],
+        "max_transition_step": 2},
+    1: {"params": [r"bert\.encoder\.layer\.1\.attention\.self\.(query|value)\.base_layer\..*"], "lr": 1e-4,
+        "merge_lora": True},
+}
 FITS, TIGHT = 80, 1.0001  # GiB: far more than a tiny BERT needs; a ~0.1 MiB budget after the 1 GiB reserve
 
 
@@ -126,6 +134,15 @@ def test_a_bfloat16_model_is_planned_in_its_dtype_not_skipped(caplog):
     with caplog.at_level(logging.INFO, logger="phasetune"):
         ScheduledFinetuning(DDP_SCHEDULE, model, optimizer, train_loader=loader(), memory_check=FITS)
     assert "every phase fits on a 80 GiB device" in check_lines(caplog)[-1]
+
+
+def test_a_lora_schedule_is_planned_with_the_runs_adapters(caplog):
+    pytest.importorskip("peft")
+    model = tiny_bert()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with caplog.at_level(logging.INFO, logger="phasetune"):
+        ScheduledFinetuning(LORA_SCHEDULE, model, optimizer, train_loader=loader(), memory_check=FITS)
+    assert "every phase fits on a 80 GiB device" in check_lines(caplog)[-1]  # not skipped: the plan found the adapters
 
 
 def test_fit_start_draws_no_random_numbers():

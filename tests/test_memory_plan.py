@@ -265,3 +265,23 @@ def test_a_bfloat16_model_is_planned_at_half_the_parameter_bytes(strategy, world
     assert [p.source for p in bf16.phases] == ["simulated"] * 3
     assert [2 * b.params for b in bf16.phases] == [f.params for f in fp32.phases]  # exact: bytes from shapes
     assert all(b.peak < f.peak for b, f in zip(bf16.phases, fp32.phases))
+
+
+def test_a_lora_schedule_is_planned_on_the_model_with_its_adapters():
+    pytest.importorskip("peft")
+    from transformers import BertConfig
+
+    from phasetune.plan.model_source import with_adapters
+
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, num_labels=2, architectures=["BertForSequenceClassification"])
+    lora = {"peft": {"method": "lora", "r": 4, "alpha": 8, "target_modules": r".*\.attention\.self\.(query|value)$"},
+            0: {"params": ["classifier.*", r".*\.lora_.*"], "max_transition_step": 4},
+            1: {"params": [r"bert\.encoder\.layer\.1\..*base_layer\..*"], "lr": 1e-4}}
+    plan = plan_memory(lora, config, world_size=2, strategy="fsdp2", seq_len=8, micro_batch=2)
+    assert "with the schedule's LoRA adapters" in plan.model
+    assert [p.source for p in plan.phases] == ["simulated"] * 2
+    real = dict(with_adapters(model_source(config), lora).build().named_parameters())  # the same injection, real tensors
+    head_and_adapters = sum(p.numel() for n, p in real.items() if n.startswith("classifier.") or ".lora_" in n)
+    assert plan.phases[0].trainable == head_and_adapters  # exact: counts of elements
+    assert plan.phases[0].optimizer < plan.phases[1].optimizer

@@ -253,3 +253,20 @@ def test_torch_fails_the_backward_of_a_unit_thawed_after_the_first_forward_under
 
 def test_refresh_unit_dtypes_lets_a_thawed_unit_reduce_in_float32():
     assert set(_thaw_after_first_step(refresh=True).values()) == {torch.float32}
+
+
+def test_torch_refuses_module_to_on_fake_tensors():
+    # fact 4 of docs/memory_plan.md: the plan casts by replacing tensors (phasetune.plan.simulate.to_dtype) instead
+    with FakeTensorMode(), pytest.raises(RuntimeError, match=r"Couldn't swap Linear\.weight"):
+        nn.Linear(4, 4).to(torch.bfloat16)
+
+
+def test_to_dtype_casts_a_fake_model_and_keeps_tied_weights_tied():
+    from phasetune.plan.simulate import to_dtype
+
+    with FakeTensorMode():
+        model = nn.Sequential(nn.Embedding(8, 4), nn.Linear(4, 8))
+        model[1].weight = model[0].weight  # tied, as a language model's head and embeddings
+        to_dtype(model, torch.bfloat16)
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+        assert model[1].weight is model[0].weight

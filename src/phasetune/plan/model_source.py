@@ -16,7 +16,9 @@ transformers is imported only when a config is given.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import difflib
 import functools
 import importlib
@@ -122,6 +124,39 @@ def model_source(
         source.build = lambda: _nest(inner(), name_prefix)
         source.description += f" (as {name_prefix!r})"
     return source
+
+
+def with_adapters(source: ModelSource, schedule: Any) -> ModelSource:
+    """``source`` whose model gets the LoRA adapters ``schedule`` asks for (its ``peft`` section and the adapter
+    parameters its phases name), injected after the model is built and before it is sharded, as a run does; the
+    same ``source`` for a schedule without LoRA keys (or one that does not load: the plan reports its problems).
+
+    peft makes the adapter tensors outside the plan's fake tensor mode (it moves them with ``Module.to``, which
+    fake tensors refuse; they are small: rank x width each) and they join the mode afterwards.
+    """
+    from phasetune.core.schedule_validation import load_schedule_source
+    from phasetune.lora.from_schedule import asks_for_lora, inject_adapters
+
+    raw, _, problems = load_schedule_source(schedule)
+    if problems or not asks_for_lora(raw):
+        return source
+    inner = source.build
+
+    def build() -> nn.Module:
+        from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
+
+        model = inner()
+        mode = next((p.fake_mode for p in model.parameters() if isinstance(p, FakeTensor)), None)
+        with unset_fake_temporarily() if mode is not None else contextlib.nullcontext():
+            inject_adapters(model, raw)
+        if mode is not None:
+            for module in model.modules():
+                for name, p in list(module._parameters.items()):
+                    if p is not None and not isinstance(p, FakeTensor):
+                        module._parameters[name] = nn.Parameter(mode.from_tensor(p), requires_grad=p.requires_grad)
+        return model
+
+    return dataclasses.replace(source, build=build, description=f"{source.description} with the schedule's LoRA adapters")
 
 
 # ---------------------------------------------------------------------------------------------- factories

@@ -22,7 +22,7 @@ from torch import nn
 
 from phasetune.errors import ConfigurationError, PhasetuneError
 from phasetune.plan.advice import advise
-from phasetune.plan.model_source import ModelSource, model_source
+from phasetune.plan.model_source import ModelSource, model_source, with_adapters
 from phasetune.plan.result import ANALYTIC, HostMemory, MemoryPlan, PhaseMemory
 from phasetune.plan.setup import PlanSetup
 from phasetune.plan.shard import Sharding, fake_world
@@ -70,6 +70,8 @@ def plan_memory(
     try:
         source = model_source(model, inputs=inputs, loss=loss, name_prefix=str(settings.get("name_prefix", setup.name_prefix)),
                               model_kwargs=model_kwargs)
+        if schedule is not None:
+            source = with_adapters(source, schedule)  # LoRA adapters a peft section asks for, as a run injects them
     except ConfigurationError as e:
         problems += e.problems
     if problems:

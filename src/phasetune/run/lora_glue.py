@@ -18,8 +18,6 @@ The Hugging Face Trainer saves only the adapter of a ``PeftModel``: :func:`base_
 
 from __future__ import annotations
 
-import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -33,114 +31,36 @@ from phasetune.core.schedule import resolve_schedule
 from phasetune.core.schedule_validation import load_schedule_source
 from phasetune.errors import ConfigurationError, ScheduleError
 from phasetune.lora import (
-    InjectionRecord,
     MergeRecord,
     MergeResult,
     MergeSpec,
     adapter_params,
     adapter_targets,
     check_merge_record,
-    check_not_sharded,
     fsdp2_units,
-    inject_lora,
     lora_layers,
     merge_lora,
-    merge_targets,
-    names_adapters,
     parse_merge_lora,
     parse_peft_section,
     plan_units,
-    pre_injection_name_problems,
     remove_from_optimizer,
     replay_merge,
     trainable_by_phase,
     unit_dtype_problems,
 )
-from phasetune.lora.section import LoraSpec
+from phasetune.lora.from_schedule import (  # re-exported: the run's LoRA names stay where front ends found them
+    HOW_TO_INJECT,
+    INJECTION_SEED,
+    asks_for_lora,
+    inject_adapters,
+    merge_plan,
+    phase_entries,
+)
 from phasetune.util.text import few
 
 if TYPE_CHECKING:
     from phasetune.core.engine import Transition
     from phasetune.run.phase_run import PhaseRun
-
-#: the seed of the generator new adapters' ``A`` are drawn from: the same on every rank and in every rerun, and
-#: torch's global generator is left alone (a run with adapters draws the same batches as one without)
-INJECTION_SEED = 0
-#: what a front end's user is told to call when a run finds adapters missing
-HOW_TO_INJECT = ("call phasetune.run.inject_adapters(model, schedule) on the unsharded model before the front end "
-                 "is built (FSDP2Strategy.prepare_model(model, schedule=...) does it before fully_shard)")
-
-
-def _phase_entries(raw: Mapping[Any, Any]) -> tuple[dict[int, list[str]], dict[int, Any]]:
-    """Each phase's raw ``params`` entries and its raw ``merge_lora`` value, by phase index."""
-    entries: dict[int, list[str]] = {}
-    merges: dict[int, Any] = {}
-    for key, body in raw.items():
-        if isinstance(key, bool) or not (isinstance(key, int) or (isinstance(key, str) and key.strip().isdigit())):
-            continue
-        if not isinstance(body, Mapping):
-            continue
-        k = int(key)
-        params = body.get("params")
-        entries[k] = [e for e in params if isinstance(e, str)] if isinstance(params, (list, tuple)) else []
-        if body.get("merge_lora") not in (None, False):
-            merges[k] = body["merge_lora"]
-    return entries, merges
-
-
-def asks_for_lora(raw: Any) -> bool:
-    """Whether a raw schedule has a ``peft`` section, a ``merge_lora`` or a phase naming adapter parameters."""
-    if not isinstance(raw, Mapping):
-        return False
-    entries, merges = _phase_entries(raw)
-    return raw.get("peft") is not None or bool(merges) or any(names_adapters(e) for es in entries.values() for e in es)
-
-
-def _raise(problems: list[str], raw: Any, desc: str, model: nn.Module) -> None:
-    """Raise ``problems`` with the schedule's own (checked against the model as it is now), once."""
-    try:
-        resolve_schedule(raw, [n for n, _ in model.named_parameters()])
-    except ScheduleError as e:
-        quoted = set(re.findall(r"'([^']+)'", " ".join(problems)))
-        # an entry a LoRA problem already names (a pre-injection name) is not reported twice
-        problems = problems + [p for p in e.problems if not any(f"'{q}'" in p for q in quoted if len(q) > 3)]
-    raise ScheduleError(problems, desc)
-
-
-def inject_adapters(model: nn.Module, schedule: str | os.PathLike[str] | Mapping[Any, Any] | None, *,
-                    seed: int = INJECTION_SEED) -> InjectionRecord | None:
-    """Inject the LoRA adapters ``schedule`` asks for into ``model``, once, before any sharding or wrapping.
-
-    Every module a ``target_modules`` regex or a phase's adapter entry names gets adapter ``A``/``B`` (frozen
-    until their phase; every other parameter keeps its ``requires_grad``). Raises one
-    :class:`~phasetune.errors.ScheduleError` listing every problem (the ``peft`` section's keys, entries
-    written with names from before injection, ``merge_lora`` entries naming no adapter, modules already
-    sharded, and the schedule's own problems). A schedule without LoRA keys, or a model that already has the
-    adapters (a second call), changes nothing; returns the :class:`~phasetune.lora.InjectionRecord` (None
-    when nothing was injected).
-    """
-    if schedule is None:
-        return None
-    raw, desc, problems = load_schedule_source(schedule)
-    if problems or not asks_for_lora(raw):
-        return None  # the schedule's own errors are raised where it is resolved
-    spec, problems = parse_peft_section(raw.get("peft"))
-    entries, merge_raw = _phase_entries(raw)
-    merges = {k: parse_merge_lora(v, k, problems) for k, v in sorted(merge_raw.items())}
-    modules, found = adapter_targets(model, spec, entries)
-    problems += found
-    record = None
-    if modules and not problems:
-        problems += [f"{p}; {HOW_TO_INJECT}" for p in check_not_sharded(model, modules)]
-    if modules and not problems and spec is not None:
-        record = inject_lora(model, spec, modules, generator=torch.Generator().manual_seed(seed))
-        problems += pre_injection_name_problems(entries, record.renames)
-    if spec is not None and not problems:
-        problems += _merge_plan(model, spec, merges)[1]
-    if problems:
-        _raise(problems, raw, desc, model)
-    return record
-
 
 def check_injected(model: nn.Module | None, source: Any) -> None:
     """Before a run resolves its schedule: raise when the schedule trains adapters ``model`` does not have yet (the
@@ -151,7 +71,7 @@ def check_injected(model: nn.Module | None, source: Any) -> None:
     if problems or not asks_for_lora(raw):
         return
     spec, problems = parse_peft_section(raw.get("peft"))
-    modules, _ = adapter_targets(_unwrapped(model), spec, _phase_entries(raw)[0])
+    modules, _ = adapter_targets(_unwrapped(model), spec, phase_entries(raw)[0])
     if modules and not problems:
         raise ScheduleError([f"the schedule trains LoRA adapters of {few(modules)}, which the model does not have: the "
                              f"run was built before they were injected; {HOW_TO_INJECT}"], desc)
@@ -170,24 +90,9 @@ def sharding_problems(model: nn.Module, schedule: Any, units: Sequence[str]) -> 
     resolved = resolve_schedule(raw, [n for n, _ in model.named_parameters()])
     spec, _ = parse_peft_section(resolved.peft)
     merges = {p.index: parse_merge_lora(p.merge_lora, p.index, []) for p in resolved if p.merge_lora not in (None, False)}
-    lora = LoraRun(model, spec.adapter_name if spec is not None else "default", _merge_plan(model, spec, merges)[0])
+    lora = LoraRun(model, spec.adapter_name if spec is not None else "default", merge_plan(model, spec, merges)[0])
     trainable = trainable_by_phase([list(p.params) for p in resolved], lora.frozen_by_merge())
     return unit_dtype_problems(model, plan_units(model, [u for u in units if u]), trainable)
-
-
-def _merge_plan(model: nn.Module, spec: LoraSpec | None, merges: Mapping[int, MergeSpec | None]
-                ) -> tuple[dict[int, tuple[MergeSpec, list[str]]], list[str]]:
-    """Each merging phase's spec and the LoRA layers it folds; problems for entries naming no adapter."""
-    adapter = spec.adapter_name if spec is not None else "default"
-    plan: dict[int, tuple[MergeSpec, list[str]]] = {}
-    problems: list[str] = []
-    for k, m in merges.items():
-        if m is None:
-            continue
-        modules, found = merge_targets(model, m, adapter, k)
-        problems += found
-        plan[k] = (m, modules)
-    return plan, problems
 
 
 @dataclass
@@ -216,7 +121,7 @@ class LoraRun:
         merges = {p.index: parse_merge_lora(p.merge_lora, p.index, problems) for p in schedule
                   if p.merge_lora not in (None, False)}
         problems += adapter_targets(model, spec, entries)[1]  # check_injected found missing adapters already
-        plan, found = _merge_plan(model, spec, merges)
+        plan, found = merge_plan(model, spec, merges)
         problems += found
         lora = cls(model, spec.adapter_name if spec is not None else "default", plan)
         if not problems and fsdp2_units(model):

@@ -263,12 +263,14 @@ def _plan(run: PhaseRun, model: nn.Module, optimizer: torch.optim.Optimizer | No
         except ValueError:
             optimizer_note = f"; {type(optimizer).__name__} planned as AdamW (the plan knows AdamW, Adam and SGD)"
     # the phases this run will reach, by exact name: a stand-in module's names match the run's
-    schedule = {k: v for k, v in run.schedule.to_dict(resolved=True).items()  # phases only (not a peft section)
-                if isinstance(k, int) and k <= run.final_depth}
+    schedule: dict[Any, Any] = {k: v for k, v in run.schedule.to_dict(resolved=True).items()
+                                if isinstance(k, int) and k <= run.final_depth}
+    if run.schedule.peft is not None:  # the plan's stand-in gets the run's adapters (its phases name them)
+        schedule["peft"] = run.schedule.peft
     where = STRATEGY_WORDS.get(shape.strategy, shape.strategy) + (f" on {world} ranks" if world > 1 else "")
     what = (f"{where}, micro-batch {micro_batch} x {seq_len} tokens (sequence length from "
             f"{seq_from}), {setting.device_gib:g} GiB device{optimizer_note}")
-    run.env.info(f"memory check: planning {len(schedule)} phase(s) before phase 0 ({what}); seconds for a small model, "
+    run.env.info(f"memory check: planning {run.final_depth + 1} phase(s) before phase 0 ({what}); seconds for a small model, "
                  "minutes for billions of parameters")
     isolated = torch.distributed.is_available() and torch.distributed.is_initialized()
     start = time.perf_counter()
