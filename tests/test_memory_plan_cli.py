@@ -171,7 +171,8 @@ def test_a_plan_read_back_from_its_json_prints_the_same_table(capsys, schedule_f
     assert recorded["schedule"] == schedule_file
 
 
-RECORDED = ROOT / "bench" / "plan_configs" / "llama3_8b_plan.json"
+#: plans recorded with --json (the 8B plans take minutes): full layers, and LoRA then the top blocks
+RECORDED = [ROOT / "bench" / "plan_configs" / name for name in ("llama3_8b_plan.json", "llama3_8b_lora_plan.json")]
 PLAN_BLOCK = re.compile(r"^```text\n\$ (phasetune schedule plan [^\n]+)\n(.*?)^```$", re.M | re.S)
 
 
@@ -180,8 +181,8 @@ def test_shown_plan_output_is_the_real_output_of_the_command_shown(doc, monkeypa
     """A ```text block starting ``$ phasetune schedule plan ...`` shows what that command prints (run from the
     repository root; a last line ``...`` shows the first lines only): for bad input, its error, from the command
     itself; for a plan, the table of the plan it
-    recorded with --json (bench/plan_configs/llama3_8b_plan.json: the 8B plan takes minutes), checked to be
-    made with the same schedule, model and settings as the command."""
+    recorded with --json for the command's schedule (:data:`RECORDED`), checked to be made with the same schedule,
+    model and settings as the command."""
     import shlex
 
     from phasetune.lightning.plan_command import plan_arguments, plan_parser
@@ -193,7 +194,7 @@ def test_shown_plan_output_is_the_real_output_of_the_command_shown(doc, monkeypa
         pytest.skip("README.md shows no plan output")
     assert shown, f"{doc} shows no `$ phasetune schedule plan` output"
     monkeypatch.chdir(ROOT)
-    recorded = json.loads(RECORDED.read_text())
+    recorded_plans = {r["schedule"]: r for r in (json.loads(path.read_text()) for path in RECORDED)}
     for command, output in shown:
         args = plan_parser().parse_args(shlex.split(command)[3:])
         try:
@@ -201,7 +202,10 @@ def test_shown_plan_output_is_the_real_output_of_the_command_shown(doc, monkeypa
         except UsageError as e:
             assert output == f"phasetune: error: {e}\n", f"{doc} shows another error than `{command}` gives:\n{e}"
             continue
-        assert (recorded["schedule"], recorded["model"].split(" from ", 1)[1]) == (sched, model), command
+        assert sched in recorded_plans, f"no plan recorded for {sched} (record one with --json: {RECORDED})"
+        recorded = recorded_plans[sched]
+        source = recorded["model"].split(" from ", 1)[1].removesuffix(" with the schedule's LoRA adapters")
+        assert source == model, command
         settings = {k: v for k, v in kwargs.items() if k in PlanSetup.__dataclass_fields__}
         expected_setup = MemoryPlan(PlanSetup(**settings), "", 0, [], None).to_dict()["setup"]
         assert recorded["setup"] == json.loads(json.dumps(expected_setup)), command
