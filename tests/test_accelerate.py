@@ -211,3 +211,23 @@ def test_the_example_resumes_bit_equal_from_its_last_epoch(example, tmp_path, st
     assert module.main(["--output_dir", str(tmp_path), "--resume"]) == lines[stopped_after + 1:]
     weights = "epoch_11/model.safetensors"  # exact: resume against the uninterrupted run, same machine and batches
     assert (tmp_path / weights).read_bytes() == (full / weights).read_bytes()
+
+
+def test_an_accelerator_that_steps_lr_schedulers_per_process_is_warned_about():
+    from types import SimpleNamespace
+
+    from phasetune.loop.run_facts import scheduler_stepping_note
+
+    phases = [SimpleNamespace(index=0, new_lr_scheduler=None), SimpleNamespace(index=1, new_lr_scheduler={"x": 1})]
+
+    def accelerator(**kw):
+        return SimpleNamespace(**{"num_processes": 2, "step_scheduler_with_optimizer": True, "split_batches": False, **kw})
+
+    note = scheduler_stepping_note(phases, accelerator())
+    assert note.startswith("phase(s) 1 bring lr schedulers sized in optimizer steps")
+    assert "steps a prepared lr scheduler 2 times per optimizer step" in note
+    assert "build the Accelerator with step_scheduler_with_optimizer=False" in note
+    for fine in (accelerator(num_processes=1), accelerator(step_scheduler_with_optimizer=False),
+                 accelerator(split_batches=True)):
+        assert scheduler_stepping_note(phases, fine) is None
+    assert scheduler_stepping_note(phases[:1], accelerator()) is None  # no lr shapes of the schedule's own

@@ -49,7 +49,7 @@ class AcceleratedFinetuning(finetuning.ScheduledFinetuning):
                             env=RunEnv.of_model(model, device=accelerator.device), facts=facts)  # frozen to phase 0
         self.run.patience = Patience(patience, min_delta, check_finite, mode)
         write_implicit_schedule(self.run, None, self.run.env.info)  # says the generated schedule's budget, if any
-        run_facts.check_accelerated_memory(self.run, model, optimizer, accelerator)  # options.memory_check, unprepared
+        run_facts.check_accelerator(self.run, model, optimizer, accelerator)  # memory_check; lr schedulers' stepping
         self.model, self.optimizer, *self.schedulers = accelerator.prepare(model, optimizer, *[s for s in [lr_scheduler] if s is not None])
         self.run.prepare(self, expected=True)  # the optimizer fitted to phase 0, phase 0's lr scheduler
         accelerator.register_save_state_pre_hook(  # rank 0's state, as Lightning saves it; written atomically

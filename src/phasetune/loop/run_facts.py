@@ -59,9 +59,29 @@ def check_loop_memory(run: Any, model: nn.Module, optimizer: Optimizer, train_lo
     check_memory(run, model, optimizer, loop_shape(model, train_loader, run.env.device))
 
 
-def check_accelerated_memory(run: Any, model: nn.Module, optimizer: Optimizer, accelerator: Any) -> None:
-    """The memory check of an Accelerate loop's run, at construction (before ``accelerator.prepare``)."""
+def check_accelerator(run: Any, model: nn.Module, optimizer: Optimizer, accelerator: Any) -> None:
+    """An Accelerate loop's run at construction (before ``accelerator.prepare``): the memory check, and one warning
+    when the Accelerator would step the schedule's lr schedulers several times per optimizer step."""
     check_memory(run, model, optimizer, accelerator_shape(accelerator))
+    note = scheduler_stepping_note(run.schedule.phases[: run.final_depth + 1], accelerator)
+    if note:
+        run.env.warn(note)
+
+
+def scheduler_stepping_note(phases: Any, accelerator: Any) -> str | None:
+    """Accelerate steps a prepared lr scheduler once per process at each optimizer step (unless
+    ``step_scheduler_with_optimizer=False`` or ``split_batches=True``): the lr shapes a schedule's phases bring,
+    sized in optimizer steps, would end after 1/N of their steps on N processes."""
+    n = int(getattr(accelerator, "num_processes", 1))
+    if n < 2 or not getattr(accelerator, "step_scheduler_with_optimizer", True) or getattr(accelerator, "split_batches", False):
+        return None
+    shaped = [p.index for p in phases if p.new_lr_scheduler is not None]
+    if not shaped:
+        return None
+    return (f"phase(s) {', '.join(map(str, shaped))} bring lr schedulers sized in optimizer steps, but this Accelerator "
+            f"steps a prepared lr scheduler {n} times per optimizer step (step_scheduler_with_optimizer=True, "
+            f"split_batches=False), so they would end after 1/{n} of their steps: build the Accelerator with "
+            "step_scheduler_with_optimizer=False (docs/accelerate.md)")
 
 
 def loop_shape(model: nn.Module, train_loader: Any, device: torch.device | None) -> RunShape:
@@ -84,5 +104,5 @@ def accelerator_shape(accelerator: Any) -> RunShape:
                     else None, accumulation=int(accelerator.gradient_accumulation_steps), device=accelerator.device)
 
 
-__all__ = ["accelerator_shape", "budget_problems", "check_accelerated_memory", "check_loop_memory", "loop_facts",
-           "loop_shape"]
+__all__ = ["accelerator_shape", "budget_problems", "check_accelerator", "check_loop_memory", "loop_facts", "loop_shape",
+           "scheduler_stepping_note"]
