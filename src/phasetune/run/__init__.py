@@ -8,7 +8,8 @@
 - :class:`PhaseRecord`, :class:`Decision` (:mod:`~phasetune.run.records`): what the run reports;
 - :class:`RunView` (:mod:`~phasetune.run.view`): the read-only properties every front end shows;
 - :data:`STATE_FILE` and its readers and writers (:mod:`~phasetune.run.files`): the run's files in checkpoint folders;
-- :func:`inject_adapters` (:mod:`~phasetune.run.lora_glue`): a schedule's LoRA adapters, injected before sharding;
+- :func:`inject_adapters` (:mod:`~phasetune.lora.from_schedule`, wired by :mod:`~phasetune.run.lora_glue`): a schedule's LoRA
+  adapters, injected before sharding;
   :func:`base_weights_state` / :func:`load_base_weights` for checkpoints that keep only the adapters.
 """
 
