@@ -148,7 +148,7 @@ def with_adapters(source: ModelSource, schedule: Any) -> ModelSource:
         model = inner()
         mode = next((p.fake_mode for p in model.parameters() if isinstance(p, FakeTensor)), None)
         with unset_fake_temporarily() if mode is not None else contextlib.nullcontext():
-            inject_adapters(model, raw)
+            inject_adapters(model, schedule)  # the source itself: its problems name the file
         if mode is not None:
             for module in model.modules():
                 for name, p in list(module._parameters.items()):
