@@ -29,10 +29,9 @@ UNSUPPORTED = ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA")  # they shard the mode
 
 
 class AcceleratedFinetuning(finetuning.ScheduledFinetuning):
-    """A schedule over ``model``, ``optimizer`` and ``lr_scheduler``, given *before* ``accelerator.prepare`` (which
-    this calls); train with ``ft.model``, ``ft.optimizer`` and ``ft.lr_scheduler``, which a transition may replace.
-    ``schedule``, ``options`` and the keywords are :class:`~phasetune.loop.ScheduledFinetuning`'s; ``schedule=None``
-    generates one over ``total_steps`` optimizer steps (without it, phases end by early stopping: a warning says so)."""
+    """A schedule over ``model``, ``optimizer`` and ``lr_scheduler`` given *before* ``accelerator.prepare`` (which this
+    calls): train with ``ft.model``, ``ft.optimizer``, ``ft.lr_scheduler``, which a transition may replace. Arguments:
+    :class:`~phasetune.loop.ScheduledFinetuning`'s; ``schedule=None`` generates one over ``total_steps`` optimizer steps."""
 
     def __init__(self, schedule: str | Mapping[Any, Any] | None, accelerator: Accelerator, model: nn.Module,
                  optimizer: Optimizer, lr_scheduler: Any = None, *, options: RunOptions | None = None,
@@ -44,7 +43,8 @@ class AcceleratedFinetuning(finetuning.ScheduledFinetuning):
             raise ConfigurationError(problems)
         self.accelerator, self.train_loader, self.global_step, self._epoch = accelerator, None, None, 0
         inject_adapters(model, schedule)  # the LoRA adapters a peft section asks for, before DDP wraps the model
-        facts = None if schedule is not None else run_facts.loop_facts(optimizer, total_steps, who=type(self).__name__)
+        facts = None if schedule is not None else run_facts.loop_facts(optimizer, total_steps, who=type(self).__name__,
+                                                                       takes_epochs=False)  # a warning without one
         self.run = PhaseRun(schedule, *model_params(model), options=options, model=model, no_decay=no_decay, mode=mode,
                             env=RunEnv.of_model(model, device=accelerator.device), facts=facts)  # frozen to phase 0
         self.run.patience = Patience(patience, min_delta, check_finite, mode)
@@ -59,7 +59,7 @@ class AcceleratedFinetuning(finetuning.ScheduledFinetuning):
         self.run.begin_training(self, epoch=0, step=0)
 
     def optimizer_and_schedulers(self) -> tuple[Optimizer, list[Any]]:
-        return unwrap_optimizer(self.optimizer), [getattr(s, "scheduler", s) for s in self.schedulers]  # unwrapped
+        return unwrap_optimizer(self.optimizer), [s.scheduler if isinstance(s, AcceleratedScheduler) else s for s in self.schedulers]
 
     def install(self, *, optimizer: Optimizer | None, scheduler: Any, scheduler_cfg: Any, thawed: bool) -> None:
         if optimizer is not None:
@@ -102,8 +102,8 @@ def unwrap_optimizer(optimizer: Any) -> Optimizer:
 def input_problems(schedule: Any, total_steps: Any, accelerator: Any, model: Any, optimizer: Any,
                    lr_scheduler: Any) -> list[str]:
     """What is wrong with :class:`AcceleratedFinetuning`'s arguments, each with how to fix it."""
-    found, mode = run_facts.budget_problems(schedule, total_steps, None), getattr(accelerator, "distributed_type", None)
-    mode = getattr(mode, "name", None)
+    found = run_facts.budget_problems(schedule, total_steps, None)
+    mode = getattr(getattr(accelerator, "distributed_type", None), "name", None)
     if not isinstance(accelerator, Accelerator) or mode in UNSUPPORTED:
         found.append(f"accelerator must be an accelerate.Accelerator on one process or DDP, got "
                      f"{type(accelerator).__name__}" + (f" running {mode}" if mode in UNSUPPORTED else ""))

@@ -15,15 +15,14 @@ from phasetune.util import dist
 
 
 def loop_facts(optimizer: Optimizer, total_steps: int | None, max_epochs: int | None = None, train_loader: Any = None,
-               *, who: str = "ScheduledFinetuning") -> RunFacts:
+               *, who: str = "ScheduledFinetuning", takes_epochs: bool = True) -> RunFacts:
     """What an implicit schedule of a loop is generated from: the budget (``total_steps``, or ``max_epochs`` x the
-    loader's length; ``who``, the front end, takes only ``total_steps`` unless it is the plain loop) and the
-    optimizer's lr and group count."""
+    loader's length where the front end ``who`` takes epochs) and the optimizer's lr and group count."""
     first = optimizer.param_groups[0]
     lr, groups = float(first.get("initial_lr", first["lr"])), len(optimizer.param_groups)
     if total_steps is not None:
         return RunFacts(total_steps, f"{who}(total_steps={total_steps})", optimizer_lr=lr, optimizer_groups=groups)
-    if who != "ScheduledFinetuning":
+    if not takes_epochs:
         return RunFacts(no_budget=f"{who} got no total_steps: pass total_steps=N (the run's optimizer steps)",
                         optimizer_lr=lr, optimizer_groups=groups)
     batches = None
@@ -33,10 +32,10 @@ def loop_facts(optimizer: Optimizer, total_steps: int | None, max_epochs: int | 
         except TypeError:  # an iterable without a length
             batches = None
     if max_epochs is not None and batches:
-        return RunFacts(max_epochs * batches, f"ScheduledFinetuning(max_epochs={max_epochs}) x len(train_loader)="
+        return RunFacts(max_epochs * batches, f"{who}(max_epochs={max_epochs}) x len(train_loader)="
                         f"{batches}", optimizer_lr=lr, optimizer_groups=groups)
     why = ("max_epochs is given but train_loader has no length" if max_epochs is not None
-           else "ScheduledFinetuning got neither total_steps nor max_epochs")
+           else f"{who} got neither total_steps nor max_epochs")
     return RunFacts(no_budget=f"{why}: pass total_steps=N (the run's optimizer steps), or max_epochs with a "
                     "train_loader that has a length", optimizer_lr=lr, optimizer_groups=groups)
 

@@ -98,7 +98,8 @@ def build(source: ModelSource, setup: PlanSetup, mesh: Any,
     from phasetune.core.generate import find_blocks
 
     model = source.build()
-    to_dtype(model, setup.dtype)
+    if setup.dtype != torch.float32:
+        to_dtype(model, setup.dtype)
     shapes = {logical_name(n): (tuple(p.shape), p.dtype) for n, p in model.named_parameters()}
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     blocks = find_blocks(model)
